@@ -1,0 +1,398 @@
+"""GSVA: generalized referring segmentation with a multimodal LLM (CVPR 2024), transformers-native.
+
+LLaVA (CLIP vision tower, projector, causal LM) reads the image and the question and answers with one `[SEG]`
+per present target and `[REJ]` per absent one. The last-layer hidden state at the position just before each
+`[SEG]` goes through `text_hidden_fcs` and becomes one sparse prompt of SAM's mask decoder.
+
+Shipped with a Hub repository for ``trust_remote_code``: imports only torch, transformers and its sibling files.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_gsva import GSVAConfig
+except ImportError:
+    from configuration_gsva import GSVAConfig
+
+IGNORE_INDEX = -100
+AUTO_MAP = {
+    "AutoConfig": "configuration_gsva.GSVAConfig",
+    "AutoModel": "modeling_gsva.GSVAForCausalLM",
+    "AutoModelForCausalLM": "modeling_gsva.GSVAForCausalLM",
+    "AutoProcessor": "processing_gsva.GSVAProcessor",
+}
+DICE_SCALE = 1000.0
+DICE_EPS = 1e-6
+
+
+@dataclass
+class GSVAOutput(ModelOutput):
+    """Output of `GSVAForCausalLM.forward`.
+
+    loss: `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
+    pred_masks: per row, mask logits `[num_targets, H, W]` at the original image size, one per `[SEG]`/`[REJ]`
+        slot in text order. `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
+    target_is_seg: per row, a bool tensor telling which slots are `[SEG]` (True) or `[REJ]` (False).
+    iou_scores: per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
+    """
+
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    mask_bce_loss: torch.Tensor | None = None
+    mask_dice_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    target_is_seg: list[torch.Tensor] | None = None
+    iou_scores: list[torch.Tensor] | None = None
+
+
+class GSVAMultiModalProjector(nn.Module):
+    """LLaVA v1 `linear` projector, or LLaVA-1.5 `mlp2x_gelu` (same parameter names as transformers' Llava)."""
+
+    def __init__(self, config: GSVAConfig):
+        super().__init__()
+        vision_width = config.vision_config.hidden_size
+        text_width = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_width, text_width)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(text_width, text_width)
+        else:
+            self.act = None
+            self.linear_2 = None
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_1(image_features)
+        if self.linear_2 is not None:
+            hidden = self.linear_2(self.act(hidden))
+        return hidden
+
+
+def build_text_hidden_fcs(text_width: int, out_dim: int) -> nn.ModuleList:
+    """`Linear(d,d) - ReLU - Linear(d,out) - Dropout(0)`, laid out as GSVA's `text_hidden_fcs.0.{0,2}`."""
+    return nn.ModuleList(
+        [nn.Sequential(nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, out_dim), nn.Dropout(0.0))]
+    )
+
+
+def mask_bce_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over masks of the per-mask mean binary cross-entropy (GSVA's `sigmoid_ce_loss` times the mask count)."""
+    if pred.shape[0] == 0:
+        return pred.sum()
+    per_pixel = F.binary_cross_entropy_with_logits(pred.float(), target.float(), reduction="none")
+    return per_pixel.flatten(1).mean(1).sum()
+
+
+def mask_dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over masks of GSVA's Dice loss (inputs scaled by 1/1000, eps 1e-6)."""
+    if pred.shape[0] == 0:
+        return pred.sum()
+    prob = pred.float().sigmoid().flatten(1) / DICE_SCALE
+    gt = target.float().flatten(1) / DICE_SCALE
+    numerator = 2 * (prob * gt).sum(-1)
+    denominator = prob.sum(-1) + gt.sum(-1)
+    return (1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)).sum()
+
+
+class GSVAPreTrainedModel(PreTrainedModel):
+    config: GSVAConfig
+    config_class = GSVAConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CLIPEncoderLayer", "SamVisionLayer", "LlamaDecoderLayer"]
+
+
+class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
+    """LLaVA + SAM with `[SEG]`/`[REJ]` tokens; see the module docstring."""
+
+    # The Trainer must not pass `num_items_in_batch`: GSVA's CE is a mean over the batch's answer tokens.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: GSVAConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = GSVAMultiModalProjector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.sam = AutoModel.from_config(config.sam_config)
+        self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write an `auto_map` naming this class for AutoModel too, so both Auto classes load the folder."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ----------------------------------------------------------------- embeddings (needed by resize, peft, generate)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.base_model
+
+    # ----------------------------------------------------------------- vision
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP hidden states at `vision_feature_layer` (CLS dropped for "default"), projected to the LM width."""
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return self.multi_modal_projector(features)
+
+    def get_sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """SAM image-encoder embeddings `[B, 256, 64, 64]`; under `no_grad` unless the encoder is trained."""
+        encoder = self.sam.vision_encoder
+        pixel_values = sam_pixel_values.to(encoder.dtype)
+        if self.config.train_sam_vision_encoder:
+            return encoder(pixel_values).last_hidden_state
+        with torch.no_grad():
+            return encoder(pixel_values).last_hidden_state
+
+    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with each image placeholder run replaced by that row's visual tokens."""
+        image_mask = input_ids == self.config.image_token_id
+        embeddings = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        if pixel_values is None:
+            if image_mask.any():
+                raise ValueError("input_ids contain image tokens but no pixel_values were given")
+            return embeddings
+        features = self.get_image_features(pixel_values).to(embeddings.dtype)
+        if image_mask.sum() != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"input_ids hold {int(image_mask.sum())} image tokens but pixel_values give "
+                f"{features.shape[0]} images x {features.shape[1]} features; each row needs exactly "
+                f"{self.config.num_image_tokens} image tokens and one image"
+            )
+        return embeddings.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    # ----------------------------------------------------------------- [SEG] -> masks
+    def target_slots(self, input_ids: torch.LongTensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row, the positions of `[SEG]`/`[REJ]` tokens in text order and whether each is `[SEG]`."""
+        slots = []
+        for row in input_ids:
+            positions = torch.nonzero(
+                (row == self.config.seg_token_id) | (row == self.config.rej_token_id), as_tuple=False
+            ).flatten()
+            slots.append((positions, row[positions] == self.config.seg_token_id))
+        return slots
+
+    def masks_from_hidden_states(
+        self,
+        seg_hidden_states: list[torch.Tensor],
+        sam_image_embeddings: torch.Tensor,
+        resized_sizes: torch.Tensor,
+        original_sizes: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The one place where `[SEG]` hidden states become masks, for training, evaluation and inference.
+
+        seg_hidden_states: per image, last-layer states `[n_i, d]` at the positions just before its `[SEG]`s.
+        sam_image_embeddings: `[B, C, h, w]` from `get_sam_image_embeddings`, one per image.
+        resized_sizes / original_sizes: `[B, 2]` (height, width) after SAM's longest-side resize / of the image.
+        Returns per image mask logits `[n_i, H_i, W_i]` (float32) and SAM's IoU predictions `[n_i]`.
+        """
+        decoder = self.sam.mask_decoder
+        sam_size = self.config.sam_config.vision_config.image_size
+        positional = self.sam.get_image_wide_positional_embeddings().to(decoder.iou_token.weight.dtype)
+        no_mask = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        masks, scores = [], []
+        for index, states in enumerate(seg_hidden_states):
+            height, width = (int(v) for v in original_sizes[index])
+            if states.shape[0] == 0:
+                masks.append(states.new_zeros((0, height, width), dtype=torch.float32))
+                scores.append(states.new_zeros((0,), dtype=torch.float32))
+                continue
+            prompts = self.text_hidden_fcs[0](states.to(self.text_hidden_fcs[0][0].weight.dtype))
+            image_embedding = sam_image_embeddings[index : index + 1].to(decoder.iou_token.weight.dtype)
+            dense = no_mask.expand(1, -1, image_embedding.shape[-2], image_embedding.shape[-1]).to(image_embedding.dtype)
+            low_res, iou = decoder(
+                image_embeddings=image_embedding,
+                image_positional_embeddings=positional,
+                sparse_prompt_embeddings=prompts[None, :, None, :].to(image_embedding.dtype),
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            masks.append(self.postprocess_masks(low_res[0, :, 0], resized_sizes[index], (height, width), sam_size))
+            scores.append(iou[0, :, 0].float())
+        return masks, scores
+
+    @staticmethod
+    def postprocess_masks(low_res: torch.Tensor, resized_size, original_size, sam_size: int) -> torch.Tensor:
+        """SAM's post-processing: upsample to the padded input, crop the resized image, resize to the original."""
+        logits = F.interpolate(low_res[:, None].float(), (sam_size, sam_size), mode="bilinear", align_corners=False)
+        logits = logits[..., : int(resized_size[0]), : int(resized_size[1])]
+        logits = F.interpolate(logits, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
+        return logits[:, 0]
+
+    def gather_seg_hidden_states(
+        self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per row, the states that predict each `[SEG]` (position - 1) and the row's slot flags."""
+        states, flags = [], []
+        for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
+            seg_positions = positions[is_seg]
+            if (seg_positions == 0).any():
+                raise ValueError(f"row {row}: a [SEG] token at position 0 has no preceding state")
+            states.append(last_hidden_state[row, seg_positions - 1])
+            flags.append(is_seg)
+        return states, flags
+
+    def scatter_to_slots(self, seg_values: list[torch.Tensor], flags: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Place per-`[SEG]` values at their slots; `[REJ]` slots get zeros, as in GSVA."""
+        out = []
+        for values, is_seg in zip(seg_values, flags):
+            full = values.new_zeros((is_seg.shape[0],) + tuple(values.shape[1:]))
+            full[is_seg.to(values.device)] = values
+            out.append(full)
+        return out
+
+    # ----------------------------------------------------------------- losses
+    def ce_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """Shifted next-token CE, mean over answer tokens; `[SEG]`/`[REJ]` targets weighted by `seg_rej_ce_weight`."""
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+        per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = shift_labels != IGNORE_INDEX
+        weight = valid.float()
+        if self.config.seg_rej_ce_weight != 1.0:
+            is_target = (shift_labels == self.config.seg_token_id) | (shift_labels == self.config.rej_token_id)
+            weight = torch.where(is_target & valid, weight * self.config.seg_rej_ce_weight, weight)
+        return (per_token * weight).sum() / weight.sum().clamp_min(1e-8)
+
+    def mask_losses(
+        self, pred_masks: list[torch.Tensor], gt_masks: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted BCE and Dice over all targets of the batch, normalised by the target count incl. `[REJ]`."""
+        num_targets = 0
+        bce = dice = pred_masks[0].new_zeros(())
+        for row, (pred, gt) in enumerate(zip(pred_masks, gt_masks)):
+            if pred.shape != gt.shape:
+                raise ValueError(
+                    f"row {row}: the answer has {pred.shape[0]} [SEG]/[REJ] slots of size {tuple(pred.shape[1:])} "
+                    f"but gt_masks[{row}] has shape {tuple(gt.shape)}; give one mask per slot at the original size"
+                )
+            gt = gt.to(pred.device)
+            bce = bce + mask_bce_loss(pred, gt)
+            dice = dice + mask_dice_loss(pred, gt)
+            num_targets += gt.shape[0]
+        denominator = num_targets + 1e-8
+        return self.config.bce_loss_weight * bce / denominator, self.config.dice_loss_weight * dice / denominator
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
+        original_sizes: torch.Tensor | None = None,
+        resized_sizes: torch.Tensor | None = None,
+        gt_masks: list[torch.Tensor] | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> GSVAOutput:
+        r"""
+        input_ids: text with each image expanded to `config.num_image_tokens` image tokens (see `GSVAProcessor`).
+        pixel_values: CLIP input, one image per row that holds image tokens.
+        sam_pixel_values / sam_image_embeddings: SAM input `[B, 3, 1024, 1024]` or its encoder output. When given
+            (with `original_sizes` and `resized_sizes`), masks are predicted for every `[SEG]` in `input_ids`.
+        gt_masks: per row, `[num_slots, H, W]` ground truth at the original size, one per `[SEG]`/`[REJ]` slot;
+            with `labels` it adds the BCE and Dice losses.
+        """
+        kwargs.pop("num_items_in_batch", None)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        wants_masks = sam_pixel_values is not None or sam_image_embeddings is not None
+        decoder_outputs = self.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        last_hidden_state = decoder_outputs.last_hidden_state
+        if logits_to_keep and labels is None:
+            logits = self.get_output_embeddings()(last_hidden_state[:, -logits_to_keep:])
+        else:
+            logits = self.get_output_embeddings()(last_hidden_state)
+
+        pred_masks = target_is_seg = iou_scores = None
+        if wants_masks:
+            if input_ids is None:
+                raise ValueError("mask prediction needs input_ids to find the [SEG] tokens")
+            if original_sizes is None or resized_sizes is None:
+                raise ValueError("mask prediction needs original_sizes and resized_sizes (from GSVAProcessor)")
+            if sam_image_embeddings is None:
+                sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
+            seg_states, target_is_seg = self.gather_seg_hidden_states(last_hidden_state, input_ids)
+            seg_masks, seg_scores = self.masks_from_hidden_states(
+                seg_states, sam_image_embeddings, resized_sizes, original_sizes
+            )
+            pred_masks = self.scatter_to_slots(seg_masks, target_is_seg)
+            iou_scores = self.scatter_to_slots(seg_scores, target_is_seg)
+
+        loss = ce = bce = dice = None
+        if labels is not None:
+            ce = self.config.ce_loss_weight * self.ce_loss(logits, labels)
+            loss = ce
+            if gt_masks is not None:
+                if pred_masks is None:
+                    raise ValueError("gt_masks need sam_pixel_values (or sam_image_embeddings) to predict masks")
+                bce, dice = self.mask_losses(pred_masks, gt_masks)
+                loss = ce + bce + dice
+
+        return GSVAOutput(
+            loss=loss,
+            ce_loss=ce,
+            mask_bce_loss=bce,
+            mask_dice_loss=dice,
+            logits=logits,
+            cache=decoder_outputs.cache if use_cache is not False else None,
+            hidden_states=decoder_outputs.hidden_states,
+            attentions=decoder_outputs.attentions,
+            pred_masks=pred_masks,
+            target_is_seg=target_is_seg,
+            iou_scores=iou_scores,
+        )
+
+
+GSVAForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["GSVAForCausalLM", "GSVAPreTrainedModel", "GSVAOutput"]

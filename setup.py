@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gsva-hf",
+    version="0.1.0",
+    description="GSVA (CVPR 2024) generalized referring segmentation, transformers-native",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    py_modules=["configuration_gsva", "modeling_gsva", "processing_gsva", "train_hf", "eval_hf"],
+    packages=find_packages(include=["gsva_hf", "gsva_hf.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.24,<6",
+        "tokenizers>=0.22",
+        "peft>=0.21",
+        "accelerate>=1.10",
+        "datasets>=4.0",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.6",
+        "segment-anything>=1.0",
+        "pycocotools>=2.0.8",
+        "numpy>=1.26",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3"],
+        "train": ["deepspeed>=0.15"],
+        "demo": ["gradio>=5"],
+    },
+    entry_points={
+        "console_scripts": [],
+    },
+)
