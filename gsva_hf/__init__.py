@@ -1,0 +1,1 @@
+"""Helpers around the GSVA model files: data readers, metrics, conversion, presets and command lines."""

@@ -1,0 +1,40 @@
+"""The one record every dataset reader produces and the collator consumes."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class Sample:
+    """One image with its conversation and one ground-truth mask per `[SEG]`/`[REJ]` slot.
+
+    image: upright RGB PIL image.
+    rounds: (question, answer) pairs; questions carry no image placeholder (the processor puts the image first).
+        Answers hold `[SEG]`/`[REJ]` in the order of `masks`.
+    masks: bool array `[K, H, W]` at the image's size, K = number of `[SEG]`/`[REJ]` in the answers
+        (all-zero for `[REJ]` slots); `K = 0` for text-only samples.
+    targets / rejected: the phrase and the `[REJ]` flag of each slot.
+    """
+
+    image: Image.Image
+    rounds: list[tuple[str, str | None]]
+    masks: np.ndarray
+    targets: list[str] = field(default_factory=list)
+    rejected: list[bool] = field(default_factory=list)
+    image_path: str = ""
+    source: str = ""
+
+    def __post_init__(self):
+        height, width = self.image.height, self.image.width
+        if self.masks.ndim != 3 or self.masks.shape[1:] != (height, width):
+            raise ValueError(
+                f"{self.source or 'sample'} ({self.image_path}): masks of shape {self.masks.shape} do not match "
+                f"the image size {(height, width)}"
+            )
+        if len(self.targets) != self.masks.shape[0] or len(self.rejected) != self.masks.shape[0]:
+            raise ValueError(
+                f"{self.source or 'sample'} ({self.image_path}): {self.masks.shape[0]} masks but "
+                f"{len(self.targets)} targets and {len(self.rejected)} rejected flags"
+            )
