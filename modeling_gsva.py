@@ -97,9 +97,9 @@ def mask_dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if pred.shape[0] == 0:
         return pred.sum()
     prob = pred.float().sigmoid().flatten(1) / DICE_SCALE
-    gt = target.float().flatten(1) / DICE_SCALE
+    gt = target.float().flatten(1)
     numerator = 2 * (prob * gt).sum(-1)
-    denominator = prob.sum(-1) + gt.sum(-1)
+    denominator = prob.sum(-1) + (gt / DICE_SCALE).sum(-1)
     return (1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)).sum()
 
 

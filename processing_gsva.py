@@ -299,8 +299,6 @@ class GSVAProcessor(ProcessorMixin):
                 pieces.append(("text", " " + template.assistant_role + ":"))
                 if answer is not None:
                     pieces += [("text", " "), ("answer", answer), ("special", "eos")]
-                    if index != len(rounds) - 1:
-                        pieces.append(("text", ""))
             else:
                 if index > 0:
                     pieces.append(("special", "bos"))
@@ -311,6 +309,11 @@ class GSVAProcessor(ProcessorMixin):
                 if answer is not None:
                     pieces += [("text", " "), ("answer", answer + " "), ("special", "eos")]
         return pieces
+
+    def prompt_text(self, rounds: list[tuple[str, str | None]]) -> str:
+        """The conversation as one string (image shown once as its token), to inspect what the model reads."""
+        names = {"eos": self.tokenizer.eos_token, "bos": self.tokenizer.bos_token}
+        return "".join(names.get(value, value) if kind == "special" else value for kind, value in self.render(rounds))
 
     def _encode_text(self, text: str, answer_spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         """Tokenize one chunk with no special-token matching; flag tokens inside answer character spans."""

@@ -1,0 +1,36 @@
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "gsva-tiny"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    from processing_gsva import GSVAProcessor
+
+    return GSVAProcessor.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from configuration_gsva import GSVAConfig
+
+    return GSVAConfig.from_pretrained(TINY)
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    from modeling_gsva import GSVAForCausalLM
+
+    torch.manual_seed(0)
+    return GSVAForCausalLM(copy.deepcopy(tiny_config)).eval()

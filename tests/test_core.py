@@ -1,0 +1,337 @@
+"""GSVAConfig / GSVAForCausalLM / GSVAProcessor on the tiny preset: losses, gradients, batching, tokens."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from processing_gsva import (
+    CONVERSATION_TEMPLATES,
+    IGNORE_INDEX,
+    eval_answer,
+    eval_question,
+    multi_target_answer,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def random_image(height: int, width: int) -> np.ndarray:
+    return RNG.integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def rectangle_mask(height, width, top, left, bottom, right) -> torch.Tensor:
+    mask = torch.zeros(height, width)
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def two_image_batch(processor):
+    """Image 1 (40x50): 2 present + 1 absent target; image 2 (30x20): 1 present."""
+    sentences_1 = ["the red circle", "the blue square", "the green star"]
+    rejected_1 = [False, True, False]
+    batch = processor(
+        images=[random_image(40, 50), random_image(30, 20)],
+        text=[eval_question(sentences_1), eval_question(["the dog"])],
+        answers=[eval_answer(sentences_1, rejected_1), eval_answer(["the dog"], [False])],
+    )
+    gt = [
+        torch.stack([rectangle_mask(40, 50, 5, 5, 20, 20), torch.zeros(40, 50), rectangle_mask(40, 50, 25, 30, 40, 50)]),
+        rectangle_mask(30, 20, 0, 0, 10, 20)[None],
+    ]
+    return batch, gt
+
+
+def reference_ce(logits, labels, seg_id=None, rej_id=None, target_weight=1.0):
+    """Plain log-softmax CE over shifted answer tokens, weighted mean."""
+    log_probs = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    targets = labels[:, 1:]
+    total, weight_sum = 0.0, 0.0
+    for row in range(targets.shape[0]):
+        for pos in range(targets.shape[1]):
+            token = int(targets[row, pos])
+            if token == IGNORE_INDEX:
+                continue
+            weight = target_weight if token in (seg_id, rej_id) else 1.0
+            total += -weight * float(log_probs[row, pos, token])
+            weight_sum += weight
+    return total / weight_sum
+
+
+def reference_mask_losses(pred_masks, gt_masks):
+    """GSVA's per-mask BCE mean and Dice (scale 1000, eps 1e-6) in numpy, summed over masks."""
+    bce_sum, dice_sum, count = 0.0, 0.0, 0
+    for pred, gt in zip(pred_masks, gt_masks):
+        for p, g in zip(pred.detach().double().numpy(), gt.double().numpy()):
+            bce = np.maximum(p, 0) - p * g + np.log1p(np.exp(-np.abs(p)))
+            bce_sum += bce.mean()
+            sig = 1 / (1 + np.exp(-p))
+            numerator = 2 * (sig / 1000 * g).sum()
+            denominator = (sig / 1000).sum() + (g / 1000).sum()
+            dice_sum += 1 - (numerator + 1e-6) / (denominator + 1e-6)
+            count += 1
+    return bce_sum / count, dice_sum / count
+
+
+def test_loss_parts_and_weights_match_independent_computation(tiny_model, tiny_processor):
+    batch, gt = two_image_batch(tiny_processor)
+    out = tiny_model(**batch, gt_masks=gt)
+    assert all(torch.isfinite(t) for t in (out.loss, out.ce_loss, out.mask_bce_loss, out.mask_dice_loss))
+
+    ce = reference_ce(out.logits, batch["labels"])
+    bce, dice = reference_mask_losses(out.pred_masks, gt)
+    assert out.ce_loss.item() == pytest.approx(1.0 * ce, rel=1e-5)
+    assert out.mask_bce_loss.item() == pytest.approx(2.0 * bce, rel=1e-5)
+    assert out.mask_dice_loss.item() == pytest.approx(0.5 * dice, rel=1e-5)
+    assert out.loss.item() == pytest.approx(ce + 2.0 * bce + 0.5 * dice, rel=1e-5)
+
+    tiny_model.config.ce_loss_weight, tiny_model.config.bce_loss_weight, tiny_model.config.dice_loss_weight = 0.5, 3.0, 7.0
+    weighted = tiny_model(**batch, gt_masks=gt)
+    assert weighted.loss.item() == pytest.approx(0.5 * ce + 3.0 * bce + 7.0 * dice, rel=1e-5)
+
+
+def test_rejected_slots_get_zero_logits_and_count_in_normaliser(tiny_model, tiny_processor):
+    batch, gt = two_image_batch(tiny_processor)
+    out = tiny_model(**batch, gt_masks=gt)
+    assert [flags.tolist() for flags in out.target_is_seg] == [[True, False, True], [True]]
+    assert [tuple(m.shape) for m in out.pred_masks] == [(3, 40, 50), (1, 30, 20)]
+    assert torch.count_nonzero(out.pred_masks[0][1]) == 0
+    assert out.iou_scores[0][1] == 0
+    # A [REJ] slot with an all-zero mask adds BCE(0, 0) = ln 2 per pixel and Dice ~1, divided by all 4 targets.
+    rej_bce = np.log(2.0)
+    bce, _ = reference_mask_losses(out.pred_masks, gt)
+    seg_only = (bce * 4 - rej_bce) / 3
+    assert seg_only != pytest.approx(bce)
+
+
+def test_slot_count_mismatch_names_the_row(tiny_model, tiny_processor):
+    batch, gt = two_image_batch(tiny_processor)
+    with pytest.raises(ValueError, match=r"row 0: the answer has 3 \[SEG\]/\[REJ\] slots"):
+        tiny_model(**batch, gt_masks=[gt[0][:2], gt[1]])
+
+
+def test_seg_rej_ce_weight_option(tiny_model, tiny_processor):
+    batch, _ = two_image_batch(tiny_processor)
+    tiny_model.config.seg_rej_ce_weight = 5.0
+    out = tiny_model(**batch)
+    ids = tiny_processor.token_ids
+    expected = reference_ce(out.logits, batch["labels"], ids["seg_token_id"], ids["rej_token_id"], 5.0)
+    assert out.ce_loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+GSVA_TRAINABLE = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
+
+
+def test_backward_step_changes_exactly_the_trainable_parameters(tiny_model, tiny_processor):
+    batch, gt = two_image_batch(tiny_processor)
+    tiny_model.train()
+    for name, parameter in tiny_model.named_parameters():
+        parameter.requires_grad_(any(key in name for key in GSVA_TRAINABLE))
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in tiny_model.parameters() if p.requires_grad], lr=0.5)
+    tiny_model(**batch, gt_masks=gt).loss.backward()
+    with_grad = {n for n, p in tiny_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    optimizer.step()
+    changed = {n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+
+    assert changed <= with_grad <= trainable
+    for required in (
+        "text_hidden_fcs.0.0.weight",
+        "text_hidden_fcs.0.2.weight",
+        "language_model.lm_head.weight",
+        "language_model.model.embed_tokens.weight",
+        "sam.mask_decoder.transformer.layers.0.self_attn.q_proj.weight",
+        "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight",
+    ):
+        assert required in changed
+    assert not any(n.startswith(("vision_tower.", "multi_modal_projector.", "sam.vision_encoder.")) for n in changed)
+    assert not any(n.startswith("sam.prompt_encoder.") or ".layers." in n and "language_model" in n for n in changed)
+
+
+def test_mask_loss_gradients_reach_the_llm_but_not_the_frozen_sam_encoder(tiny_model, tiny_processor):
+    batch, gt = two_image_batch(tiny_processor)
+    tiny_model.train()
+    out = tiny_model(**batch, gt_masks=gt)
+    (out.mask_bce_loss + out.mask_dice_loss).backward()
+    grads = {n: p.grad for n, p in tiny_model.named_parameters()}
+    assert grads["language_model.model.layers.1.self_attn.q_proj.weight"].abs().sum() > 0
+    assert grads["multi_modal_projector.linear_1.weight"].abs().sum() > 0
+    assert all(g is None for n, g in grads.items() if n.startswith("sam.vision_encoder."))
+
+
+def test_batched_equals_one_by_one(tiny_model, tiny_processor):
+    batch, gt = two_image_batch(tiny_processor)
+    with torch.no_grad():
+        together = tiny_model(**batch)
+        for row in range(2):
+            length = int(batch["attention_mask"][row].sum())
+            single = {k: v[row : row + 1] for k, v in batch.items()}
+            single["input_ids"] = single["input_ids"][:, :length]
+            single["attention_mask"] = single["attention_mask"][:, :length]
+            single["labels"] = single["labels"][:, :length]
+            alone = tiny_model(**single)
+            torch.testing.assert_close(alone.logits[0], together.logits[row, :length], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(alone.pred_masks[0], together.pred_masks[row], atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_eager_agree_and_gradient_checkpointing_trains(tiny_config, tiny_processor):
+    from modeling_gsva import GSVAForCausalLM
+
+    batch, gt = two_image_batch(tiny_processor)
+    torch.manual_seed(0)
+    eager = GSVAForCausalLM._from_config(tiny_config, attn_implementation="eager").eval()
+    sdpa = GSVAForCausalLM._from_config(tiny_config, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    with torch.no_grad():
+        a, b = eager(**batch, gt_masks=gt), sdpa(**batch, gt_masks=gt)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(a.logits[valid], b.logits[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-4, rtol=1e-4)
+
+    sdpa.train()
+    sdpa.gradient_checkpointing_enable()
+    out = sdpa(**batch, gt_masks=gt)
+    out.loss.backward()
+    assert sdpa.text_hidden_fcs[0][0].weight.grad is not None
+    torch.testing.assert_close(out.loss.detach(), b.loss, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_forward_gives_finite_losses(tiny_config, tiny_processor):
+    from modeling_gsva import GSVAForCausalLM
+
+    batch, gt = two_image_batch(tiny_processor)
+    torch.manual_seed(0)
+    model = GSVAForCausalLM(tiny_config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(**batch, gt_masks=gt)
+    assert torch.isfinite(out.loss) and out.pred_masks[0].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- tokens & templates
+def test_user_text_never_becomes_special_tokens(tiny_processor):
+    ids = tiny_processor.token_ids
+    hostile = "what is [SEG] and [REJ] <image> <im_start> <im_end> </s> <s> here"
+    batch = tiny_processor(images=[random_image(8, 8)], text=[hostile], answers=["It is [SEG]."])
+    row = batch["input_ids"][0].tolist()
+    assert row.count(ids["seg_token_id"]) == 1
+    assert row.count(ids["rej_token_id"]) == 0
+    assert row.count(ids["image_token_id"]) == tiny_processor.num_image_tokens
+    assert row.count(ids["im_start_token_id"]) == 1 and row.count(ids["im_end_token_id"]) == 1
+    assert row.count(tiny_processor.tokenizer.eos_token_id) == 1
+    assert row.count(tiny_processor.tokenizer.bos_token_id) == 1
+
+
+def test_every_gsva_token_is_one_id_and_missing_tokens_are_refused(tiny_processor):
+    from transformers import PreTrainedTokenizerFast
+
+    from gsva_hf.presets import build_tiny_tokenizer
+    from processing_gsva import GSVAProcessor
+
+    for token in ("[SEG]", "[REJ]", "<im_start>", "<im_end>", "<image>"):
+        assert len(tiny_processor.tokenizer.encode(token, add_special_tokens=False)) == 1
+    ids = tiny_processor.token_ids
+    assert ids["seg_token_id"] < ids["rej_token_id"] < ids["im_start_token_id"] < ids["im_end_token_id"]
+
+    base = PreTrainedTokenizerFast(tokenizer_object=build_tiny_tokenizer()._tokenizer)
+    base = PreTrainedTokenizerFast.from_pretrained(str(_save_without_gsva_tokens(base)))
+    with pytest.raises(ValueError, match="add_gsva_tokens"):
+        GSVAProcessor(tiny_processor.image_processor, tiny_processor.sam_image_processor, base)
+
+
+def _save_without_gsva_tokens(tokenizer):
+    import json
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    tokenizer.save_pretrained(folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    gsva = {"[SEG]", "[REJ]", "<im_start>", "<im_end>", "<image>"}
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in gsva]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("extra_special_tokens", "additional_special_tokens", "added_tokens_decoder"):
+        config.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_vicuna_v1_template_verbatim(tiny_processor):
+    system = CONVERSATION_TEMPLATES["llava_v1"].system
+    assert system == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions."
+    )
+    question = eval_question(["man in red", "the dog"])
+    answer = eval_answer(["man in red", "the dog"], [False, True])
+    assert question == " What are man in red, the dogin this image? Please output segmentation masks."
+    assert answer == "Sure,man in red:[SEG], the dog:[REJ]."
+    text = tiny_processor.prompt_text([(question, answer), ("and the cat?", "Sure, [SEG].")])
+    assert text == (
+        system + " USER: <im_start><image><im_end>\n" + question + " ASSISTANT: " + answer + "</s>"
+        "USER: and the cat? ASSISTANT: Sure, [SEG].</s>"
+    )
+    assert tiny_processor.prompt_text([("what is it?", None)]).endswith("USER: <im_start><image><im_end>\nwhat is it? ASSISTANT:")
+    assert multi_target_answer(["a", "b"], [False, True], style=1) == "Sure, they are a:[SEG], b:[REJ]."
+
+
+def test_llama2_template_verbatim(tiny_processor):
+    from processing_gsva import GSVAProcessor
+
+    processor = GSVAProcessor(
+        tiny_processor.image_processor, tiny_processor.sam_image_processor, tiny_processor.tokenizer,
+        conv_template="llava_llama_2", num_image_tokens=tiny_processor.num_image_tokens,
+    )
+    system = CONVERSATION_TEMPLATES["llava_llama_2"].system
+    text = processor.prompt_text([("q1", "a1 [SEG]."), ("q2", "a2")])
+    assert text == (
+        f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<im_start><image><im_end>\nq1 [/INST] a1 [SEG]. </s>"
+        "<s>[INST] q2 [/INST] a2 </s>"
+    )
+    batch = processor(images=[random_image(9, 9)], text=["q1"], answers=["a1 [SEG]."])
+    labelled = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert labelled[-1] == processor.tokenizer.eos_token_id
+
+
+def test_labels_cover_exactly_the_answer_and_eos(tiny_processor):
+    answer = "Sure, they are the red circle:[SEG], the cat:[REJ]."
+    batch = tiny_processor(images=[random_image(12, 12)], text=["Can you segment the red circle, the cat in this image?"], answers=[answer])
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    labelled = (labels != IGNORE_INDEX).nonzero().flatten()
+    assert labelled.tolist() == list(range(int(labelled[0]), int(labelled[-1]) + 1))
+    assert torch.equal(labels[labelled], ids[labelled])
+    tokens = tiny_processor.tokenizer.convert_ids_to_tokens(ids[labelled].tolist())
+    assert tokens[-1] == "</s>"
+    assert "".join(tokens[:-1]).replace("\u2581", "") == answer.replace(" ", "")
+
+
+def test_prompt_limits_and_empty_prompts_give_clear_errors(tiny_processor):
+    with pytest.raises(ValueError, match="non-empty"):
+        tiny_processor(images=[random_image(8, 8)], text=["   "])
+    with pytest.raises(ValueError, match="more than the limit of 100"):
+        tiny_processor(images=[random_image(8, 8)], text=["word " * 80], max_length=100)
+    with pytest.raises(ValueError, match="2 images but 1 conversations"):
+        tiny_processor(images=[random_image(8, 8)] * 2, text=["a"])
+
+
+def test_processor_checks_config_ids(tiny_processor, tiny_config):
+    tiny_processor.check_config(tiny_config)
+    wrong = tiny_config.__class__.from_dict({**tiny_config.to_dict(), "seg_token_id": tiny_config.rej_token_id + 100})
+    with pytest.raises(ValueError, match="seg_token_id"):
+        tiny_processor.check_config(wrong)
+
+
+def test_left_padded_generation_prompts(tiny_processor):
+    batch = tiny_processor(images=[random_image(8, 8), random_image(9, 7)], text=["a", "a much longer question here"])
+    assert "labels" not in batch
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()
+
+
+def test_cross_entropy_matches_torch_on_plain_labels(tiny_model, tiny_processor):
+    batch, _ = two_image_batch(tiny_processor)
+    out = tiny_model(**batch)
+    expected = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    torch.testing.assert_close(out.ce_loss, expected)
