@@ -55,6 +55,45 @@ class GSVAOutput(ModelOutput):
     iou_scores: list[torch.Tensor] | None = None
 
 
+@dataclass
+class GSVATeacherForcedOutput(ModelOutput):
+    """Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
+
+    predicted_rejected: per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model
+        predicts `[REJ]` there (read from the logits one position earlier).
+    pred_masks: per row, mask logits `[num_slots, H, W]` at the original size (every slot with `reeval`).
+    gt_is_seg: per row, the ground-truth slot types.
+    """
+
+    predicted_rejected: list[torch.Tensor] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    gt_is_seg: list[torch.Tensor] | None = None
+
+
+@dataclass
+class SegmentedTarget:
+    """One `[SEG]`/`[REJ]` slot of a generated answer.
+
+    mask: bool `[H, W]` at the original image size (all False when rejected).
+    score: probability the model gave its own choice (`[SEG]` or `[REJ]`) at this slot.
+    mask_score: mean foreground probability inside the mask (0 when rejected or empty).
+    """
+
+    phrase: str
+    rejected: bool
+    mask: torch.Tensor
+    score: float
+    mask_score: float
+
+
+@dataclass
+class SegmentationResult:
+    """What `GSVAForCausalLM.segment` returns per image: the generated answer and one entry per target slot."""
+
+    answer: str
+    targets: list[SegmentedTarget]
+
+
 class GSVAMultiModalProjector(nn.Module):
     """LLaVA v1 `linear` projector, or LLaVA-1.5 `mlp2x_gelu` (same parameter names as transformers' Llava)."""
 
@@ -391,6 +430,156 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             target_is_seg=target_is_seg,
             iou_scores=iou_scores,
         )
+
+    # ----------------------------------------------------------------- evaluation and inference
+    @torch.no_grad()
+    def score_teacher_forced(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        sam_pixel_values: torch.Tensor,
+        original_sizes: torch.Tensor,
+        resized_sizes: torch.Tensor,
+        reeval: bool = True,
+        **unused,
+    ) -> GSVATeacherForcedOutput:
+        """GSVA's evaluation forward over ground-truth conversations.
+
+        At each ground-truth `[SEG]`/`[REJ]` slot the decision is the argmax one position earlier: a `[SEG]` slot
+        counts as kept only if `[SEG]` is predicted, a `[REJ]` slot as rejected only if `[REJ]` is predicted.
+        With `reeval` every `[REJ]` is rewritten to `[SEG]` and the model runs again so every slot gets a mask.
+        """
+        first = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False)
+        predictions = first.logits.argmax(-1)
+        rejected, gt_is_seg = [], []
+        for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
+            predicted = predictions[row, positions - 1]
+            rejected.append(torch.where(is_seg, predicted != self.config.seg_token_id, predicted == self.config.rej_token_id))
+            gt_is_seg.append(is_seg)
+        mask_ids = input_ids
+        if reeval:
+            mask_ids = input_ids.masked_fill(input_ids == self.config.rej_token_id, self.config.seg_token_id)
+        second = self(
+            input_ids=mask_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            sam_pixel_values=sam_pixel_values,
+            original_sizes=original_sizes,
+            resized_sizes=resized_sizes,
+            use_cache=False,
+        )
+        return GSVATeacherForcedOutput(predicted_rejected=rejected, pred_masks=second.pred_masks, gt_is_seg=gt_is_seg)
+
+    @torch.no_grad()
+    def segment(
+        self,
+        processor,
+        images,
+        text: str | list[str] | None = None,
+        targets: list[str] | list[list[str]] | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        threshold: float = 0.0,
+        batch_size: int = 8,
+        **generate_kwargs,
+    ) -> list[SegmentationResult]:
+        """Image(s) + a question or target phrases in, per image the answer and one mask per target out.
+
+        text: a question per image, used as typed (e.g. "What are the man on the left and the red car in this
+            image?"). targets: instead, phrases per image; the question is GSVA's multi-target template.
+        The answer is generated (KV cache, greedy by default, left-padded batches); the `[SEG]` states are the
+        generated sequence's last-layer states just before each `[SEG]`; SAM's image encoder runs once per image
+        and the mask decoder once after generation. Rejected targets get an all-False mask.
+        """
+        questions, given_phrases = self._segment_questions(processor, images, text, targets)
+        image_list = images if isinstance(images, (list, tuple)) else [images]
+        results: list[SegmentationResult] = []
+        for start in range(0, len(image_list), batch_size):
+            chunk = slice(start, start + batch_size)
+            batch = processor(images=list(image_list[chunk]), text=questions[chunk]).to(self.device)
+            results += self._segment_batch(
+                processor, batch, given_phrases[chunk], max_new_tokens, do_sample, threshold, generate_kwargs
+            )
+        return results
+
+    @staticmethod
+    def _segment_questions(processor, images, text, targets) -> tuple[list[str], list[list[str] | None]]:
+        count = len(images) if isinstance(images, (list, tuple)) else 1
+        if (text is None) == (targets is None):
+            raise ValueError("segment() takes either `text` (a question per image) or `targets` (phrases per image)")
+        if text is not None:
+            questions = [text] * count if isinstance(text, str) else list(text)
+            if len(questions) != count:
+                raise ValueError(f"got {count} images but {len(questions)} texts")
+            return questions, [None] * count
+        per_image = [targets] if targets and isinstance(targets[0], str) else list(targets)
+        if len(per_image) == 1 and count > 1:
+            per_image = per_image * count
+        if len(per_image) != count:
+            raise ValueError(f"got {count} images but {len(per_image)} target lists")
+        return [processor.targets_question(phrases) for phrases in per_image], per_image
+
+    def _segment_batch(self, processor, batch, given_phrases, max_new_tokens, do_sample, threshold, generate_kwargs):
+        special = [self.config.image_token_id, self.config.im_start_token_id, self.config.im_end_token_id]
+        generated = self.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            output_hidden_states=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            suppress_tokens=special,
+            **generate_kwargs,
+        )
+        sequences = generated.sequences
+        prompt_length = batch["input_ids"].shape[1]
+        states = torch.cat([step[-1] for step in generated.hidden_states], dim=1)
+        answer_ids = sequences[:, prompt_length:]
+        eos = self.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        seg_states, flags, slot_scores = [], [], []
+        for row in range(sequences.shape[0]):
+            answer = answer_ids[row]
+            ends = [i for i, t in enumerate(answer.tolist()) if t in eos_ids]
+            answer = answer[: ends[0]] if ends else answer
+            slot_offsets = torch.nonzero(
+                (answer == self.config.seg_token_id) | (answer == self.config.rej_token_id)
+            ).flatten()
+            is_seg = answer[slot_offsets] == self.config.seg_token_id
+            seg_states.append(states[row, prompt_length + slot_offsets[is_seg] - 1])
+            flags.append(is_seg)
+            probabilities = [
+                generated.logits[int(step)][row].float().softmax(-1)[int(answer[int(step)])].item() for step in slot_offsets
+            ]
+            slot_scores.append(probabilities)
+        sam_embeddings = self.get_sam_image_embeddings(batch["sam_pixel_values"])
+        masks, _ = self.masks_from_hidden_states(seg_states, sam_embeddings, batch["resized_sizes"], batch["original_sizes"])
+        results = []
+        for row in range(sequences.shape[0]):
+            answer = answer_ids[row].tolist()
+            ends = [i for i, t in enumerate(answer) if t in eos_ids]
+            answer_text = processor.decode_answer(answer[: ends[0]] if ends else answer)
+            phrases = processor.answer_phrases(answer_text)
+            if given_phrases[row] is not None and len(given_phrases[row]) == len(flags[row]):
+                phrases = list(given_phrases[row])
+            height, width = (int(v) for v in batch["original_sizes"][row])
+            seg_masks = iter(masks[row])
+            targets = []
+            for slot, is_seg in enumerate(flags[row].tolist()):
+                if is_seg:
+                    logits = next(seg_masks)
+                    mask = (logits > threshold).cpu()
+                    inside = logits.sigmoid()[mask.to(logits.device)]
+                    mask_score = float(inside.mean()) if inside.numel() else 0.0
+                else:
+                    mask, mask_score = torch.zeros((height, width), dtype=torch.bool), 0.0
+                phrase = phrases[slot] if slot < len(phrases) else ""
+                targets.append(SegmentedTarget(phrase, not is_seg, mask, slot_scores[row][slot], mask_score))
+            results.append(SegmentationResult(answer=answer_text, targets=targets))
+        return results
 
 
 GSVAForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -5,6 +5,7 @@ Shipped with a Hub repository for ``trust_remote_code``: imports only torch, tra
 """
 
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -457,7 +458,27 @@ class GSVAProcessor(ProcessorMixin):
         """Readable answer text: keeps `[SEG]`/`[REJ]`, drops padding, image and end-of-turn tokens."""
         drop = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.tokenizer.bos_token_id, self.token_ids["image_token_id"]}
         kept = [int(t) for t in token_ids if int(t) not in drop]
-        return self.tokenizer.decode(kept, skip_special_tokens=False).strip()
+        text = self.tokenizer.decode(kept, skip_special_tokens=False).strip()
+        return re.sub(r"(\[SEG\]|\[REJ\]) ([,.:;])", r"\1\2", text)
+
+    @staticmethod
+    def targets_question(phrases: list[str]) -> str:
+        """The question `segment()` asks for a list of phrases: GSVA's "What are ... in this image?" template."""
+        if not phrases or any(not isinstance(p, str) or not p.strip() for p in phrases):
+            raise ValueError(f"targets must be a non-empty list of non-empty phrases, got {phrases!r}")
+        return multi_target_question([p.strip() for p in phrases], style=3)
+
+    @staticmethod
+    def answer_phrases(answer: str) -> list[str]:
+        """Target phrases of a GSVA answer, one per `[SEG]`/`[REJ]`, without the answer templates' words."""
+        phrases, previous = [], None
+        for part in _split_answer(answer):
+            if part in (SEG_TOKEN, REJ_TOKEN):
+                phrases.append(_strip_template_words(previous or ""))
+                previous = None
+            else:
+                previous = part
+        return phrases
 
     @staticmethod
     def post_process_masks(mask_logits: list[torch.Tensor], threshold: float = 0.0) -> list[torch.Tensor]:
@@ -479,6 +500,29 @@ def _split_answer(answer: str) -> list[str]:
         parts.append(token)
         rest = rest[position + len(token) :]
     return parts
+
+
+_TEMPLATE_OPENINGS = sorted(
+    {start.lower() for start, _, _ in MULTI_TARGET_ANSWER_STYLES} | {"they are", "it is", "and", ","}, key=len, reverse=True
+)
+_TEMPLATE_PREFIXES = ("the mask of ", "the segmentation of ", "the referred ", "the segmentation result is")
+
+
+def _strip_template_words(text: str) -> str:
+    """Remove the answer templates' own words around a target phrase ("Sure, the mask of X is" → "X")."""
+    phrase = text.strip(" ,.:")
+    stripped = True
+    while stripped:
+        stripped = False
+        for opening in _TEMPLATE_OPENINGS:
+            if phrase.lower().startswith(opening):
+                phrase, stripped = phrase[len(opening) :].strip(" ,.:"), True
+    for prefix in _TEMPLATE_PREFIXES:
+        if phrase.lower().startswith(prefix):
+            phrase = phrase[len(prefix) :]
+    if phrase.lower().endswith(" is"):
+        phrase = phrase[:-3]
+    return phrase.strip(" ,.:")
 
 
 def _previous_is_answer(labels: list[int]) -> bool:

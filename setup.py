@@ -32,6 +32,8 @@ setup(
         "demo": ["gradio>=5"],
     },
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "gsva-segment=gsva_hf.segment:main",
+        ],
     },
 )
