@@ -7,35 +7,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
-from processing_gsva import IGNORE_INDEX, MULTI_TARGET_ANSWER_STYLES, multi_target_answer
+from gsva_hf.forced_answers import ForceAnswers, answer_token_ids
+
+from processing_gsva import MULTI_TARGET_ANSWER_STYLES, multi_target_answer
 
 RNG = np.random.default_rng(1)
 
 
-class ForceAnswers(LogitsProcessor):
-    """Makes generate() emit a fixed answer per row (then EOS), so a random model produces [SEG]/[REJ]."""
-
-    def __init__(self, answers: list[list[int]], prompt_length: int, eos: int):
-        self.answers, self.prompt_length, self.eos = answers, prompt_length, eos
-
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_length
-        forced = torch.full_like(scores, -1e4)
-        for row, answer in enumerate(self.answers):
-            forced[row, answer[step] if step < len(answer) else self.eos] = 0.0
-        return scores + forced
-
-
-def answer_ids(processor, answer: str) -> list[int]:
-    ids, labels = processor.encode_conversation([("q", answer)])
-    return [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
-
-
 def forced_segment(model, processor, images, texts, answers, batch_size=8):
     prompt = processor(images=images[:batch_size], text=texts[:batch_size])
-    forced = ForceAnswers([answer_ids(processor, a) for a in answers], prompt["input_ids"].shape[1], processor.tokenizer.eos_token_id)
+    forced = ForceAnswers([answer_token_ids(processor, a) for a in answers], prompt["input_ids"].shape[1], processor.tokenizer.eos_token_id)
     return model.segment(
         processor, images, text=texts, logits_processor=LogitsProcessorList([forced]), max_new_tokens=40, batch_size=batch_size
     )

@@ -1,0 +1,129 @@
+"""Inference throughput and peak memory of `GSVAForCausalLM.segment` (random weights, forced answers).
+
+Answers are forced (`ForceAnswers`) so every run generates the same tokens and the number of targets is
+controlled. Reports images/s end to end, and the mask stage alone (SAM encoder once per image + mask decoder
+for all targets) per image, for each attention implementation, batch size and target count.
+
+CPU, tiny preset:      python benchmarks/bench_inference.py
+GPU, GSVA-7B shapes:   python benchmarks/bench_inference.py --preset configs/gsva-7b --device cuda --dtype bf16 \
+                           --batch-sizes 1,8 --image-size 480
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LogitsProcessorList
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import PeakMemory, timed  # noqa: E402
+from configuration_gsva import GSVAConfig  # noqa: E402
+from gsva_hf.forced_answers import ForceAnswers, answer_token_ids  # noqa: E402
+from gsva_hf.presets import tiny_processor  # noqa: E402
+from modeling_gsva import GSVAForCausalLM  # noqa: E402
+from processing_gsva import GSVAProcessor, multi_target_answer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(preset: Path, attn: str, device: str, dtype: torch.dtype):
+    config = GSVAConfig.from_pretrained(preset)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GSVAForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).eval()
+    if (preset / "tokenizer.json").is_file():
+        processor = GSVAProcessor.from_pretrained(preset)
+    else:
+        # Large presets ship no tokenizer; the tiny one stands in (ids are remapped onto the preset's).
+        processor = tiny_processor()
+    return model, processor
+
+
+def run_case(model, processor, batch: int, targets: int, image_size: int, repeats: int, device: str) -> dict:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
+    names = [f"the shape number {i}" for i in range(targets)]
+    answer = multi_target_answer(names, [False] * targets, style=1)
+    forced_ids = [_model_ids(model, processor, answer_token_ids(processor, answer))] * batch
+    question = processor.targets_question(names)
+    prompt_length = processor(images=images[:1], text=[question])["input_ids"].shape[1]
+    forced = LogitsProcessorList([ForceAnswers(forced_ids, prompt_length, model.generation_config.eos_token_id)])
+
+    def segment():
+        return model.segment(processor, images, text=question, logits_processor=forced, max_new_tokens=len(forced_ids[0]) + 2, batch_size=batch)
+
+    with PeakMemory(device) as memory:
+        seconds = timed(segment, repeats, device)
+    results = segment()
+    assert all(len(r.targets) == targets for r in results), "forced answers did not yield the requested targets"
+
+    inputs = processor(images=images, text=[question] * batch).to(device)
+    states = [torch.randn(targets, model.config.text_config.hidden_size, device=device, dtype=model.dtype)] * batch
+
+    def mask_stage():
+        embeddings = model.get_sam_image_embeddings(inputs["sam_pixel_values"])
+        model.masks_from_hidden_states(states, embeddings, inputs["resized_sizes"], inputs["original_sizes"])
+
+    with torch.no_grad():
+        mask_seconds = timed(mask_stage, repeats, device)
+    return {
+        "batch": batch,
+        "targets": targets,
+        "images_per_s": batch / seconds,
+        "seconds_per_batch": seconds,
+        "mask_stage_ms_per_image": 1000 * mask_seconds / batch,
+        "peak_mib": memory.peak_mib,
+    }
+
+
+def _model_ids(model, processor, ids: list[int]) -> list[int]:
+    """Map the stand-in tokenizer's GSVA token ids onto the model's (for presets without a tokenizer)."""
+    mapping = {processor.token_ids[name]: getattr(model.config, name) for name in processor.token_ids}
+    mapping[processor.tokenizer.eos_token_id] = model.generation_config.eos_token_id
+    return [mapping.get(i, i) for i in ids]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--attn", default="eager,sdpa")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--targets", default="1,3,5")
+    parser.add_argument("--image-size", type=int, default=240, help="image height (width is 4/3 of it)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    rows = []
+    print("| attn | batch | targets | images/s | s/batch | mask stage ms/image | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for attn in args.attn.split(","):
+        model, processor = build(args.preset, attn, args.device, DTYPES[args.dtype])
+        if processor.num_image_tokens != model.config.num_image_tokens:
+            processor.num_image_tokens = model.config.num_image_tokens
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            for targets in (int(t) for t in args.targets.split(",")):
+                row = {"attn": attn, **run_case(model, processor, batch, targets, args.image_size, args.repeats, args.device)}
+                rows.append(row)
+                print(
+                    f"| {attn} | {batch} | {targets} | {row['images_per_s']:.2f} | {row['seconds_per_batch']:.3f} | "
+                    f"{row['mask_stage_ms_per_image']:.1f} | {row['peak_mib']:.0f} |",
+                    flush=True,
+                )
+        del model
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

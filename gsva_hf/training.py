@@ -1,0 +1,131 @@
+"""What trains, LoRA, the Trainer subclass that logs GSVA's loss parts, and the merged export.
+
+GSVA's recipe (`model/prepare_model_tokenizer.py`): everything frozen, LoRA on the LLM's q/v projections,
+`embed_tokens`, `lm_head`, SAM's mask decoder and `text_hidden_fcs` fully trained; CLIP, the projector and
+SAM's image and prompt encoders frozen. Flags open the frozen parts for a from-scratch tiny model.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
+OPTIONAL_MODULES = {
+    "train_vision_tower": "vision_tower",
+    "train_projector": "multi_modal_projector",
+    "train_sam_encoder": "vision_encoder",
+    "train_prompt_encoder": "prompt_encoder",
+}
+
+
+def lora_target_regex(target_modules: list[str] | str) -> str:
+    """Regex selecting only the LLM's projections: a plain list would also hit CLIP's and SAM's q/v_proj."""
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    names = [n.strip() for part in names for n in part.split(",") if n.strip()]
+    if not names:
+        raise ValueError("lora_target_modules is empty; give module names such as q_proj,v_proj")
+    return r".*language_model\..*\.(" + "|".join(re.escape(n) for n in names) + r")"
+
+
+def prepare_for_training(
+    model,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str | list[str] = "q_proj,v_proj",
+    train_vision_tower: bool = False,
+    train_projector: bool = False,
+    train_sam_encoder: bool = False,
+    train_prompt_encoder: bool = False,
+):
+    """Set what trains. `lora_r` > 0: LoRA on the LLM; 0: LLM frozen; < 0: the whole LLM trains (GSVA's switch).
+
+    Returns the model to train: a peft `PeftModel` when LoRA is used (fully trained modules are peft's
+    `modules_to_save`, so checkpoints hold them), else the model itself.
+    """
+    flags = {
+        "train_vision_tower": train_vision_tower,
+        "train_projector": train_projector,
+        "train_sam_encoder": train_sam_encoder,
+        "train_prompt_encoder": train_prompt_encoder,
+    }
+    model.config.train_sam_vision_encoder = bool(train_sam_encoder)
+    full_modules = list(FULLY_TRAINED) + [OPTIONAL_MODULES[f] for f, on in flags.items() if on]
+    model.requires_grad_(False)
+    if lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias="none",
+            target_modules=lora_target_regex(lora_target_modules),
+            modules_to_save=full_modules,
+        )
+        return get_peft_model(model, config)
+    if lora_r < 0:
+        full_modules.append("language_model")
+    for name, parameter in model.named_parameters():
+        if any(f".{module}." in f".{name}" for module in full_modules):
+            parameter.requires_grad_(True)
+    return model
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def merged_model(model):
+    """The plain GSVA model with LoRA merged (W + alpha/r * B A) and peft's module copies folded back."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def export_model(model, processor, output_dir: str | Path, max_shard_size: str = "5GB") -> Path:
+    """Save a complete folder that loads with `trust_remote_code=True`: safetensors, config, processor, code."""
+    output_dir = Path(output_dir)
+    plain = merged_model(model)
+    plain.config.use_cache = True
+    plain.save_pretrained(output_dir, max_shard_size=max_shard_size)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+class GSVATrainer(Trainer):
+    """Trainer that also logs GSVA's CE, BCE and Dice parts (averaged over the logging window)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._part_sums: dict[str, float] = {}
+        self._part_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            for name in ("ce_loss", "mask_bce_loss", "mask_dice_loss"):
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    self._part_sums[name] = self._part_sums.get(name, 0.0) + float(value.detach())
+            self._part_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._part_count and "loss" in logs:
+            for name, total in self._part_sums.items():
+                logs[name] = round(total / self._part_count, 6)
+            self._part_sums, self._part_count = {}, 0
+        super().log(logs, start_time)
+
+
+def count_parameters(model) -> dict[str, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
+
+
+def set_flush_denormal() -> None:
+    """Random-init SAM/CLIP weights can produce denormals that make CPU matmuls ~100x slower."""
+    torch.set_flush_denormal(True)
