@@ -11,6 +11,7 @@ setup(
     py_modules=["configuration_gsva", "modeling_gsva", "processing_gsva", "train_hf", "eval_hf"],
     packages=find_packages(include=["gsva_hf", "gsva_hf.*"]),
     include_package_data=True,
+    package_data={"gsva_hf.data": ["literals/*"], "gsva_hf": ["assets/*/*", "assets/*"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.24,<6",

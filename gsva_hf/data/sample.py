@@ -16,6 +16,8 @@ class Sample:
     masks: bool array `[K, H, W]` at the image's size, K = number of `[SEG]`/`[REJ]` in the answers
         (all-zero for `[REJ]` slots); `K = 0` for text-only samples.
     targets / rejected: the phrase and the `[REJ]` flag of each slot.
+    meta: identifiers of the sample in its source (e.g. dataset, split, image_id, per-slot ref_ids and sent_ids),
+        so evaluation logs and per-sample results can name what was scored.
     """
 
     image: Image.Image
@@ -25,6 +27,7 @@ class Sample:
     rejected: list[bool] = field(default_factory=list)
     image_path: str = ""
     source: str = ""
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         height, width = self.image.height, self.image.width

@@ -1,0 +1,163 @@
+"""GSVA's evaluation loop: teacher-forced (the paper's protocol) or generated answers, one or many processes.
+
+Every image's targets are scored into that image's own accumulator; accumulators are merged in dataset order,
+so 1 and N processes give bit-identical numbers and every sample counts exactly once.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data.collator import GSVACollator
+from .metrics import GresAccumulator, RefSegAccumulator
+
+GRES_DATASETS = ("grefcoco", "refzom")
+
+
+@dataclass
+class EvaluationResult:
+    dataset: str
+    mode: str
+    metrics: dict
+    log_line: str
+    accumulator: object
+    records: list[dict] = field(default_factory=list)
+
+
+def dataset_name(dataset) -> str:
+    spec = getattr(dataset, "spec", "") or ""
+    return spec.split("|")[0] if spec else type(dataset).__name__
+
+
+def new_accumulator(name: str, protocol: str, ignore_mode: str):
+    if name in GRES_DATASETS:
+        return GresAccumulator(protocol=protocol, refzom=name == "refzom")
+    return RefSegAccumulator(ignore_mode=ignore_mode)
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model,
+    processor,
+    dataset,
+    mode: str = "teacher_forced",
+    protocol: str = "gsva",
+    ignore_mode: str = "gsva",
+    batch_size: int = 4,
+    max_new_tokens: int = 256,
+    accelerator=None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Score `dataset` (a validation reader yielding `Sample`s) with GSVA's metrics.
+
+    mode "teacher_forced": the ground-truth answer is fed; `[SEG]`/`[REJ]` decided one position earlier, every
+    target masked after re-evaluation (gRefCOCO) — reproduces the published numbers. mode "generate": the model
+    answers the same question itself; slots pair with targets in order, a missing slot counts as `[REJ]` with an
+    empty mask, extra slots are ignored (both counted in the records).
+    """
+    if mode not in ("teacher_forced", "generate"):
+        raise ValueError(f"mode must be 'teacher_forced' or 'generate', got {mode!r}")
+    name = dataset_name(dataset)
+    is_gres = name in GRES_DATASETS
+    indices = list(range(len(dataset)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        with accelerator.split_between_processes(indices) as mine:
+            indices = list(mine)
+    collator = GSVACollator(processor, return_samples=True)
+    model_device = next(model.parameters()).device
+    local: list[tuple[int, dict, dict]] = []
+    from tqdm.auto import tqdm
+
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    bar = tqdm(total=len(indices), desc=f"eval {name} ({mode})", unit="image", disable=not show)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        samples = [dataset[i] for i in chunk]
+        if mode == "teacher_forced":
+            batch = collator(samples)
+            batch.pop("samples")
+            batch.pop("gt_masks")
+            batch = {k: v.to(model_device) for k, v in batch.items() if k != "labels"}
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            batch["sam_pixel_values"] = batch["sam_pixel_values"].to(model.dtype)
+            out = model.score_teacher_forced(**batch, reeval=is_gres)
+            predictions = [
+                (out.pred_masks[row].float().cpu(), out.predicted_rejected[row].cpu().tolist(), None)
+                for row in range(len(samples))
+            ]
+        else:
+            questions = [sample.rounds[0][0] for sample in samples]
+            results = model.segment(processor, [s.image for s in samples], text=questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            predictions = [_pair_generated(result, sample) for result, sample in zip(results, samples)]
+        for index, sample, (masks, rejected, answer) in zip(chunk, samples, predictions):
+            accumulator = new_accumulator(name, protocol, ignore_mode)
+            for slot in range(sample.masks.shape[0]):
+                # ReasonSeg keeps its 255 "ignore" pixels in `gt_labels`; the accumulator's ignore_mode decides.
+                labels = getattr(sample, "gt_labels", None)
+                gt = labels[slot] if labels is not None else sample.masks[slot].astype(np.uint8)
+                sample_id = f"{index}:{slot}"
+                if is_gres:
+                    accumulator.add(masks[slot], gt, bool(rejected[slot]), sample_id)
+                else:
+                    accumulator.add(masks[slot], gt, sample_id)
+            record = {
+                "index": index,
+                "image": sample.image_path,
+                "targets": list(sample.targets),
+                "gt_rejected": [bool(r) for r in sample.rejected],
+                "pred_rejected": [bool(r) for r in rejected],
+                "meta": _plain(sample.meta) if hasattr(sample, "meta") else {},
+            }
+            if answer is not None:
+                record["answer"] = answer
+            local.append((index, accumulator.state_dict(), record))
+        bar.update(len(chunk))
+    bar.close()
+
+    gathered = local
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object(local)
+    seen, total, records = set(), None, []
+    for index, state, record in sorted(gathered, key=lambda item: item[0]):
+        if index in seen:
+            continue
+        seen.add(index)
+        part = type(new_accumulator(name, protocol, ignore_mode)).from_state_dict(state)
+        total = part if total is None else total.merge(part)
+        records.append(record)
+    if total is None:
+        total = new_accumulator(name, protocol, ignore_mode)
+    metrics = total.compute()
+    log_line = total.format_log_line(name)
+    return EvaluationResult(dataset=name, mode=mode, metrics=metrics, log_line=log_line, accumulator=total, records=records)
+
+
+def _pair_generated(result, sample) -> tuple[torch.Tensor, list[bool], str]:
+    """Generated slots → per ground-truth target (bool mask, rejected), paired in text order."""
+    height, width = sample.masks.shape[1:]
+    masks, rejected = [], []
+    for slot in range(sample.masks.shape[0]):
+        if slot < len(result.targets):
+            target = result.targets[slot]
+            masks.append(target.mask)
+            rejected.append(target.rejected)
+        else:
+            masks.append(torch.zeros(height, width, dtype=torch.bool))
+            rejected.append(True)
+    stacked = torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
+    return stacked, rejected, result.answer
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value

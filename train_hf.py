@@ -1,0 +1,257 @@
+"""Train GSVA with the Hugging Face Trainer (LoRA, DeepSpeed, torchrun/accelerate), then export and evaluate.
+
+Every `TrainingArguments` flag works. Defaults are GSVA's recipe: LoRA r=8 / alpha 16 / dropout 0.05 on the
+LLM's q_proj and v_proj; `embed_tokens`, `lm_head`, SAM's mask decoder and `text_hidden_fcs` fully trained;
+AdamW lr 3e-4, betas (0.9, 0.95), 100 warm-up steps then linear decay, gradient clipping 1.0.
+
+    python train_hf.py configs/train-tiny-synthetic.json          # the embedded default (CPU, minutes)
+    python train_hf.py --model_name_or_path DIR --dataset_dir DATA --output_dir OUT --bf16 \
+        --deepspeed configs/deepspeed_zero2.json --gradient_checkpointing ...
+    python train_hf.py --export_only --resume_from_checkpoint OUT/checkpoint-500 --output_dir OUT ...
+"""
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from configuration_gsva import GSVAConfig
+from gsva_hf.data.collator import GSVACollator
+from gsva_hf.training import GSVATrainer, count_parameters, export_model, prepare_for_training
+from modeling_gsva import GSVAForCausalLM
+from processing_gsva import GSVAProcessor
+
+logger = logging.getLogger("train_hf")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="configs/gsva-tiny",
+        metadata={"help": "GSVA folder with weights, or a preset folder with only a config (random init)"},
+    )
+    lora_r: int = field(default=8, metadata={"help": ">0 LoRA rank on the LLM; 0 LLM frozen; <0 the whole LLM trains"})
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "LLM modules that get LoRA"})
+    train_vision_tower: bool = field(default=False, metadata={"help": "also train CLIP (from-scratch models)"})
+    train_projector: bool = field(default=False, metadata={"help": "also train the projector"})
+    train_sam_encoder: bool = field(default=False, metadata={"help": "also train SAM's image encoder"})
+    train_prompt_encoder: bool = field(default=False, metadata={"help": "also train SAM's prompt encoder"})
+    ce_loss_weight: float = 1.0
+    bce_loss_weight: float = 2.0
+    dice_loss_weight: float = 0.5
+    seg_rej_ce_weight: float = field(
+        default=1.0, metadata={"help": "CE weight of [SEG]/[REJ] answer tokens (1.0 = original; >1 learns rejection faster)"}
+    )
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataArguments:
+    dataset_dir: str = field(default="data/synthetic", metadata={"help": "GSVA's data tree (holds refer_seg/, ...)"})
+    dataset: str = "sem_seg||refer_seg||vqa||reason_seg"
+    sample_rates: str = "9,3,3,1"
+    sem_seg_data: str = "ade20k||cocostuff||pascal_part||paco_lvis||mapillary"
+    refer_seg_data: str = "refclef||refcoco||refcoco+||refcocog"
+    vqa_data: str = "llava_instruct_150k"
+    reason_seg_data: str = "ReasonSeg|train"
+    explanatory: float = 0.1
+    num_classes_per_sample: int = 3
+    no_sampling: bool = False
+    samples_per_epoch: int = field(default=0, metadata={"help": "0: batch x accumulation x max_steps x processes"})
+    val_dataset: str = field(default="grefcoco|unc|val", metadata={"help": "evaluated after training ('' to skip)"})
+    eval_mode: str = field(default="teacher_forced", metadata={"help": "teacher_forced or generate"})
+    eval_batch_size: int = 8
+    make_synthetic_data: bool = field(
+        default=False, metadata={"help": "write the synthetic gRefCOCO task into dataset_dir when it is missing"}
+    )
+    synthetic_train_images: int = 4000
+    synthetic_val_images: int = 250
+
+
+@dataclass
+class GSVATrainingArguments(TrainingArguments):
+    output_dir: str = "outputs/gsva"
+    learning_rate: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_steps: float = 100
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    logging_steps: float = 10
+    remove_unused_columns: bool = False
+    save_safetensors: bool = True
+    export_dir: str = field(default="", metadata={"help": "merged model folder (default: OUTPUT_DIR/final)"})
+    export_only: bool = field(default=False, metadata={"help": "only merge and export resume_from_checkpoint"})
+    max_shard_size: str = "5GB"
+    torch_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave as is)"})
+
+
+def load_model(model_args: ModelArguments, dtype: torch.dtype):
+    """Weights when the folder has them; a config-only preset gives a random model (tests, synthetic task)."""
+    path = Path(model_args.model_name_or_path)
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    overrides = {
+        "ce_loss_weight": model_args.ce_loss_weight,
+        "bce_loss_weight": model_args.bce_loss_weight,
+        "dice_loss_weight": model_args.dice_loss_weight,
+        "seg_rej_ce_weight": model_args.seg_rej_ce_weight,
+    }
+    if has_weights:
+        model = GSVAForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+    else:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model_name_or_path {path}: no config.json (give a GSVA folder or a preset)")
+        config = GSVAConfig.from_pretrained(path, **overrides)
+        model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
+    processor = GSVAProcessor.from_pretrained(path)
+    processor.check_config(model.config)
+    return model, processor
+
+
+def build_train_dataset(data_args: DataArguments, samples_per_epoch: int, seed: int):
+    from gsva_hf.data.mixed import MixedTrainingDataset
+
+    return MixedTrainingDataset(
+        data_args.dataset_dir,
+        datasets=data_args.dataset,
+        sample_rates=data_args.sample_rates,
+        samples_per_epoch=samples_per_epoch,
+        seed=seed,
+        no_sampling=data_args.no_sampling,
+        num_classes_per_sample=data_args.num_classes_per_sample,
+        sem_seg_data=data_args.sem_seg_data,
+        refer_seg_data=data_args.refer_seg_data,
+        vqa_data=data_args.vqa_data,
+        reason_seg_data=data_args.reason_seg_data,
+        explanatory=data_args.explanatory,
+    )
+
+
+def ensure_synthetic_data(data_args: DataArguments) -> None:
+    grefs = Path(data_args.dataset_dir) / "refer_seg" / "grefcoco" / "grefs(unc).json"
+    if grefs.is_file() or not data_args.make_synthetic_data:
+        return
+    from gsva_hf.data.synthetic import write_synthetic_grefcoco
+
+    logger.info("writing the synthetic gRefCOCO task into %s", data_args.dataset_dir)
+    write_synthetic_grefcoco(
+        data_args.dataset_dir,
+        num_images={"train": data_args.synthetic_train_images, "val": data_args.synthetic_val_images, "testA": 0, "testB": 0},
+    )
+
+
+def evaluate_after_training(model, processor, data_args: DataArguments, output_dir: Path, accelerator=None) -> dict | None:
+    if not data_args.val_dataset:
+        return None
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+
+    dataset = build_val_dataset(data_args.dataset_dir, data_args.val_dataset)
+    result = evaluate_dataset(
+        model, processor, dataset, mode=data_args.eval_mode, batch_size=data_args.eval_batch_size, accelerator=accelerator
+    )
+    if accelerator is None or accelerator.is_main_process:
+        print(result.log_line, flush=True)
+        payload = {"val_dataset": data_args.val_dataset, "mode": data_args.eval_mode, "metrics": result.metrics}
+        (output_dir / "eval_results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return result.metrics
+
+
+def json_to_args(path: str) -> list[str]:
+    """A JSON file of arguments as command-line flags, so flags after it override the file."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"cannot read the arguments file {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: expected a JSON object of argument names to values")
+    flags = []
+    for key, value in values.items():
+        flags += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return flags
+
+
+def main(argv=None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, GSVATrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json"):
+        argv = json_to_args(argv[0]) + argv[1:]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    if training_args.torch_threads:
+        torch.set_num_threads(training_args.torch_threads)
+    torch.set_flush_denormal(True)
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="synthetic data"):
+        ensure_synthetic_data(data_args)
+
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    model, processor = load_model(model_args, torch.float32 if not training_args.deepspeed else dtype)
+    trainable = prepare_for_training(
+        model,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        lora_target_modules=model_args.lora_target_modules,
+        train_vision_tower=model_args.train_vision_tower,
+        train_projector=model_args.train_projector,
+        train_sam_encoder=model_args.train_sam_encoder,
+        train_prompt_encoder=model_args.train_prompt_encoder,
+    )
+    logger.info("parameters: %s", count_parameters(trainable))
+    output_dir = Path(training_args.output_dir)
+    export_dir = Path(training_args.export_dir or output_dir / "final")
+
+    samples = data_args.samples_per_epoch or max(
+        1,
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(training_args.max_steps, 1)
+        * training_args.world_size,
+    )
+    train_dataset = build_train_dataset(data_args, samples, training_args.seed)
+    trainer = GSVATrainer(
+        model=trainable,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=GSVACollator(processor),
+        processing_class=processor,
+    )
+    if not training_args.export_only:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    elif training_args.resume_from_checkpoint:
+        trainer._load_from_checkpoint(training_args.resume_from_checkpoint)
+    else:
+        raise ValueError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")
+
+    metrics = {}
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_args.json").write_text(
+            json.dumps({"model": asdict(model_args), "data": asdict(data_args)}, indent=2) + "\n"
+        )
+    trainer.accelerator.wait_for_everyone()
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    final = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+    final.eval()
+    if trainer.is_world_process_zero():
+        export_model(final, processor, export_dir, max_shard_size=training_args.max_shard_size)
+        logger.info("merged model written to %s", export_dir)
+    trainer.accelerator.wait_for_everyone()
+    evaluated = evaluate_after_training(final, processor, data_args, output_dir, accelerator=trainer.accelerator)
+    if evaluated is not None:
+        metrics.update(evaluated)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
