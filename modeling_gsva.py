@@ -263,7 +263,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 masks.append(states.new_zeros((0, height, width), dtype=torch.float32))
                 scores.append(states.new_zeros((0,), dtype=torch.float32))
                 continue
-            prompts = self.text_hidden_fcs[0](states.to(self.text_hidden_fcs[0][0].weight.dtype))
+            prompts = self.text_hidden_fcs[0](states.to(next(self.text_hidden_fcs.parameters()).dtype))
             image_embedding = sam_image_embeddings[index : index + 1].to(decoder.iou_token.weight.dtype)
             dense = no_mask.expand(1, -1, image_embedding.shape[-2], image_embedding.shape[-1]).to(image_embedding.dtype)
             low_res, iou = decoder(

@@ -21,7 +21,13 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from configuration_gsva import GSVAConfig
 from gsva_hf.data.collator import GSVACollator
-from gsva_hf.training import GSVATrainer, count_parameters, export_model, prepare_for_training
+from gsva_hf.training import (
+    GSVATrainer,
+    TimedEvaluationCallback,
+    count_parameters,
+    export_model,
+    prepare_for_training,
+)
 from modeling_gsva import GSVAForCausalLM
 from processing_gsva import GSVAProcessor
 
@@ -91,6 +97,9 @@ class GSVATrainingArguments(TrainingArguments):
     export_only: bool = field(default=False, metadata={"help": "only merge and export resume_from_checkpoint"})
     max_shard_size: str = "5GB"
     torch_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave as is)"})
+    eval_at_minutes: str = field(
+        default="", metadata={"help": "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20,30"}
+    )
 
 
 def load_model(model_args: ModelArguments, dtype: torch.dtype):
@@ -180,12 +189,27 @@ def json_to_args(path: str) -> list[str]:
     return flags
 
 
-def main(argv=None) -> dict:
+@dataclass
+class TrainingRun:
+    """Everything `main` builds before training, so tests and scripts can drive the Trainer themselves."""
+
+    trainer: GSVATrainer
+    processor: GSVAProcessor
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: GSVATrainingArguments
+
+
+def parse_arguments(argv=None) -> tuple[ModelArguments, DataArguments, GSVATrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, GSVATrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith(".json"):
         argv = json_to_args(argv[0]) + argv[1:]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_run(argv=None) -> TrainingRun:
+    model_args, data_args, training_args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     if training_args.torch_threads:
         torch.set_num_threads(training_args.torch_threads)
@@ -195,7 +219,7 @@ def main(argv=None) -> dict:
         ensure_synthetic_data(data_args)
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    model, processor = load_model(model_args, torch.float32 if not training_args.deepspeed else dtype)
+    model, processor = load_model(model_args, dtype if training_args.deepspeed else torch.float32)
     trainable = prepare_for_training(
         model,
         lora_r=model_args.lora_r,
@@ -208,9 +232,6 @@ def main(argv=None) -> dict:
         train_prompt_encoder=model_args.train_prompt_encoder,
     )
     logger.info("parameters: %s", count_parameters(trainable))
-    output_dir = Path(training_args.output_dir)
-    export_dir = Path(training_args.export_dir or output_dir / "final")
-
     samples = data_args.samples_per_epoch or max(
         1,
         training_args.per_device_train_batch_size
@@ -218,39 +239,64 @@ def main(argv=None) -> dict:
         * max(training_args.max_steps, 1)
         * training_args.world_size,
     )
-    train_dataset = build_train_dataset(data_args, samples, training_args.seed)
     trainer = GSVATrainer(
         model=trainable,
         args=training_args,
-        train_dataset=train_dataset,
+        train_dataset=build_train_dataset(data_args, samples, training_args.seed),
         data_collator=GSVACollator(processor),
         processing_class=processor,
     )
-    if not training_args.export_only:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    elif training_args.resume_from_checkpoint:
-        trainer._load_from_checkpoint(training_args.resume_from_checkpoint)
-    else:
-        raise ValueError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")
+    if training_args.eval_at_minutes and data_args.val_dataset:
+        from gsva_hf.data.mixed import build_val_dataset
+        from gsva_hf.evaluation import evaluate_dataset
 
-    metrics = {}
+        val = build_val_dataset(data_args.dataset_dir, data_args.val_dataset)
+        minutes = [float(m) for m in training_args.eval_at_minutes.split(",") if m.strip()]
+
+        def curve_metrics(network):
+            result = evaluate_dataset(
+                network, processor, val, mode=data_args.eval_mode, batch_size=data_args.eval_batch_size, progress=False
+            )
+            logger.info("curve: %s", result.log_line)
+            return result.metrics
+
+        curve = TimedEvaluationCallback(minutes, curve_metrics, Path(training_args.output_dir) / "curve.jsonl")
+        trainer.add_callback(curve)
+    return TrainingRun(trainer, processor, model_args, data_args, training_args)
+
+
+def finish_run(run: TrainingRun) -> dict:
+    """Merge LoRA, write the complete model folder, then evaluate it on `val_dataset`."""
+    trainer, training_args = run.trainer, run.training_args
+    output_dir = Path(training_args.output_dir)
+    export_dir = Path(training_args.export_dir or output_dir / "final")
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_args.json").write_text(
-            json.dumps({"model": asdict(model_args), "data": asdict(data_args)}, indent=2) + "\n"
+            json.dumps({"model": asdict(run.model_args), "data": asdict(run.data_args)}, indent=2) + "\n"
         )
     trainer.accelerator.wait_for_everyone()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     final = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
     final.eval()
     if trainer.is_world_process_zero():
-        export_model(final, processor, export_dir, max_shard_size=training_args.max_shard_size)
+        export_model(final, run.processor, export_dir, max_shard_size=training_args.max_shard_size)
         logger.info("merged model written to %s", export_dir)
     trainer.accelerator.wait_for_everyone()
-    evaluated = evaluate_after_training(final, processor, data_args, output_dir, accelerator=trainer.accelerator)
-    if evaluated is not None:
-        metrics.update(evaluated)
-    return metrics
+    metrics = evaluate_after_training(final, run.processor, run.data_args, output_dir, accelerator=trainer.accelerator)
+    return metrics or {}
+
+
+def main(argv=None) -> dict:
+    run = build_run(argv)
+    checkpoint = run.training_args.resume_from_checkpoint
+    if not run.training_args.export_only:
+        run.trainer.train(resume_from_checkpoint=checkpoint)
+    elif checkpoint:
+        run.trainer._load_from_checkpoint(checkpoint)
+    else:
+        raise ValueError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")
+    return finish_run(run)
 
 
 if __name__ == "__main__":

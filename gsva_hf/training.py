@@ -5,11 +5,13 @@ GSVA's recipe (`model/prepare_model_tokenizer.py`): everything frozen, LoRA on t
 SAM's image and prompt encoders frozen. Flags open the frozen parts for a from-scratch tiny model.
 """
 
+import json
 import re
+import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
 OPTIONAL_MODULES = {
@@ -63,7 +65,8 @@ def prepare_for_training(
             lora_dropout=lora_dropout,
             bias="none",
             target_modules=lora_target_regex(lora_target_modules),
-            modules_to_save=full_modules,
+            # peft wraps modules, not ModuleLists: `text_hidden_fcs.0` is its one Sequential.
+            modules_to_save=[f"{m}.0" if m == "text_hidden_fcs" else m for m in full_modules],
         )
         return get_peft_model(model, config)
     if lora_r < 0:
@@ -129,3 +132,55 @@ def count_parameters(model) -> dict[str, int]:
 def set_flush_denormal() -> None:
     """Random-init SAM/CLIP weights can produce denormals that make CPU matmuls ~100x slower."""
     torch.set_flush_denormal(True)
+
+
+class TimedEvaluationCallback(TrainerCallback):
+    """Evaluate when the training clock (evaluation time excluded) passes each mark, for learning curves.
+
+    Appends one JSON line per evaluation to `curve_path`: minutes, step, samples seen, the losses of the last
+    logging window and the metrics.
+    """
+
+    def __init__(self, minutes: list[float], evaluate, curve_path: str | Path):
+        self.marks = sorted(minutes)
+        self.evaluate = evaluate
+        self.curve_path = Path(curve_path)
+        self.training_seconds = 0.0
+        self._last = None
+        self._last_losses: dict = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.training_seconds += time.perf_counter() - self._last
+        if self.marks and self.training_seconds >= 60 * self.marks[0]:
+            minute = self.marks.pop(0)
+            self._record(minute, args, state, model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._last_losses = {k: logs[k] for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss") if k in logs}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._record(round(self.training_seconds / 60, 2), args, state, model, final=True)
+
+    def _record(self, minute, args, state, model, final=False):
+        if not state.is_world_process_zero and args.world_size > 1:
+            return
+        network = model.get_base_model() if hasattr(model, "get_base_model") else model
+        was_training = network.training
+        network.eval()
+        metrics = self.evaluate(network)
+        network.train(was_training)
+        entry = {
+            "minutes": minute,
+            "final": final,
+            "step": state.global_step,
+            "samples": state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            **self._last_losses,
+            **{k: metrics[k] for k in ("giou", "ciou", "n_acc", "t_acc") if k in metrics},
+        }
+        self.curve_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.curve_path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")

@@ -1,0 +1,87 @@
+"""Evaluate a GSVA folder with the original protocol (teacher forced) or with generated answers.
+
+    python eval_hf.py --model DIR --val_dataset "grefcoco|unc|val" --dataset_dir DATA
+    python eval_hf.py ... --mode generate                     # the model's own [SEG]/[REJ] decisions
+    python eval_hf.py ... --protocol rela                     # ReLA's definitions (480x480, FP I=0)
+    torchrun --nproc_per_node 2 eval_hf.py ...                # several processes (CPU: gloo), each sample once
+    accelerate launch --multi_gpu --num_processes 8 eval_hf.py ...
+
+Prints GSVA's log line (`grefcoco giou: ..., ciou: ..., N_acc: ..., T_acc: ....`) per dataset and writes a
+JSON file with the metrics and per-sample results.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="saved GSVA folder")
+    parser.add_argument("--dataset_dir", required=True, type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/)")
+    parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"')
+    parser.add_argument("--mode", choices=["teacher_forced", "generate"], default="teacher_forced")
+    parser.add_argument("--protocol", choices=["gsva", "rela"], default="gsva", help="gRefCOCO metric definitions")
+    parser.add_argument("--ignore_mode", choices=["gsva", "lisa"], default="gsva", help='ReasonSeg "ignore" pixels: foreground (gsva) or excluded (lisa)')
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--output", type=Path, help="JSON file (default: MODEL/eval_<dataset>_<mode>.json)")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.segment import load_model
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, processor = load_model(args.model, dtype=args.dtype, device=str(accelerator.device))
+    all_metrics = {}
+    for spec in [s for s in args.val_dataset.split("||") if s.strip()]:
+        dataset = build_val_dataset(args.dataset_dir, spec.strip())
+        result = evaluate_dataset(
+            model,
+            processor,
+            dataset,
+            mode=args.mode,
+            protocol=args.protocol,
+            ignore_mode=args.ignore_mode,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            accelerator=accelerator,
+            progress=not args.no_progress,
+        )
+        all_metrics[spec] = result.metrics
+        if accelerator.is_main_process:
+            print(result.log_line, flush=True)
+            output = args.output or args.model / f"eval_{spec.replace('|', '_')}_{args.mode}.json"
+            if args.output and len(args.val_dataset.split("||")) > 1:
+                output = args.output.with_name(f"{args.output.stem}_{spec.replace('|', '_')}{args.output.suffix}")
+            result.accumulator.write_json(
+                output,
+                val_dataset=spec,
+                mode=args.mode,
+                protocol=args.protocol,
+                model=str(args.model),
+                dtype=args.dtype,
+                processes=accelerator.num_processes,
+                log_line=result.log_line,
+                images=result.records,
+            )
+    return all_metrics
+
+
+if __name__ == "__main__":
+    main()

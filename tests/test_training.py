@@ -1,0 +1,181 @@
+"""train_hf.py: what trains, export, short runs, resume, multi-process, DeepSpeed config."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tests.conftest import REPO, TINY
+
+import train_hf
+from gsva_hf.training import export_model, lora_target_regex, prepare_for_training, trainable_parameter_names
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    from gsva_hf.data.synthetic import write_synthetic_grefcoco
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_grefcoco(root, num_images={"train": 40, "val": 6, "testA": 0, "testB": 0}, seed=3)
+    return root
+
+
+def run_args(data_dir, output_dir, *extra):
+    return [
+        "--model_name_or_path", str(TINY), "--dataset_dir", str(data_dir), "--dataset", "refer_seg",
+        "--sample_rates", "1", "--refer_seg_data", "grefcoco", "--output_dir", str(output_dir), "--use_cpu", "true",
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true", "--seed", "7",
+        "--save_strategy", "no", "--val_dataset", "", *extra,
+    ]  # fmt: skip
+
+
+def expected_lora_count(model, rank: int) -> int:
+    """r*(in+out) per LLM q/v projection, counted on the plain model."""
+    total = 0
+    for name, module in model.named_modules():
+        if name.startswith("language_model.") and name.rsplit(".", 1)[-1] in ("q_proj", "v_proj"):
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def test_lora_recipe_trains_exactly_the_intended_parameters(tiny_model):
+    llm_layers = tiny_model.config.text_config.num_hidden_layers
+    full = {
+        "lm_head": tiny_model.language_model.lm_head.weight.numel(),
+        "embed_tokens": tiny_model.get_input_embeddings().weight.numel(),
+        "mask_decoder": sum(p.numel() for p in tiny_model.sam.mask_decoder.parameters()),
+        "text_hidden_fcs": sum(p.numel() for p in tiny_model.text_hidden_fcs.parameters()),
+    }
+    lora = expected_lora_count(tiny_model, 8)
+    peft_model = prepare_for_training(tiny_model, lora_r=8)
+    names = trainable_parameter_names(peft_model)
+    lora_names = [n for n in names if "lora_" in n]
+    assert len(lora_names) == 2 * 2 * llm_layers  # A and B for q_proj and v_proj of every layer
+    assert all(".language_model." in n and (".q_proj." in n or ".v_proj." in n) for n in lora_names)
+    others = [n for n in names if "lora_" not in n]
+    assert all("modules_to_save" in n and any(k in n for k in full) for n in others)
+    counted = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert counted == lora + sum(full.values())
+    assert not any(k in n for n in names for k in ("vision_tower", "multi_modal_projector", "vision_encoder", "prompt_encoder"))
+
+
+def test_lora_zero_and_full_llm_switches(tiny_config):
+    from modeling_gsva import GSVAForCausalLM
+
+    frozen_llm = prepare_for_training(GSVAForCausalLM(tiny_config), lora_r=0)
+    names = trainable_parameter_names(frozen_llm)
+    assert not any(".layers." in n and n.startswith("language_model") for n in names)
+    assert "text_hidden_fcs.0.0.weight" in names and "language_model.lm_head.weight" in names
+    full_llm = prepare_for_training(GSVAForCausalLM(tiny_config), lora_r=-1, train_sam_encoder=True)
+    names = trainable_parameter_names(full_llm)
+    assert "language_model.model.layers.0.mlp.up_proj.weight" in names and any(n.startswith("sam.vision_encoder.") for n in names)
+    assert full_llm.config.train_sam_vision_encoder
+    assert lora_target_regex("q_proj, v_proj") == r".*language_model\..*\.(q_proj|v_proj)"
+
+
+def test_merged_export_equals_unmerged_model(tiny_model, tiny_processor, tmp_path):
+    from modeling_gsva import GSVAForCausalLM
+    from tests.test_core import two_image_batch
+
+    peft_model = prepare_for_training(tiny_model, lora_r=4, lora_alpha=16, lora_dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    batch, gt = two_image_batch(tiny_processor)
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(**batch, gt_masks=gt)
+    export_model(peft_model, tiny_processor, tmp_path / "merged", max_shard_size="200KB")
+    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > 1
+    merged = GSVAForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        after = merged(**batch, gt_masks=gt)
+    torch.testing.assert_close(after.logits, before.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(after.pred_masks, before.pred_masks):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_short_run_loss_falls(synthetic_dir, tmp_path):
+    args = run_args(
+        synthetic_dir, tmp_path / "run", "--max_steps", "40", "--learning_rate", "1e-3", "--warmup_steps", "2",
+        "--logging_steps", "1", "--lora_r", "-1", "--train_sam_encoder", "true", "--train_vision_tower", "true",
+        "--seg_rej_ce_weight", "5",
+    )  # fmt: skip
+    run = train_hf.build_run(args)
+    run.trainer.train()
+    losses = [entry["loss"] for entry in run.trainer.state.log_history if "loss" in entry]
+    parts = [entry for entry in run.trainer.state.log_history if "ce_loss" in entry]
+    assert len(losses) == 40 and {"ce_loss", "mask_bce_loss", "mask_dice_loss"} <= set(parts[0])
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def final_weights(run):
+    model = run.trainer.accelerator.unwrap_model(run.trainer.model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_resumed_run_ends_with_the_same_weights(synthetic_dir, tmp_path):
+    common = ("--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "1", "--lora_r", "8")
+    straight = train_hf.build_run(run_args(synthetic_dir, tmp_path / "straight", *common))
+    straight.trainer.train()
+    expected = final_weights(straight)
+
+    interrupted = train_hf.build_run(run_args(synthetic_dir, tmp_path / "resumed", *common))
+    interrupted.trainer.add_callback(StopAt(3))
+    interrupted.trainer.train()
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    resumed = train_hf.build_run(run_args(synthetic_dir, tmp_path / "resumed", *common))
+    resumed.trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    got = final_weights(resumed)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_completes_and_its_export_loads(synthetic_dir, tmp_path):
+    """torchrun with gloo on CPU, then the exported folder loads with trust_remote_code (about a minute)."""
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(REPO / "train_hf.py"), *run_args(synthetic_dir, output, "--max_steps", "2", "--lora_r", "8", "--torch_threads", "1"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(output / "final", trust_remote_code=True)
+    assert type(model).__name__ == "GSVAForCausalLM"
+    assert json.loads((output / "train_args.json").read_text())["model"]["lora_r"] == 8
+
+
+def test_deepspeed_zero2_config_is_accepted_by_the_trainer(tmp_path):
+    pytest.importorskip("deepspeed")
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(REPO / "configs" / "deepspeed_zero2.json"), report_to=[])
+    assert args.deepspeed_plugin is not None or args.hf_deepspeed_config is not None
+
+
+def test_zero2_config_matches_gsva_settings():
+    config = json.loads((REPO / "configs" / "deepspeed_zero2.json").read_text())
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 2 and zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1e9
+    assert zero["contiguous_gradients"] and zero["overlap_comm"] and zero["reduce_scatter"]
