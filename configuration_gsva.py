@@ -104,3 +104,5 @@ class GSVAConfig(PreTrainedConfig):
 __all__ = ["GSVAConfig"]
 
 GSVAConfig.register_for_auto_class("AutoConfig")
+# Lets AutoConfig (and AutoTokenizer, which reads config.json) resolve "gsva" once this module is imported.
+AutoConfig.register("gsva", GSVAConfig, exist_ok=True)

@@ -13,6 +13,11 @@ import torch
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
+try:
+    from .configuration_gsva import GSVAConfig
+except ImportError:
+    from configuration_gsva import GSVAConfig
+
 SEG_TOKEN = "[SEG]"
 REJ_TOKEN = "[REJ]"
 IM_START_TOKEN = "<im_start>"
@@ -256,7 +261,7 @@ class GSVAProcessor(ProcessorMixin):
             raise ValueError("tokenizer has no pad token; GSVAProcessor.add_gsva_tokens sets it to unk")
         return ids
 
-    def check_config(self, config) -> None:
+    def check_config(self, config: GSVAConfig) -> None:
         """Raise if the model config's token ids or image-token count disagree with this processor."""
         wrong = {name: (getattr(config, name), value) for name, value in self.token_ids.items() if getattr(config, name) != value}
         if wrong:
