@@ -223,6 +223,13 @@ class GSVAProcessor(ProcessorMixin):
         super().__init__(image_processor, sam_image_processor, tokenizer, chat_template=chat_template)
         self.token_ids = self._check_special_tokens()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a folder or Hub repo. The sub-processors are built-in classes, so a saved folder's `auto_map`
+        (written for AutoProcessor) must not trigger a remote-code prompt when this class is used directly."""
+        kwargs.setdefault("trust_remote_code", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     # ------------------------------------------------------------------ special tokens
     @staticmethod
     def add_gsva_tokens(tokenizer, image_token: str = DEFAULT_IMAGE_TOKEN) -> dict[str, int]:

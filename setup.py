@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "gsva-segment=gsva_hf.segment:main",
+            "gsva-convert-to-hf=gsva_hf.convert_gsva_to_hf:main",
         ],
     },
 )

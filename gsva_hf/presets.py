@@ -80,7 +80,8 @@ def sam_config(size: str) -> dict:
     }[size]
     vision.update(image_size=1024, patch_size=16, output_channels=256, window_size=14, use_rel_pos=True, mlp_ratio=4.0)
     vision["mlp_dim"] = vision["hidden_size"] * 4
-    return {"vision_config": vision, "prompt_encoder_config": {}, "mask_decoder_config": {}}
+    # segment-anything's two-way transformer uses LayerNorm's default eps (1e-5), transformers' SAM 1e-6.
+    return {"vision_config": vision, "prompt_encoder_config": {}, "mask_decoder_config": {"layer_norm_eps": 1e-5}}
 
 
 CLIP_VIT_L_14 = dict(
@@ -184,7 +185,9 @@ def tiny_config(token_ids: dict[str, int], vocab_size: int) -> GSVAConfig:
                 initializer_range=0.02,
             ),
             "prompt_encoder_config": dict(hidden_size=64, image_size=128, patch_size=8, mask_input_channels=16),
-            "mask_decoder_config": dict(hidden_size=64, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=64),
+            "mask_decoder_config": dict(
+                hidden_size=64, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=64, layer_norm_eps=1e-5
+            ),
         },
         out_dim=64,
         **token_ids,
