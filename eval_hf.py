@@ -11,7 +11,6 @@ JSON file with the metrics and per-sample results.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch

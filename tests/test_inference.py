@@ -10,7 +10,6 @@ from PIL import Image
 from transformers import LogitsProcessorList
 
 from gsva_hf.forced_answers import ForceAnswers, answer_token_ids
-
 from processing_gsva import MULTI_TARGET_ANSWER_STYLES, multi_target_answer
 
 RNG = np.random.default_rng(1)

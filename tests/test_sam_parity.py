@@ -9,6 +9,9 @@ full-size logits within 1e-4.
 import pytest
 import torch
 
+from configuration_gsva import GSVAConfig
+from gsva_hf.conversion import ConversionError, convert_sam_state_dict, sam_config_from_shapes, sam_rename_plan
+from modeling_gsva import GSVAForCausalLM
 from tests._sam_reference import (
     IMAGE_SIZE,
     PROMPT_WIDTH,
@@ -19,9 +22,6 @@ from tests._sam_reference import (
     reference_masks,
     segment_anything_modeling,
 )
-from configuration_gsva import GSVAConfig
-from gsva_hf.conversion import ConversionError, convert_sam_state_dict, sam_config_from_shapes, sam_rename_plan
-from modeling_gsva import GSVAForCausalLM
 
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)
 TEXT_WIDTH = 2 * PROMPT_WIDTH

@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from tests.conftest import REPO, TINY
-
 import train_hf
 from gsva_hf.training import export_model, lora_target_regex, prepare_for_training, trainable_parameter_names
+from tests.conftest import REPO, TINY
 
 
 @pytest.fixture(scope="module")

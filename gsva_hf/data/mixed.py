@@ -8,6 +8,7 @@ import torch
 from .reason_seg import ReasonSegDataset, ReasonSegValDataset
 from .seeding import check_index, index_rng
 from .sem_seg import DEFAULT_SEM_SEG_DATA, SemSegDataset
+from .specs import parse_dataset_list
 from .vqa import VQADataset
 
 DATASET_TYPES = ("sem_seg", "refer_seg", "vqa", "reason_seg")
@@ -19,15 +20,7 @@ DEFAULT_SAMPLES_PER_EPOCH = 500 * 8 * 2 * 10  # GSVA's default: steps x batch x 
 
 def parse_dataset_types(datasets: str | list[str]) -> list[str]:
     """`"sem_seg||refer_seg||vqa||reason_seg"` (or a list) → checked list of dataset types."""
-    names = datasets.split("||") if isinstance(datasets, str) else list(datasets)
-    if not names or any(not name for name in names):
-        raise ValueError(f"dataset list {datasets!r} is empty or has an empty entry")
-    unknown = [name for name in names if name not in DATASET_TYPES]
-    if unknown:
-        raise ValueError(f"unknown dataset type(s) {unknown} in {datasets!r}; known: {list(DATASET_TYPES)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"dataset list {datasets!r} names a type twice")
-    return names
+    return parse_dataset_list(datasets, DATASET_TYPES, "dataset type")
 
 
 def parse_sample_rates(rates: str | list[float], count: int) -> list[float]:

@@ -18,6 +18,7 @@ from processing_gsva import clean_sentence, eval_answer, eval_question, multi_ta
 from .refer import LAYOUTS, ReferDataError, gsva_split_by, load_refer, open_image
 from .sample import Sample
 from .seeding import check_index, index_rng
+from .specs import parse_dataset_list
 
 DEFAULT_TRAIN_DATASETS = "refclef||refcoco||refcoco+||refcocog"
 DEFAULT_SAMPLES_PER_EPOCH = 500 * 8 * 2 * 10  # GSVA's default: steps x batch x grad-accum x GPUs
@@ -27,17 +28,6 @@ MAX_DRAWS = 1000
 def _train_name(sentence: str) -> str:
     """GSVA training phrase: stripped of whitespace, then of leading/trailing full stops (case kept)."""
     return sentence.strip().strip(".")
-
-
-def _parse_names(datasets: str | list[str]) -> list[str]:
-    names = datasets.split("||") if isinstance(datasets, str) else list(datasets)
-    names = [name.strip() for name in names if name.strip()]
-    if not names:
-        raise ValueError(f"no refer datasets given in {datasets!r}")
-    unknown = [name for name in names if name not in LAYOUTS]
-    if unknown:
-        raise ValueError(f"unknown refer dataset(s) {unknown}; known: {', '.join(sorted(LAYOUTS))}")
-    return names
 
 
 class ReferSegDataset(Dataset):
@@ -64,7 +54,7 @@ class ReferSegDataset(Dataset):
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1 (or None to iterate images), got {samples_per_epoch}")
         self.refer_seg_dir = os.path.join(os.fspath(dataset_dir), "refer_seg")
-        self.names = _parse_names(datasets)
+        self.names = parse_dataset_list(datasets, LAYOUTS, "refer dataset")
         if samples_per_epoch is None and len(self.names) != 1:
             raise ValueError(f"samples_per_epoch=None iterates the images of exactly one dataset, got {self.names}")
         self.num_classes_per_sample = int(num_classes_per_sample)

@@ -22,6 +22,7 @@ from processing_gsva import load_image, multi_target_answer, multi_target_questi
 from .reason_seg import read_json_file
 from .sample import Sample
 from .seeding import check_index, index_rng
+from .specs import parse_dataset_list
 
 LITERALS = Path(__file__).resolve().parent / "literals"
 ADE20K_CLASSES_FILE = LITERALS / "ade20k_classes.json"
@@ -313,19 +314,6 @@ def pascal_part_source(dataset_dir: Path) -> CocoPartSource:
     return CocoPartSource("pascal_part", root / "train.json", root / "VOCdevkit" / "VOC2010" / "JPEGImages")
 
 
-def parse_dataset_list(spec: str | list[str] | tuple[str, ...], known: tuple[str, ...], what: str) -> list[str]:
-    """GSVA's "a||b||c" list syntax (a list is accepted too), checked against the known names."""
-    names = spec.split("||") if isinstance(spec, str) else list(spec)
-    if not names or any(not name for name in names):
-        raise ValueError(f"{what} list {spec!r} is empty or has an empty entry")
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown} in {spec!r}; known: {list(known)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{what} list {spec!r} names a dataset twice")
-    return names
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,5 +419,4 @@ __all__ = [
     "load_mapillary_classes",
     "annotation_mask",
     "part_category_name",
-    "parse_dataset_list",
 ]
