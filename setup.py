@@ -28,14 +28,15 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "selenium>=4.20", "gradio>=6.0,<7"],
         "train": ["deepspeed>=0.15"],
-        "demo": ["gradio>=5"],
+        "demo": ["gradio>=6.0,<7"],
     },
     entry_points={
         "console_scripts": [
             "gsva-segment=gsva_hf.segment:main",
             "gsva-convert-to-hf=gsva_hf.convert_gsva_to_hf:main",
+            "gsva-push=gsva_hf.hub:main",
         ],
     },
 )

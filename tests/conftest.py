@@ -1,5 +1,6 @@
 import copy
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun rendezvous in tests running side by side)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def run_eval(root, output, *extra, processes=1):
     launcher = [sys.executable, str(REPO / "eval_hf.py")]
     if processes > 1:
         launcher = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29531",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()),
             str(REPO / "eval_hf.py"),
         ]  # fmt: skip
     command = launcher + [

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 import train_hf
 from gsva_hf.training import export_model, lora_target_regex, prepare_for_training, trainable_parameter_names
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, free_port
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_two_process_cpu_run_completes_and_its_export_loads(synthetic_dir, tmp_p
     """torchrun with gloo on CPU, then the exported folder loads with trust_remote_code (about a minute)."""
     output = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(REPO / "train_hf.py"), *run_args(synthetic_dir, output, "--max_steps", "2", "--lora_r", "8", "--torch_threads", "1"),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
