@@ -170,11 +170,19 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         self.sam = AutoModel.from_config(config.sam_config)
         self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
         self.post_init()
+        self._init_like_original()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write an `auto_map` naming this class for AutoModel too, so both Auto classes load the folder."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+    def _init_like_original(self):
+        """SAM and `text_hidden_fcs` start as in GSVA: PyTorch's default layer init (segment-anything's modules,
+        Fourier features with std 1) instead of transformers' normal(0.02) and std hidden/2, which trains the mask
+        path of a from-scratch model much more slowly. Loaded checkpoints overwrite all of it."""
+        if self.text_hidden_fcs[0][0].weight.device.type == "meta":
+            return
+        with torch.no_grad():
+            for module in list(self.sam.modules()) + list(self.text_hidden_fcs.modules()):
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
+                    module.reset_parameters()
+            self.sam.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
 
     # ----------------------------------------------------------------- embeddings (needed by resize, peft, generate)
     def get_input_embeddings(self) -> nn.Module:

@@ -97,6 +97,9 @@ class GSVATrainingArguments(TrainingArguments):
     export_only: bool = field(default=False, metadata={"help": "only merge and export resume_from_checkpoint"})
     max_shard_size: str = "5GB"
     torch_threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: leave as is)"})
+    mask_head_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of SAM and text_hidden_fcs (default: learning_rate, as GSVA)"}
+    )
     eval_at_minutes: str = field(
         default="", metadata={"help": "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20,30"}
     )
@@ -245,6 +248,7 @@ def build_run(argv=None) -> TrainingRun:
         train_dataset=build_train_dataset(data_args, samples, training_args.seed),
         data_collator=GSVACollator(processor),
         processing_class=processor,
+        mask_head_learning_rate=training_args.mask_head_learning_rate,
     )
     if training_args.eval_at_minutes and data_args.val_dataset:
         from gsva_hf.data.mixed import build_val_dataset

@@ -21,12 +21,11 @@ from transformers import LogitsProcessorList
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import PeakMemory, timed  # noqa: E402
+from benchmarks.common import PeakMemory, preset_processor, timed  # noqa: E402
 from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.forced_answers import ForceAnswers, answer_token_ids  # noqa: E402
-from gsva_hf.presets import tiny_processor  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
-from processing_gsva import GSVAProcessor, multi_target_answer  # noqa: E402
+from processing_gsva import multi_target_answer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,12 +35,7 @@ def build(preset: Path, attn: str, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = GSVAForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).eval()
-    if (preset / "tokenizer.json").is_file():
-        processor = GSVAProcessor.from_pretrained(preset)
-    else:
-        # Large presets ship no tokenizer; the tiny one stands in (ids are remapped onto the preset's).
-        processor = tiny_processor()
-    return model, processor
+    return model, preset_processor(preset, config)
 
 
 def run_case(model, processor, batch: int, targets: int, image_size: int, repeats: int, device: str) -> dict:
@@ -49,7 +43,7 @@ def run_case(model, processor, batch: int, targets: int, image_size: int, repeat
     images = [rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
     names = [f"the shape number {i}" for i in range(targets)]
     answer = multi_target_answer(names, [False] * targets, style=1)
-    forced_ids = [_model_ids(model, processor, answer_token_ids(processor, answer))] * batch
+    forced_ids = [answer_token_ids(processor, answer)] * batch
     question = processor.targets_question(names)
     prompt_length = processor(images=images[:1], text=[question])["input_ids"].shape[1]
     forced = LogitsProcessorList([ForceAnswers(forced_ids, prompt_length, model.generation_config.eos_token_id)])
@@ -81,13 +75,6 @@ def run_case(model, processor, batch: int, targets: int, image_size: int, repeat
     }
 
 
-def _model_ids(model, processor, ids: list[int]) -> list[int]:
-    """Map the stand-in tokenizer's GSVA token ids onto the model's (for presets without a tokenizer)."""
-    mapping = {processor.token_ids[name]: getattr(model.config, name) for name in processor.token_ids}
-    mapping[processor.tokenizer.eos_token_id] = model.generation_config.eos_token_id
-    return [mapping.get(i, i) for i in ids]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
@@ -109,11 +96,12 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     for attn in args.attn.split(","):
         model, processor = build(args.preset, attn, args.device, DTYPES[args.dtype])
-        if processor.num_image_tokens != model.config.num_image_tokens:
-            processor.num_image_tokens = model.config.num_image_tokens
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             for targets in (int(t) for t in args.targets.split(",")):
-                row = {"attn": attn, **run_case(model, processor, batch, targets, args.image_size, args.repeats, args.device)}
+                row = {
+                    "attn": attn,
+                    **run_case(model, processor, batch, targets, args.image_size, args.repeats, args.device),
+                }
                 rows.append(row)
                 print(
                     f"| {attn} | {batch} | {targets} | {row['images_per_s']:.2f} | {row['seconds_per_batch']:.3f} | "

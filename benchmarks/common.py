@@ -53,3 +53,38 @@ def timed(function, repeats: int, device: str = "cpu") -> float:
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
+
+
+def preset_processor(preset_dir, config):
+    """The preset's own processor; for large presets (which ship no tokenizer) the tiny tokenizer padded with
+    unused tokens so that `[SEG]`, `[REJ]`, `<im_start>`, `<im_end>` and the image token get the preset's ids,
+    with image processors sized like the preset. Benchmarks only: the text is the tiny vocabulary."""
+    import json
+    from pathlib import Path
+
+    from gsva_hf.presets import build_tiny_tokenizer, image_processors
+    from processing_gsva import IM_END_TOKEN, IM_START_TOKEN, REJ_TOKEN, SEG_TOKEN, GSVAProcessor
+
+    preset_dir = Path(preset_dir)
+    if (preset_dir / "tokenizer.json").is_file():
+        return GSVAProcessor.from_pretrained(preset_dir)
+    settings = json.loads((preset_dir / "processor_settings.json").read_text())
+    tokenizer = build_tiny_tokenizer(gsva_tokens=False)
+    tokenizer.pad_token = tokenizer.unk_token
+    wanted = {
+        config.seg_token_id: SEG_TOKEN,
+        config.rej_token_id: REJ_TOKEN,
+        config.im_start_token_id: IM_START_TOKEN,
+        config.im_end_token_id: IM_END_TOKEN,
+        config.image_token_id: settings["image_token"],
+    }
+    filler = [f"<unused_{i}>" for i in range(len(tokenizer), min(wanted))]
+    tokenizer.add_tokens(filler, special_tokens=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": [wanted[i] for i in sorted(wanted)]})
+    clip, sam = image_processors(config.vision_config.image_size, config.sam_config.vision_config.image_size)
+    processor = GSVAProcessor(
+        clip, sam, tokenizer, conv_template=settings["conv_template"], image_token=settings["image_token"],
+        num_image_tokens=config.num_image_tokens,
+    )  # fmt: skip
+    processor.check_config(config)
+    return processor

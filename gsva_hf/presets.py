@@ -51,7 +51,7 @@ def tiny_tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(vocab_size: int = 640) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 640, gsva_tokens: bool = True) -> PreTrainedTokenizerFast:
     """A Llama-style (metaspace) BPE tokenizer with `<unk>`, `<s>`, `</s>` and every printable ASCII char."""
     model = models.BPE(unk_token="<unk>")
     tokenizer = Tokenizer(model)
@@ -67,7 +67,8 @@ def build_tiny_tokenizer(vocab_size: int = 640) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=1024
     )
-    GSVAProcessor.add_gsva_tokens(fast)
+    if gsva_tokens:
+        GSVAProcessor.add_gsva_tokens(fast)
     return fast
 
 

@@ -98,13 +98,37 @@ def export_model(model, processor, output_dir: str | Path, max_shard_size: str =
     return output_dir
 
 
-class GSVATrainer(Trainer):
-    """Trainer that also logs GSVA's CE, BCE and Dice parts (averaged over the logging window)."""
+def is_mask_head(name: str) -> bool:
+    """SAM (any part) and `text_hidden_fcs`: the modules that turn `[SEG]` states into masks."""
+    return ".sam." in f".{name}" or "text_hidden_fcs" in name
 
-    def __init__(self, *args, **kwargs):
+
+class GSVATrainer(Trainer):
+    """Trainer that logs GSVA's CE, BCE and Dice parts (averaged over the logging window) and can give the mask
+    head its own learning rate (`mask_head_learning_rate`; None keeps GSVA's single rate)."""
+
+    def __init__(self, *args, mask_head_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.mask_head_learning_rate = mask_head_learning_rate
         self._part_sums: dict[str, float] = {}
         self._part_count = 0
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.mask_head_learning_rate is None or getattr(optimizer, "_gsva_split", False):
+            return optimizer
+        head = {id(p) for n, p in (model or self.model).named_parameters() if is_mask_head(n)}
+        groups = []
+        for group in optimizer.param_groups:
+            for in_head, lr in ((True, self.mask_head_learning_rate), (False, group["lr"])):
+                params = [p for p in group["params"] if (id(p) in head) == in_head]
+                if params:
+                    groups.append({**group, "params": params, "lr": lr})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        optimizer._gsva_split = True
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
