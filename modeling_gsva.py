@@ -153,7 +153,6 @@ class GSVAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["CLIPEncoderLayer", "SamVisionLayer", "LlamaDecoderLayer"]
 
 
 class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
@@ -169,6 +168,10 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.sam = AutoModel.from_config(config.sam_config)
         self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
+        # device_map="auto" must not split the blocks of whichever sub-models the config chose.
+        self._no_split_modules = sorted(
+            {name for part in (self.vision_tower, self.language_model, self.sam) for name in part._no_split_modules or []}
+        )
         self.post_init()
         self._init_like_original()
 
@@ -183,6 +186,11 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
                     module.reset_parameters()
             self.sam.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write an `auto_map` naming this class for AutoModel too, so both Auto classes load the folder."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------- embeddings (needed by resize, peft, generate)
     def get_input_embeddings(self) -> nn.Module:

@@ -25,13 +25,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model(model_dir: str | Path, dtype: str = "fp32", device: str = "cpu", load_in: str | None = None):
-    """Model and processor from a saved folder; `load_in` "4bit"/"8bit" quantizes only the LLM (bitsandbytes)."""
-    from transformers import AutoModelForCausalLM, AutoProcessor
+    """Model and processor from a saved folder; `load_in` "4bit"/"8bit" quantizes only the LLM (bitsandbytes).
 
+    A folder that ships its code (a Hub-style export) loads through the Auto classes with `trust_remote_code`;
+    one without code files (the bundled model) uses this installed project's classes.
+    """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json there; give a folder saved by GSVA")
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": True}
+    if (model_dir / "modeling_gsva.py").is_file():
+        from transformers import AutoModelForCausalLM as model_class
+        from transformers import AutoProcessor as processor_class
+
+        kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": True}
+    else:
+        from modeling_gsva import GSVAForCausalLM as model_class
+        from processing_gsva import GSVAProcessor as processor_class
+
+        kwargs = {"dtype": DTYPES[dtype]}
     if load_in is not None:
         from transformers import BitsAndBytesConfig
 
@@ -40,10 +51,10 @@ def load_model(model_dir: str | Path, dtype: str = "fp32", device: str = "cpu", 
             load_in_4bit=load_in == "4bit", load_in_8bit=load_in == "8bit", llm_int8_skip_modules=keep
         )
         kwargs["device_map"] = device
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+    model = model_class.from_pretrained(model_dir, **kwargs).eval()
     if load_in is None:
         model = model.to(device)
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    processor = processor_class.from_pretrained(model_dir, trust_remote_code="trust_remote_code" in kwargs)
     processor.check_config(model.config)
     return model, processor
 
