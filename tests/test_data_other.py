@@ -14,6 +14,7 @@ from gsva_hf.data.reason_seg import ReasonSegDataset, ReasonSegValDataset, read_
 from gsva_hf.data.sample import Sample
 from gsva_hf.data.sem_seg import SemSegDataset, load_ade20k_classes, load_cocostuff_classes
 from gsva_hf.data.vqa import VQADataset
+from tests._coco_fixtures import uncompressed_rle
 
 # pycocotools 2.0.x calls `np.array(..., copy=False)` on its own objects; numpy 2 warns on every decode.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -75,20 +76,6 @@ def rect_mask(height, width, x0, y0, x1, y1):
     mask = np.zeros((height, width), dtype=bool)
     mask[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] = True
     return mask
-
-
-def rle_counts(mask):
-    """Column-major run lengths starting with a 0-run: COCO's uncompressed RLE, written by hand."""
-    flat = mask.T.ravel().astype(np.uint8)
-    counts, current, run = [], 0, 0
-    for value in flat:
-        if value == current:
-            run += 1
-        else:
-            counts.append(run)
-            current, run = value, 1
-    counts.append(run)
-    return counts
 
 
 def reason_root(root):
@@ -188,7 +175,7 @@ def write_sem_seg(root):
         "annotations": [
             {"id": 100, "image_id": 10, "category_id": 1, "segmentation": [sum(rect(1, 1, 20, 18), [])]},
             {"id": 101, "image_id": 10, "category_id": 2,
-             "segmentation": {"size": [PACO_H, PACO_W], "counts": rle_counts(PACO_HANDLE)}},
+             "segmentation": {"size": [PACO_H, PACO_W], "counts": uncompressed_rle(PACO_HANDLE)["counts"]}},
             {"id": 102, "image_id": 10, "category_id": 3, "segmentation": [sum(rect(22, 2, 27, 6), [])]},
         ],
     }

@@ -27,6 +27,7 @@ from processing_gsva import (
     multi_target_answer,
     multi_target_question,
 )
+from tests._coco_fixtures import uncompressed_rle
 
 COCO_DIR = ("images", "mscoco", "images", "train2014")
 CLEF_DIR = ("images", "saiapr_tc-12")
@@ -59,20 +60,6 @@ def blob(height, width, cy, cx, radius):
 def compressed_rle(mask):
     rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": list(mask.shape), "counts": rle["counts"].decode("ascii")}
-
-
-def uncompressed_rle(mask):
-    """Column-major run lengths starting with a run of zeros (COCO's uncompressed RLE)."""
-    flat = mask.astype(np.uint8).flatten(order="F")
-    counts, current, run = [], 0, 0
-    for value in flat:
-        if value == current:
-            run += 1
-        else:
-            counts.append(run)
-            current, run = value, 1
-    counts.append(run)
-    return {"size": list(mask.shape), "counts": counts}
 
 
 def build_annotations():
