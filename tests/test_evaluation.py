@@ -105,3 +105,31 @@ def test_rela_protocol_and_refcoco_style_datasets(eval_setup):
     assert report["config"]["protocol"] == "rela" and report["config"]["eval_size"] == [480, 480]
     assert set(report["metrics"]) >= {"giou", "ciou", "n_acc", "t_acc", "pr@0.7"}
     assert np.isfinite(report["metrics"]["giou"])
+
+
+def test_eval_hf_reproduces_the_numbers_training_records(tmp_path):
+    """train_hf evaluates its export after training; eval_hf on that folder gives exactly the same metrics."""
+    import train_hf
+    from gsva_hf.data.synthetic import write_synthetic_grefcoco
+
+    data = tmp_path / "data"
+    write_synthetic_grefcoco(data, num_images={"train": 12, "val": 4, "testA": 0, "testB": 0}, seed=9)
+    output = tmp_path / "run"
+    run = train_hf.build_run([
+        "--model_name_or_path", str(REPO / "configs" / "gsva-tiny"), "--dataset_dir", str(data), "--dataset", "refer_seg",
+        "--sample_rates", "1", "--refer_seg_data", "grefcoco", "--output_dir", str(output), "--use_cpu", "true",
+        "--per_device_train_batch_size", "2", "--max_steps", "3", "--report_to", "none", "--disable_tqdm", "true",
+        "--save_strategy", "no", "--lora_r", "8", "--val_dataset", "grefcoco|unc|val", "--eval_batch_size", "2",
+    ])  # fmt: skip
+    run.trainer.train()
+    recorded = train_hf.finish_run(run)
+    assert json.loads((output / "eval_results.json").read_text())["metrics"] == recorded
+    report_path = tmp_path / "eval.json"
+    command = [
+        sys.executable, str(REPO / "eval_hf.py"), "--model", str(output / "final"), "--dataset_dir", str(data),
+        "--val_dataset", "grefcoco|unc|val", "--output", str(report_path), "--batch_size", "3", "--no_progress",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads(report_path.read_text())["metrics"] == recorded
