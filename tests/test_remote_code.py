@@ -58,7 +58,7 @@ def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tiny_model, tiny
         [sys.executable, "-c", LOADER, str(folder), str(REPO)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    got = torch.load(folder / "outputs.pt")
+    got = torch.load(folder / "outputs.pt", weights_only=True)
     assert torch.equal(got["logits"], expected.logits)
     for a, b in zip(got["masks"], expected.pred_masks):
         assert torch.equal(a, b), (a - b).abs().max()
