@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from gsva_hf.segment import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:

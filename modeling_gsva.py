@@ -556,11 +556,12 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         answer_ids = sequences[:, prompt_length:]
         eos = self.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        answers = []
+        for row in answer_ids:
+            ends = [i for i, t in enumerate(row.tolist()) if t in eos_ids]
+            answers.append(row[: ends[0]] if ends else row)
         seg_states, flags, slot_scores = [], [], []
-        for row in range(sequences.shape[0]):
-            answer = answer_ids[row]
-            ends = [i for i, t in enumerate(answer.tolist()) if t in eos_ids]
-            answer = answer[: ends[0]] if ends else answer
+        for row, answer in enumerate(answers):
             slot_offsets = torch.nonzero(
                 (answer == self.config.seg_token_id) | (answer == self.config.rej_token_id)
             ).flatten()
@@ -575,9 +576,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         masks, _ = self.masks_from_hidden_states(seg_states, sam_embeddings, batch["resized_sizes"], batch["original_sizes"])
         results = []
         for row in range(sequences.shape[0]):
-            answer = answer_ids[row].tolist()
-            ends = [i for i, t in enumerate(answer) if t in eos_ids]
-            answer_text = processor.decode_answer(answer[: ends[0]] if ends else answer)
+            answer_text = processor.decode_answer(answers[row].tolist())
             phrases = processor.answer_phrases(answer_text)
             if given_phrases[row] is not None and len(given_phrases[row]) == len(flags[row]):
                 phrases = list(given_phrases[row])

@@ -461,11 +461,6 @@ class GSVAProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # ------------------------------------------------------------------ outputs
-    def answer_targets(self, token_ids) -> list[bool]:
-        """`[SEG]` (True) / `[REJ]` (False) flags of a token sequence, in text order."""
-        seg, rej = self.token_ids["seg_token_id"], self.token_ids["rej_token_id"]
-        return [int(t) == seg for t in token_ids if int(t) in (seg, rej)]
-
     def decode_answer(self, token_ids) -> str:
         """Readable answer text: keeps `[SEG]`/`[REJ]`, drops padding, image and end-of-turn tokens."""
         drop = {self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.tokenizer.bos_token_id, self.token_ids["image_token_id"]}

@@ -26,6 +26,7 @@ from gsva_hf.training import (
     TimedEvaluationCallback,
     count_parameters,
     export_model,
+    merged_model,
     prepare_for_training,
 )
 from modeling_gsva import GSVAForCausalLM
@@ -281,8 +282,7 @@ def finish_run(run: TrainingRun) -> dict:
         )
     trainer.accelerator.wait_for_everyone()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    final = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
-    final.eval()
+    final = merged_model(unwrapped).eval()
     if trainer.is_world_process_zero():
         export_model(final, run.processor, export_dir, max_shard_size=training_args.max_shard_size)
         logger.info("merged model written to %s", export_dir)

@@ -3,7 +3,7 @@
 import torch
 from transformers import LogitsProcessor
 
-IGNORE_INDEX = -100
+from processing_gsva import IGNORE_INDEX
 
 
 class ForceAnswers(LogitsProcessor):

@@ -10,7 +10,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
@@ -151,11 +150,6 @@ class GSVATrainer(Trainer):
 def count_parameters(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
-
-
-def set_flush_denormal() -> None:
-    """Random-init SAM/CLIP weights can produce denormals that make CPU matmuls ~100x slower."""
-    torch.set_flush_denormal(True)
 
 
 class TimedEvaluationCallback(TrainerCallback):
