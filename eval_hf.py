@@ -79,6 +79,9 @@ def main(argv=None) -> dict:
                 log_line=result.log_line,
                 images=result.records,
             )
+    # Tear the process group down before exit: a gloo group left alive can abort a rank at interpreter shutdown.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return all_metrics
 
 

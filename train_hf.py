@@ -300,7 +300,10 @@ def main(argv=None) -> dict:
         run.trainer._load_from_checkpoint(checkpoint)
     else:
         raise ValueError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")
-    return finish_run(run)
+    metrics = finish_run(run)
+    # Tear the process group down before exit: a gloo group left alive can abort a rank at interpreter shutdown.
+    run.trainer.accelerator.end_training()
+    return metrics
 
 
 if __name__ == "__main__":
