@@ -270,28 +270,40 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """
         decoder = self.sam.mask_decoder
         sam_size = self.config.sam_config.vision_config.image_size
-        positional = self.sam.get_image_wide_positional_embeddings().to(decoder.iou_token.weight.dtype)
-        no_mask = self.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        masks, scores = [], []
-        for index, states in enumerate(seg_hidden_states):
-            height, width = (int(v) for v in original_sizes[index])
-            if states.shape[0] == 0:
-                masks.append(states.new_zeros((0, height, width), dtype=torch.float32))
-                scores.append(states.new_zeros((0,), dtype=torch.float32))
-                continue
-            prompts = self.text_hidden_fcs[0](states.to(next(self.text_hidden_fcs.parameters()).dtype))
-            image_embedding = sam_image_embeddings[index : index + 1].to(decoder.iou_token.weight.dtype)
-            dense = no_mask.expand(1, -1, image_embedding.shape[-2], image_embedding.shape[-1]).to(image_embedding.dtype)
-            low_res, iou = decoder(
-                image_embeddings=image_embedding,
-                image_positional_embeddings=positional,
-                sparse_prompt_embeddings=prompts[None, :, None, :].to(image_embedding.dtype),
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            masks.append(self.postprocess_masks(low_res[0, :, 0], resized_sizes[index], (height, width), sam_size))
-            scores.append(iou[0, :, 0].float())
-        return masks, scores
+        dtype = decoder.iou_token.weight.dtype
+        counts = [int(states.shape[0]) for states in seg_hidden_states]
+        total = sum(counts)
+        if total == 0:
+            zeros = seg_hidden_states[0].new_zeros
+            masks = [zeros((0, int(h), int(w)), dtype=torch.float32) for h, w in original_sizes.tolist()]
+            return masks, [zeros((0,), dtype=torch.float32) for _ in counts]
+        # All targets of the batch go through the decoder in one call: row t sees its own image's embedding.
+        states = torch.cat(seg_hidden_states, dim=0)
+        prompts = self.text_hidden_fcs[0](states.to(next(self.text_hidden_fcs.parameters()).dtype)).to(dtype)
+        device = sam_image_embeddings.device
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        image_embeddings = sam_image_embeddings.to(dtype).index_select(0, owner)
+        positional = self.sam.get_image_wide_positional_embeddings().to(dtype).expand(total, -1, -1, -1)
+        no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
+        low_res, iou = decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=positional,
+            sparse_prompt_embeddings=prompts[:, None, None, :],
+            dense_prompt_embeddings=no_mask.expand_as(image_embeddings),
+            multimask_output=False,
+        )
+        low_res, iou = low_res[:, 0, 0], iou[:, 0, 0].float()
+        # Post-process images that share (resized, original) sizes together: one interpolation per size pair.
+        sizes = [tuple(resized) + tuple(original) for resized, original in zip(resized_sizes.tolist(), original_sizes.tolist())]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        masks: list[torch.Tensor | None] = [None] * len(counts)
+        for key in dict.fromkeys(sizes):
+            members = [i for i, size in enumerate(sizes) if size == key]
+            rows = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in members]).to(low_res.device)
+            upsampled = self.postprocess_masks(low_res.index_select(0, rows), key[:2], key[2:], sam_size)
+            for i, part in zip(members, upsampled.split([counts[i] for i in members])):
+                masks[i] = part
+        return masks, list(iou.split(counts))
 
     @staticmethod
     def postprocess_masks(low_res: torch.Tensor, resized_size, original_size, sam_size: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ for all targets) per image, for each attention implementation, batch size and ta
 CPU, tiny preset:      python benchmarks/bench_inference.py
 GPU, GSVA-7B shapes:   python benchmarks/bench_inference.py --preset configs/gsva-7b --device cuda --dtype bf16 \
                            --batch-sizes 1,8 --image-size 480
+Mask stage only, GSVA-7B's SAM ViT-H at 1024 px (the LLM and CLIP cut to one layer: not part of the stage):
+                       python benchmarks/bench_inference.py --preset configs/gsva-7b --mask-stage-only
 """
 
 import argparse
@@ -30,8 +32,11 @@ from processing_gsva import multi_target_answer  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(preset: Path, attn: str, device: str, dtype: torch.dtype):
+def build(preset: Path, attn: str, device: str, dtype: torch.dtype, mask_stage_only: bool = False):
     config = GSVAConfig.from_pretrained(preset)
+    if mask_stage_only:
+        config.text_config.num_hidden_layers = 1
+        config.vision_config.num_hidden_layers = 1
     torch.manual_seed(0)
     with torch.device(device):
         model = GSVAForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).eval()
@@ -75,6 +80,34 @@ def run_case(model, processor, batch: int, targets: int, image_size: int, repeat
     }
 
 
+def mask_stage_case(model, processor, targets: list[int], image_size: int, repeats: int, device: str) -> list[dict]:
+    """SAM's encoder once per image, then the decoder for all targets: the stage's cost split into its two calls."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8)
+    inputs = processor(images=[image], text=["x"]).to(device)
+    embeddings = model.get_sam_image_embeddings(inputs["sam_pixel_values"])
+    encoder_seconds = timed(lambda: model.get_sam_image_embeddings(inputs["sam_pixel_values"]), repeats, device)
+    rows = []
+    for count in targets:
+        states = [torch.randn(count, model.config.text_config.hidden_size, device=device, dtype=model.dtype)]
+        decoder_seconds = timed(
+            lambda: model.masks_from_hidden_states(states, embeddings, inputs["resized_sizes"], inputs["original_sizes"]),
+            repeats,
+            device,
+        )
+        rows.append(
+            {
+                "targets": count,
+                "encoder_ms": 1000 * encoder_seconds,
+                "decoder_ms": 1000 * decoder_seconds,
+                "mask_stage_ms": 1000 * (encoder_seconds + decoder_seconds),
+            }
+        )
+    for row in rows:
+        row["relative_to_1_target"] = row["mask_stage_ms"] / rows[0]["mask_stage_ms"]
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
@@ -87,11 +120,29 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--mask-stage-only", action="store_true", help="time SAM's encoder and the decoder per target count, batch 1"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     rows = []
+    if args.mask_stage_only:
+        model, processor = build(args.preset, "sdpa", args.device, DTYPES[args.dtype], mask_stage_only=True)
+        counts = [int(t) for t in args.targets.split(",")]
+        with torch.no_grad():
+            rows = mask_stage_case(model, processor, counts, args.image_size, args.repeats, args.device)
+        print("| targets | SAM encoder ms | decoder ms | mask stage ms | vs 1 target |")
+        print("|---|---|---|---|---|")
+        for row in rows:
+            print(
+                f"| {row['targets']} | {row['encoder_ms']:.1f} | {row['decoder_ms']:.1f} | {row['mask_stage_ms']:.1f} | "
+                f"{row['relative_to_1_target']:.3f} |"
+            )
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     print("| attn | batch | targets | images/s | s/batch | mask stage ms/image | peak MiB |")
     print("|---|---|---|---|---|---|---|")
     for attn in args.attn.split(","):
