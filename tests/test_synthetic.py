@@ -259,3 +259,52 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     assert "train" in printed and "wrote" in printed
     instances = json.loads((tmp_path / "refer_seg/grefcoco/instances.json").read_text())
     assert len(instances["images"]) == 7 and instances["images"][0]["width"] == 96
+
+
+def test_diagnosis_agrees_with_the_evaluator(tmp_path):
+    """The per-kind diagnosis counts a slot right exactly when GSVA's evaluator does (bundled model, fresh val)."""
+    from benchmarks.diagnose_synthetic import diagnose
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.segment import DEFAULT_MODEL as BUNDLED_MODEL
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
+
+    write_synthetic_grefcoco(tmp_path, num_images={"train": 0, "val": 12, "testA": 0, "testB": 0}, seed=11)
+    report = diagnose(BUNDLED_MODEL, tmp_path, "val", batch_size=5)
+    model = GSVAForCausalLM.from_pretrained(BUNDLED_MODEL).eval()
+    result = evaluate_dataset(
+        model, GSVAProcessor.from_pretrained(BUNDLED_MODEL), build_val_dataset(tmp_path, "grefcoco|unc|val"), progress=False
+    )
+    sums = result.metrics
+    assert report["slots"] == result.metrics["count"]
+    assert report["decision_accuracy"] == pytest.approx((sums["tp"] + sums["tn"]) / sums["count"], abs=1e-12)
+    assert sum(k["count"] for k in report["per_kind_accuracy"].values()) == report["slots"]
+    assert -1.0 <= report["correlation_right_vs_other_image"] <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["color", "shape"])
+def test_presence_questions_answer_from_the_scene(tree, scene, mode):
+    """The presence probe's yes/no answers agree with the colours read from the pixels; shape negatives are hard."""
+    import re
+
+    from benchmarks.probe_presence_learning import PresenceQuestions
+
+    root = tree[0]
+    questions = PresenceQuestions(root, "val", mode)
+    rng = np.random.default_rng(0)
+    answers = Counter()
+    for _ in range(200):
+        sample = questions.draw(rng)
+        question, answer = sample.rounds[0]
+        present = {(o["color"], o["shape"]) for o in scene[sample.meta["image_id"]][1]}
+        if mode == "color":
+            color = re.fullmatch(r"Is there (\w+) in this image\?", question).group(1)
+            assert (answer == "Yes.") == any(c == color for c, _ in present), question
+        else:
+            color, shape = re.fullmatch(r"Is there a (\w+) (\w+) in this image\?", question).groups()
+            assert (answer == "Yes.") == ((color, shape) in present), question
+            if answer == "No.":
+                assert any(color == c or shape == s for c, s in present), f"{question}: not a hard negative"
+        answers[answer] += 1
+    assert answers["Yes."] > 60 and answers["No."] > 60

@@ -1,0 +1,150 @@
+"""Can the tiny preset's CLIP + language model learn to read the image? Yes/no questions only, from scratch.
+
+The embedded default's presence decisions turn out not to depend on the image (`diagnose_synthetic.py`). This
+isolates the language side: a fresh model is trained with CE alone on one-round yes/no questions and scored on
+val images every `--eval-every` steps (accuracy of "Yes" vs "No" at the answer's first token, 50% = chance).
+
+  text       "Is there red in this image?", answer fixed by the colour word (needs no image): the control
+  uniform    the whole image is one palette colour; "Is there <colour> ...?" (the image fills every token)
+  color      synthetic val/train images; is any shape of that colour present? (absent colours are absent)
+  shape      synthetic images; "Is there a <colour> <shape> ...?" with hard negatives (the GRES decision)
+
+    python benchmarks/probe_presence_learning.py --mode color --steps 1500
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configuration_gsva import GSVAConfig  # noqa: E402
+from gsva_hf.data.collator import GSVACollator  # noqa: E402
+from gsva_hf.data.sample import Sample  # noqa: E402
+from gsva_hf.data.synthetic import IMAGE_SUBDIR, LABELS_NAME, PALETTE  # noqa: E402
+from modeling_gsva import GSVAForCausalLM  # noqa: E402
+from processing_gsva import GSVAProcessor, load_image  # noqa: E402
+
+MODES = ("text", "uniform", "color", "shape")
+
+
+class PresenceQuestions:
+    """Balanced yes/no questions about the synthetic images of one split (or plain colour images)."""
+
+    def __init__(self, dataset_dir: Path, split: str, mode: str):
+        self.mode, self.root = mode, dataset_dir
+        labels = json.loads((dataset_dir / LABELS_NAME).read_text())
+        instances = json.loads((dataset_dir / "refer_seg" / "grefcoco" / "instances.json").read_text())
+        attributes = {a["id"]: (a["color"], a["shape"]) for a in labels["annotations"]}
+        self.objects: dict[int, set] = {}
+        for ann in instances["annotations"]:
+            self.objects.setdefault(ann["image_id"], set()).add(attributes[ann["id"]])
+        self.images = [i for i in labels["images"] if i["split"] == split and i["id"] in self.objects]
+        self.colors = sorted({c for c, _ in attributes.values()})
+        self.shapes = sorted({s for _, s in attributes.values()})
+        self._cache: dict[int, Image.Image] = {}
+
+    def image(self, record: dict) -> Image.Image:
+        if record["id"] not in self._cache:
+            self._cache[record["id"]] = load_image(self.root / IMAGE_SUBDIR / record["file_name"])
+        return self._cache[record["id"]]
+
+    def draw(self, rng: np.random.Generator) -> Sample:
+        yes, image_id = bool(rng.random() < 0.5), None
+        if self.mode in ("text", "uniform"):
+            color = self.colors[rng.integers(len(self.colors))]
+            if self.mode == "text":
+                image = Image.new("RGB", (128, 128), (128, 128, 128))
+                asked, yes = color, color in self.colors[: len(self.colors) // 2]
+            else:
+                image = Image.new("RGB", (128, 128), PALETTE[color])
+                others = [c for c in self.colors if c != color]
+                asked = color if yes else others[rng.integers(len(others))]
+            question = f"Is there {asked} in this image?"
+        else:
+            record = self.images[rng.integers(len(self.images))]
+            image_id = record["id"]
+            image, present = self.image(record), sorted(self.objects[record["id"]])
+            if self.mode == "color":
+                present_colors = sorted({c for c, _ in present})
+                absent = [c for c in self.colors if c not in present_colors]
+                pool = present_colors if yes or not absent else absent
+                yes = yes or not absent
+                question = f"Is there {pool[rng.integers(len(pool))]} in this image?"
+            else:
+                absent = [(c, s) for c in self.colors for s in self.shapes if (c, s) not in present]
+                hard = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
+                pool = present if yes else (hard or absent)
+                color, shape = pool[rng.integers(len(pool))]
+                question = f"Is there a {color} {shape} in this image?"
+        answer = "Yes." if yes else "No."
+        masks = np.zeros((0, image.height, image.width), bool)
+        return Sample(image=image, rounds=[(question, answer)], masks=masks, meta={"image_id": image_id})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
+    parser.add_argument("--dataset_dir", type=Path, default=ROOT / "data" / "synthetic")
+    parser.add_argument("--mode", choices=MODES, default="color")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+    processor = GSVAProcessor.from_pretrained(args.preset)
+    model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
+    train = PresenceQuestions(args.dataset_dir, "train", args.mode)
+    val_questions = PresenceQuestions(args.dataset_dir, "val", args.mode)
+    collator = GSVACollator(processor)
+    val_rng = np.random.default_rng(args.seed + 1)
+    val_batch = collator([val_questions.draw(val_rng) for _ in range(200)])
+    answer_at = (val_batch["labels"] != -100).float().argmax(1)
+    truth = val_batch["labels"][torch.arange(len(answer_at)), answer_at]
+    yes_id, no_id = (processor.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+    if not set(truth.tolist()) <= {yes_id, no_id}:
+        raise RuntimeError("the answers' first tokens are not the first tokens of 'Yes' / 'No'")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+    rng, start = np.random.default_rng(args.seed), time.perf_counter()
+    print("| mode | step | samples | seconds | loss | val accuracy |\n|---|---|---|---|---|---|")
+    for step in range(1, args.steps + 1):
+        batch = collator([train.draw(rng) for _ in range(args.batch_size)])
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"], labels=batch["labels"],
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            model.eval()
+            with torch.no_grad():
+                logits = model(
+                    input_ids=val_batch["input_ids"], attention_mask=val_batch["attention_mask"],
+                    pixel_values=val_batch["pixel_values"],
+                ).logits[torch.arange(len(answer_at)), answer_at - 1]
+            model.train()
+            said_yes = logits[:, yes_id] > logits[:, no_id]
+            accuracy = (said_yes == (truth == yes_id)).float().mean().item()
+            print(
+                f"| {args.mode} | {step} | {step * args.batch_size} | {time.perf_counter() - start:.0f} | "
+                f"{loss.item():.3f} | {accuracy:.3f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
