@@ -70,7 +70,7 @@ def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) ->
         per_kind[kind].append(ok)
     return {
         "slots": len(right),
-        "decision_accuracy": correct.float().mean().item(),
+        "decision_accuracy": int(correct.sum()) / len(correct),
         "per_kind_accuracy": {k: {"count": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(per_kind.items())},
         "margin_std": right.std().item(),
         "mean_abs_change_other_image": (right - shuffled).abs().mean().item(),
