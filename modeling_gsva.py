@@ -7,6 +7,7 @@ per present target and `[REJ]` per absent one. The last-layer hidden state at th
 Shipped with a Hub repository for ``trust_remote_code``: imports only torch, transformers and its sibling files.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -274,7 +275,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         counts = [int(states.shape[0]) for states in seg_hidden_states]
         total = sum(counts)
         if total == 0:
-            zeros = seg_hidden_states[0].new_zeros
+            zeros = sam_image_embeddings.new_zeros
             masks = [zeros((0, int(h), int(w)), dtype=torch.float32) for h, w in original_sizes.tolist()]
             return masks, [zeros((0,), dtype=torch.float32) for _ in counts]
         # All targets of the batch go through the decoder in one call: row t sees its own image's embedding.
@@ -295,7 +296,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         low_res, iou = low_res[:, 0, 0], iou[:, 0, 0].float()
         # Post-process images that share (resized, original) sizes together: one interpolation per size pair.
         sizes = [tuple(resized) + tuple(original) for resized, original in zip(resized_sizes.tolist(), original_sizes.tolist())]
-        starts = [sum(counts[:i]) for i in range(len(counts))]
+        starts = [0, *itertools.accumulate(counts)]
         masks: list[torch.Tensor | None] = [None] * len(counts)
         for key in dict.fromkeys(sizes):
             members = [i for i, size in enumerate(sizes) if size == key]

@@ -26,10 +26,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import PeakMemory, preset_processor, timed  # noqa: E402
 from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.forced_answers import ForceAnswers, answer_token_ids  # noqa: E402
+from gsva_hf.segment import DTYPES  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import multi_target_answer  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build(preset: Path, attn: str, device: str, dtype: torch.dtype, mask_stage_only: bool = False):

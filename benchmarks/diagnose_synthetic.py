@@ -55,7 +55,8 @@ def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) ->
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = collator(chunk)
-        others = collator([items[(start + i + 1) % len(items)] for i in range(len(chunk))])["pixel_values"]
+        others = [items[(start + i + 1) % len(items)].image for i in range(len(chunk))]
+        others = processor.image_processor(others, return_tensors="pt")["pixel_values"]
         margin, ok = slot_margins(model, batch, batch["pixel_values"])
         right.append(margin)
         correct.append(ok)

@@ -277,7 +277,7 @@ def test_diagnosis_agrees_with_the_evaluator(tmp_path):
         model, GSVAProcessor.from_pretrained(BUNDLED_MODEL), build_val_dataset(tmp_path, "grefcoco|unc|val"), progress=False
     )
     sums = result.metrics
-    assert report["slots"] == result.metrics["count"]
+    assert report["slots"] == sums["count"]
     assert report["decision_accuracy"] == pytest.approx((sums["tp"] + sums["tn"]) / sums["count"], abs=1e-12)
     assert sum(k["count"] for k in report["per_kind_accuracy"].values()) == report["slots"]
     assert -1.0 <= report["correlation_right_vs_other_image"] <= 1.0
