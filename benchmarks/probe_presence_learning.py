@@ -2,18 +2,23 @@
 
 The embedded default's presence decisions turn out not to depend on the image (`diagnose_synthetic.py`). This
 isolates the language side: a fresh model is trained with CE alone on one-round yes/no questions and scored on
-val images every `--eval-every` steps (accuracy of "Yes" vs "No" at the answer's first token, 50% = chance).
+val images every `--eval-every` steps (accuracy of "Yes" vs "No" where the answer gives it, 50% = chance).
 
   text       "Is there red in this image?", answer fixed by the colour word (needs no image): the control
   uniform    the whole image is one palette colour; "Is there <colour> ...?" (the image fills every token)
   color      synthetic val/train images; is any shape of that colour present? (absent colours are absent)
   shape      synthetic images; "Is there a <colour> <shape> ...?" with hard negatives (the GRES decision)
+  scene-text the shape questions with the scene written out as words before them on a grey image ("The image
+             shows a red circle, a blue square."): needs no vision at all, only the language model's lookup
+
+`--answer named` makes the answer repeat the target before deciding ("The red square: No."), as GSVA's answers do
+("the red square:[REJ]"): the decision then sits right after the phrase, one lookup fewer than "Yes."/"No." alone.
+A `--preset` folder with weights (e.g. from `probe_vision_features.py --save`) starts from them.
 
     python benchmarks/probe_presence_learning.py --mode color --steps 1500
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,27 +33,25 @@ sys.path.insert(0, str(ROOT))
 from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
-from gsva_hf.data.synthetic import IMAGE_SUBDIR, LABELS_NAME, PALETTE  # noqa: E402
+from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
-MODES = ("text", "uniform", "color", "shape")
+MODES = ("text", "uniform", "color", "shape", "scene-text")
+ANSWER_FORMS = ("short", "named")
 
 
 class PresenceQuestions:
     """Balanced yes/no questions about the synthetic images of one split (or plain colour images)."""
 
-    def __init__(self, dataset_dir: Path, split: str, mode: str):
-        self.mode, self.root = mode, dataset_dir
-        labels = json.loads((dataset_dir / LABELS_NAME).read_text())
-        instances = json.loads((dataset_dir / "refer_seg" / "grefcoco" / "instances.json").read_text())
-        attributes = {a["id"]: (a["color"], a["shape"]) for a in labels["annotations"]}
-        self.objects: dict[int, set] = {}
-        for ann in instances["annotations"]:
-            self.objects.setdefault(ann["image_id"], set()).add(attributes[ann["id"]])
-        self.images = [i for i in labels["images"] if i["split"] == split and i["id"] in self.objects]
-        self.colors = sorted({c for c, _ in attributes.values()})
-        self.shapes = sorted({s for _, s in attributes.values()})
+    def __init__(self, dataset_dir: Path, split: str, mode: str, answer_form: str = "short"):
+        if mode not in MODES or answer_form not in ANSWER_FORMS:
+            raise ValueError(f"mode must be one of {MODES} and answer_form one of {ANSWER_FORMS}")
+        self.mode, self.answer_form, self.root = mode, answer_form, dataset_dir
+        self.images, self.objects = read_image_contents(dataset_dir, split)
+        pairs = set().union(*self.objects.values())
+        self.colors = sorted({c for c, _ in pairs})
+        self.shapes = sorted({s for _, s in pairs})
         self._cache: dict[int, Image.Image] = {}
 
     def image(self, record: dict) -> Image.Image:
@@ -57,17 +60,16 @@ class PresenceQuestions:
         return self._cache[record["id"]]
 
     def draw(self, rng: np.random.Generator) -> Sample:
-        yes, image_id = bool(rng.random() < 0.5), None
+        yes, image_id, scene = bool(rng.random() < 0.5), None, ""
         if self.mode in ("text", "uniform"):
             color = self.colors[rng.integers(len(self.colors))]
             if self.mode == "text":
                 image = Image.new("RGB", (128, 128), (128, 128, 128))
-                asked, yes = color, color in self.colors[: len(self.colors) // 2]
+                target, yes = color, color in self.colors[: len(self.colors) // 2]
             else:
                 image = Image.new("RGB", (128, 128), PALETTE[color])
                 others = [c for c in self.colors if c != color]
-                asked = color if yes else others[rng.integers(len(others))]
-            question = f"Is there {asked} in this image?"
+                target = color if yes else others[rng.integers(len(others))]
         else:
             record = self.images[rng.integers(len(self.images))]
             image_id = record["id"]
@@ -77,14 +79,20 @@ class PresenceQuestions:
                 absent = [c for c in self.colors if c not in present_colors]
                 pool = present_colors if yes or not absent else absent
                 yes = yes or not absent
-                question = f"Is there {pool[rng.integers(len(pool))]} in this image?"
+                target = pool[rng.integers(len(pool))]
             else:
                 absent = [(c, s) for c in self.colors for s in self.shapes if (c, s) not in present]
                 hard = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
                 pool = present if yes else (hard or absent)
-                color, shape = pool[rng.integers(len(pool))]
-                question = f"Is there a {color} {shape} in this image?"
+                target = "a " + " ".join(pool[rng.integers(len(pool))])
+                if self.mode == "scene-text":
+                    image = Image.new("RGB", image.size, (128, 128, 128))
+                    listed = ", ".join(f"a {c} {s}" for c, s in (present[i] for i in rng.permutation(len(present))))
+                    scene = f"The image shows {listed}. "
+        question = f"{scene}Is there {target} in this image?"
         answer = "Yes." if yes else "No."
+        if self.answer_form == "named":
+            answer = f"The {target.removeprefix('a ')}: {answer}"
         masks = np.zeros((0, image.height, image.width), bool)
         return Sample(image=image, rounds=[(question, answer)], masks=masks, meta={"image_id": image_id})
 
@@ -94,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
     parser.add_argument("--dataset_dir", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument("--mode", choices=MODES, default="color")
+    parser.add_argument("--answer", choices=ANSWER_FORMS, default="short", help="named: 'The red square: No.'")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -105,17 +114,21 @@ def main(argv=None) -> None:
     torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     processor = GSVAProcessor.from_pretrained(args.preset)
-    model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
-    train = PresenceQuestions(args.dataset_dir, "train", args.mode)
-    val_questions = PresenceQuestions(args.dataset_dir, "val", args.mode)
+    if any(args.preset.glob("*.safetensors")):
+        model = GSVAForCausalLM.from_pretrained(args.preset).train()
+    else:
+        model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
+    train = PresenceQuestions(args.dataset_dir, "train", args.mode, args.answer)
+    val_questions = PresenceQuestions(args.dataset_dir, "val", args.mode, args.answer)
     collator = GSVACollator(processor)
     val_rng = np.random.default_rng(args.seed + 1)
     val_batch = collator([val_questions.draw(val_rng) for _ in range(200)])
-    answer_at = (val_batch["labels"] != -100).float().argmax(1)
-    truth = val_batch["labels"][torch.arange(len(answer_at)), answer_at]
     yes_id, no_id = (processor.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
-    if not set(truth.tolist()) <= {yes_id, no_id}:
-        raise RuntimeError("the answers' first tokens are not the first tokens of 'Yes' / 'No'")
+    decides = (val_batch["labels"] == yes_id) | (val_batch["labels"] == no_id)
+    if not bool(decides.any(1).all()):
+        raise RuntimeError("an answer holds no 'Yes' / 'No' token where the tokenizer puts it in a bare answer")
+    answer_at = decides.float().argmax(1)
+    truth = val_batch["labels"][torch.arange(len(answer_at)), answer_at]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
     rng, start = np.random.default_rng(args.seed), time.perf_counter()
     print("| mode | step | samples | seconds | loss | val accuracy |\n|---|---|---|---|---|---|")

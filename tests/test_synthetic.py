@@ -283,15 +283,16 @@ def test_diagnosis_agrees_with_the_evaluator(tmp_path):
     assert -1.0 <= report["correlation_right_vs_other_image"] <= 1.0
 
 
-@pytest.mark.parametrize("mode", ["color", "shape"])
-def test_presence_questions_answer_from_the_scene(tree, scene, mode):
-    """The presence probe's yes/no answers agree with the colours read from the pixels; shape negatives are hard."""
+@pytest.mark.parametrize(("mode", "answer_form"), [("color", "short"), ("shape", "short"), ("scene-text", "named")])
+def test_presence_questions_answer_from_the_scene(tree, scene, mode, answer_form):
+    """The presence probe's yes/no answers agree with the colours read from the pixels; shape negatives are hard;
+    the scene-text mode lists exactly the scene's objects; the named answer repeats the asked target."""
     import re
 
     from benchmarks.probe_presence_learning import PresenceQuestions
 
     root = tree[0]
-    questions = PresenceQuestions(root, "val", mode)
+    questions = PresenceQuestions(root, "val", mode, answer_form)
     rng = np.random.default_rng(0)
     answers = Counter()
     for _ in range(200):
@@ -300,11 +301,20 @@ def test_presence_questions_answer_from_the_scene(tree, scene, mode):
         present = {(o["color"], o["shape"]) for o in scene[sample.meta["image_id"]][1]}
         if mode == "color":
             color = re.fullmatch(r"Is there (\w+) in this image\?", question).group(1)
-            assert (answer == "Yes.") == any(c == color for c, _ in present), question
+            said_yes = answer == "Yes."
+            assert said_yes == any(c == color for c, _ in present), question
         else:
-            color, shape = re.fullmatch(r"Is there a (\w+) (\w+) in this image\?", question).groups()
-            assert (answer == "Yes.") == ((color, shape) in present), question
-            if answer == "No.":
+            listed, color, shape = re.fullmatch(r"(.*)Is there a (\w+) (\w+) in this image\?", question).groups()
+            if mode == "scene-text":
+                assert sample.image.getcolors() == [(128 * 128, (128, 128, 128))], "scene-text images must be blank"
+                items = re.fullmatch(r"The image shows (.*)\. ", listed).group(1).split(", ")
+                assert sorted(items) == sorted(f"a {c} {s}" for c, s in present)
+                assert answer in (f"The {color} {shape}: Yes.", f"The {color} {shape}: No."), answer
+            else:
+                assert listed == ""
+            said_yes = answer.endswith("Yes.")
+            assert said_yes == ((color, shape) in present), question
+            if not said_yes:
                 assert any(color == c or shape == s for c, s in present), f"{question}: not a hard negative"
-        answers[answer] += 1
-    assert answers["Yes."] > 60 and answers["No."] > 60
+        answers[said_yes] += 1
+    assert answers[True] > 60 and answers[False] > 60

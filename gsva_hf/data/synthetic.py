@@ -378,6 +378,24 @@ def _check_options(colors, shapes, num_images, image_size, split_options, kind_w
         raise ValueError(f"kind_weights needs positive weights for kinds among {list(KINDS)}; got {kind_weights}")
 
 
+def read_image_contents(dataset_dir, split: str) -> tuple[list[dict], dict[int, set[tuple[str, str]]]]:
+    """The images of `split` (records of synthetic_labels.json) and the (colour, shape) pairs each one holds."""
+    root = Path(dataset_dir)
+    labels_path, instances_path = root / LABELS_NAME, root / GREFCOCO_SUBDIR / "instances.json"
+    for path in (labels_path, instances_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {root} must hold the synthetic task (python -m gsva_hf.data.synthetic)")
+    labels = json.loads(labels_path.read_text())
+    attributes = {a["id"]: (a["color"], a["shape"]) for a in labels["annotations"]}
+    contents: dict[int, set[tuple[str, str]]] = {}
+    for ann in json.loads(instances_path.read_text())["annotations"]:
+        if ann["id"] not in attributes:
+            raise ValueError(f"{instances_path}: annotation {ann['id']} has no colour in {labels_path}")
+        contents.setdefault(ann["image_id"], set()).add(attributes[ann["id"]])
+    records = [image for image in labels["images"] if image["split"] == split and image["id"] in contents]
+    return records, contents
+
+
 def _prepare_dir(root: Path):
     """Refuse to overwrite a real gRefCOCO release; remove stale images of an earlier synthetic run."""
     grefs = root / GREFCOCO_SUBDIR / GREFS_NAME

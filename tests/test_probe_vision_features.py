@@ -1,0 +1,78 @@
+"""The synthetic images' contents as read for the vision probes agree with the pixels; the vision-feature probe
+trains only CLIP and the projector, and its presence loss falls."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from benchmarks.probe_vision_features import ImageContentLabels, train_vision_features
+from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_grefcoco(root, num_images={"train": 24, "val": 6, "testA": 0, "testB": 0}, seed=4)
+    return root
+
+
+def pixel_contents(root, split: str) -> dict[int, set]:
+    """(colour, shape) pairs of each image: colour = palette entry nearest the mean pixel under each polygon mask."""
+    instances = json.loads((root / "refer_seg" / "grefcoco" / "instances.json").read_text())
+    shapes = {c["id"]: c["name"] for c in instances["categories"]}
+    images = {i["id"]: i for i in instances["images"]}
+    split_ids = {i["id"] for i in json.loads((root / "synthetic_labels.json").read_text())["images"] if i["split"] == split}
+    names, palette = list(PALETTE), np.array(list(PALETTE.values()), dtype=float)
+    found: dict[int, set] = {}
+    for ann in instances["annotations"]:
+        if ann["image_id"] not in split_ids:
+            continue
+        info = images[ann["image_id"]]
+        pixels = np.asarray(Image.open(root / IMAGE_SUBDIR / info["file_name"]).convert("RGB"), dtype=float)
+        rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], info["height"], info["width"]))
+        mean = pixels[mask_utils.decode(rle).astype(bool)].mean(0)
+        colour = names[int(np.abs(palette - mean).sum(1).argmin())]
+        found.setdefault(ann["image_id"], set()).add((colour, shapes[ann["category_id"]]))
+    return found
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_image_contents_agree_with_the_pixels(synthetic, split):
+    records, contents = read_image_contents(synthetic, split)
+    expected = pixel_contents(synthetic, split)
+    assert {r["id"] for r in records} == set(expected)
+    assert {i: contents[i] for i in expected} == expected
+    labels = ImageContentLabels(synthetic, split)
+    assert len(labels) == len(records)
+    for record, row in zip(records, labels.targets):
+        assert {pair for pair, on in zip(labels.pairs, row.tolist()) if on} == expected[record["id"]]
+
+
+def test_missing_labels_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="synthetic_labels.json"):
+        read_image_contents(tmp_path, "train")
+
+
+def test_only_the_vision_side_trains_and_the_loss_falls(tiny_model, tiny_processor, synthetic):
+    for parameter in tiny_model.parameters():
+        parameter.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    train = ImageContentLabels(synthetic, "train")
+    val = ImageContentLabels(synthetic, "val", train.pairs)
+    rows = train_vision_features(
+        tiny_model, tiny_processor.image_processor, train, val, steps=40, batch_size=8, learning_rate=3e-3, eval_every=20
+    )
+    assert [r["step"] for r in rows] == [1, 20, 40]
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+    assert all(0.0 <= r["val_recall"] <= 1.0 and 0.0 <= r["val_specificity"] <= 1.0 for r in rows)
+    changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed <= {name for name in before if name.startswith(("vision_tower.", "multi_modal_projector."))}
+    assert {"vision_tower.embeddings.patch_embedding.weight", "multi_modal_projector.linear_1.weight"} <= changed
+    assert not any(p.requires_grad for p in tiny_model.parameters()), "requires_grad flags were not restored"
+    assert not tiny_model.vision_tower.training, "the tower's eval mode was not restored"
