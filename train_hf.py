@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, PretrainedConfig, TrainingArguments, set_seed
 
 from configuration_gsva import GSVAConfig
 from gsva_hf.data.collator import GSVACollator
@@ -56,6 +56,13 @@ class ModelArguments:
         default=1.0, metadata={"help": "CE weight of [SEG]/[REJ] answer tokens (1.0 = original; >1 learns rejection faster)"}
     )
     attn_implementation: str = "sdpa"
+    config_overrides: str = field(
+        default="",
+        metadata={
+            "help": "presets without weights: change config values, e.g. "
+            "'vision_feature_layer=-1,text_config.num_attention_heads=16' (sub-configs by dotted name)"
+        },
+    )
 
 
 @dataclass
@@ -104,6 +111,15 @@ class GSVATrainingArguments(TrainingArguments):
     eval_at_minutes: str = field(
         default="", metadata={"help": "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20,30"}
     )
+    vision_pretrain_steps: int = field(
+        default=0,
+        metadata={
+            "help": "synthetic task, from-scratch CLIP: first train CLIP and the projector this many steps to tell "
+            "which colour+shape pairs an image holds (0: off, as GSVA, whose CLIP comes pretrained)"
+        },
+    )
+    vision_pretrain_learning_rate: float = 1e-3
+    vision_pretrain_batch_size: int = 32
 
 
 def load_model(model_args: ModelArguments, dtype: torch.dtype):
@@ -116,6 +132,8 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype):
         "dice_loss_weight": model_args.dice_loss_weight,
         "seg_rej_ce_weight": model_args.seg_rej_ce_weight,
     }
+    if has_weights and model_args.config_overrides:
+        raise ValueError(f"--config_overrides applies to presets without weights, but {path} holds weights")
     if has_weights:
         model = GSVAForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
         for key, value in overrides.items():
@@ -124,10 +142,50 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model_name_or_path {path}: no config.json (give a GSVA folder or a preset)")
         config = GSVAConfig.from_pretrained(path, **overrides)
+        apply_config_overrides(config, model_args.config_overrides)
         model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
     processor = GSVAProcessor.from_pretrained(path)
     processor.check_config(model.config)
     return model, processor
+
+
+def apply_config_overrides(config: GSVAConfig, overrides: str) -> None:
+    """`key=value,...` onto `config`; `text_config.x`, `vision_config.x`, `sam_config.vision_config.x` reach
+    sub-configs. Values are parsed like `PretrainedConfig.update_from_string`; unknown keys are errors."""
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
+        *parents, leaf = key.split(".")
+        target = config
+        for name in parents:
+            target = getattr(target, name, None)
+            if not isinstance(target, PretrainedConfig):
+                raise ValueError(f"--config_overrides {key}: {name!r} is not a sub-config of the GSVA config")
+        if not hasattr(target, leaf):
+            raise ValueError(f"--config_overrides {key}: the config has no {leaf!r}")
+        target.update_from_string(f"{leaf}={value}")
+
+
+def pretrain_vision_tower(model, processor, data_args: DataArguments, training_args: GSVATrainingArguments) -> float:
+    """Run the vision pretraining stage; write its report to OUTPUT_DIR/vision_pretraining.json; return its seconds."""
+    from gsva_hf.vision_pretraining import pretrain_vision
+
+    report = pretrain_vision(
+        model,
+        processor.image_processor,
+        data_args.dataset_dir,
+        training_args.vision_pretrain_steps,
+        batch_size=training_args.vision_pretrain_batch_size,
+        learning_rate=training_args.vision_pretrain_learning_rate,
+        seed=training_args.seed,
+    )
+    logger.info("vision pretraining: %s", report)
+    if training_args.process_index == 0:
+        output_dir = Path(training_args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "vision_pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report["seconds"]
 
 
 def build_train_dataset(data_args: DataArguments, samples_per_epoch: int, seed: int):
@@ -224,6 +282,9 @@ def build_run(argv=None) -> TrainingRun:
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     model, processor = load_model(model_args, dtype if training_args.deepspeed else torch.float32)
+    pretrain_seconds = 0.0
+    if training_args.vision_pretrain_steps > 0 and not (training_args.resume_from_checkpoint or training_args.export_only):
+        pretrain_seconds = pretrain_vision_tower(model, processor, data_args, training_args)
     trainable = prepare_for_training(
         model,
         lora_r=model_args.lora_r,
@@ -265,7 +326,9 @@ def build_run(argv=None) -> TrainingRun:
             logger.info("curve: %s", result.log_line)
             return result.metrics
 
-        curve = TimedEvaluationCallback(minutes, curve_metrics, Path(training_args.output_dir) / "curve.jsonl")
+        curve = TimedEvaluationCallback(
+            minutes, curve_metrics, Path(training_args.output_dir) / "curve.jsonl", start_seconds=pretrain_seconds
+        )
         trainer.add_callback(curve)
     return TrainingRun(trainer, processor, model_args, data_args, training_args)
 

@@ -156,14 +156,15 @@ class TimedEvaluationCallback(TrainerCallback):
     """Evaluate when the training clock (evaluation time excluded) passes each mark, for learning curves.
 
     Appends one JSON line per evaluation to `curve_path`: minutes, step, samples seen, the losses of the last
-    logging window and the metrics.
+    logging window and the metrics. `start_seconds` is training done before the Trainer (vision pretraining), so
+    the clock counts it.
     """
 
-    def __init__(self, minutes: list[float], evaluate, curve_path: str | Path):
+    def __init__(self, minutes: list[float], evaluate, curve_path: str | Path, start_seconds: float = 0.0):
         self.marks = sorted(minutes)
         self.evaluate = evaluate
         self.curve_path = Path(curve_path)
-        self.training_seconds = 0.0
+        self.training_seconds = float(start_seconds)
         self._last = None
         self._last_losses: dict = {}
 

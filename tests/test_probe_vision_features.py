@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from benchmarks.probe_vision_features import ImageContentLabels, train_vision_features
+from gsva_hf.vision_pretraining import ImageContentLabels, train_vision_features
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -76,3 +76,35 @@ def test_only_the_vision_side_trains_and_the_loss_falls(tiny_model, tiny_process
     assert {"vision_tower.embeddings.patch_embedding.weight", "multi_modal_projector.linear_1.weight"} <= changed
     assert not any(p.requires_grad for p in tiny_model.parameters()), "requires_grad flags were not restored"
     assert not tiny_model.vision_tower.training, "the tower's eval mode was not restored"
+
+
+def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
+    import train_hf
+    from gsva_hf.training import TimedEvaluationCallback
+    from tests.test_training import run_args
+
+    args = run_args(
+        synthetic, tmp_path / "run", "--max_steps", "1", "--vision_pretrain_steps", "3",
+        "--vision_pretrain_batch_size", "4", "--val_dataset", "grefcoco|unc|val", "--eval_at_minutes", "30",
+        "--config_overrides", "vision_feature_layer=-1,text_config.num_attention_heads=8,text_config.num_key_value_heads=8",
+    )  # fmt: skip
+    run = train_hf.build_run(args)
+    config = run.trainer.model.config
+    assert (config.vision_feature_layer, config.text_config.num_attention_heads) == (-1, 8)
+    report = json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())
+    assert report["steps"] == 3 and report["batch_size"] == 4 and report["seconds"] > 0
+    (curve,) = [c for c in run.trainer.callback_handler.callbacks if isinstance(c, TimedEvaluationCallback)]
+    assert curve.training_seconds == pytest.approx(report["seconds"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [("vision_feature_layer", "expected key=value"), ("text_config.no_such=1", "no 'no_such'"),
+     ("out_dim.x=1", "not a sub-config")],
+)  # fmt: skip
+def test_bad_config_overrides_name_the_key(synthetic, tmp_path, overrides, message):
+    import train_hf
+    from tests.test_training import run_args
+
+    with pytest.raises(ValueError, match=message):
+        train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
