@@ -60,7 +60,7 @@ class ModelArguments:
         default="",
         metadata={
             "help": "presets without weights: change config values, e.g. "
-            "'vision_feature_layer=-1,text_config.num_attention_heads=16' (sub-configs by dotted name)"
+            "'vision_feature_layer=-1,text_config.num_hidden_layers=4' (sub-configs by dotted name)"
         },
     )
 
@@ -151,10 +151,11 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype):
 
 def apply_config_overrides(config: GSVAConfig, overrides: str) -> None:
     """`key=value,...` onto `config`; `text_config.x`, `vision_config.x`, `sam_config.vision_config.x` reach
-    sub-configs. Values are parsed like `PretrainedConfig.update_from_string`; unknown keys are errors."""
+    sub-configs. Values are parsed like `PretrainedConfig.update_from_string`; unknown keys are errors, and the
+    result must still pass GSVAConfig's own checks."""
     for item in filter(None, (part.strip() for part in overrides.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or "=" in value:
             raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
         *parents, leaf = key.split(".")
         target = config
@@ -162,9 +163,36 @@ def apply_config_overrides(config: GSVAConfig, overrides: str) -> None:
             target = getattr(target, name, None)
             if not isinstance(target, PretrainedConfig):
                 raise ValueError(f"--config_overrides {key}: {name!r} is not a sub-config of the GSVA config")
-        if not hasattr(target, leaf):
-            raise ValueError(f"--config_overrides {key}: the config has no {leaf!r}")
-        target.update_from_string(f"{leaf}={value}")
+        if not hasattr(target, leaf) or leaf == "model_type":
+            raise ValueError(f"--config_overrides {key}: the config has no settable {leaf!r}")
+        try:
+            target.update_from_string(f"{leaf}={value}")
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--config_overrides {item}: {error}") from error
+    try:
+        GSVAConfig(**config.to_dict())
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--config_overrides {overrides!r} gives an invalid GSVA config: {error}") from error
+
+
+def check_vision_pretraining(model_args: ModelArguments, training_args: GSVATrainingArguments) -> None:
+    """The stage is for from-scratch towers, and its result must reach checkpoints (LoRA saves only what trains)."""
+    steps = training_args.vision_pretrain_steps
+    if steps < 0:
+        raise ValueError(f"--vision_pretrain_steps must be >= 0, got {steps}")
+    if not steps:
+        return
+    path = Path(model_args.model_name_or_path)
+    if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+        raise ValueError(
+            f"--vision_pretrain_steps is for presets without weights, but {path} holds weights "
+            "(to fine-tune it with configs/train-tiny-synthetic.json add --vision_pretrain_steps 0 --config_overrides '')"
+        )
+    if model_args.lora_r > 0 and not (model_args.train_vision_tower and model_args.train_projector):
+        raise ValueError(
+            "--vision_pretrain_steps with LoRA needs --train_vision_tower true --train_projector true, "
+            "or checkpoints would not hold the pretrained tower and a resumed or exported model would lose it"
+        )
 
 
 def pretrain_vision_tower(model, processor, data_args: DataArguments, training_args: GSVATrainingArguments) -> float:
@@ -281,9 +309,12 @@ def build_run(argv=None) -> TrainingRun:
         ensure_synthetic_data(data_args)
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    check_vision_pretraining(model_args, training_args)
     model, processor = load_model(model_args, dtype if training_args.deepspeed else torch.float32)
     pretrain_seconds = 0.0
     if training_args.vision_pretrain_steps > 0 and not (training_args.resume_from_checkpoint or training_args.export_only):
+        if not training_args.deepspeed:
+            model.to(training_args.device)
         pretrain_seconds = pretrain_vision_tower(model, processor, data_args, training_args)
     trainable = prepare_for_training(
         model,

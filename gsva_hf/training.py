@@ -157,11 +157,11 @@ class TimedEvaluationCallback(TrainerCallback):
 
     Appends one JSON line per evaluation to `curve_path`: minutes, step, samples seen, the losses of the last
     logging window and the metrics. `start_seconds` is training done before the Trainer (vision pretraining), so
-    the clock counts it.
+    the clock counts it; marks it already passes are dropped (nothing of the Trainer's run to evaluate yet).
     """
 
     def __init__(self, minutes: list[float], evaluate, curve_path: str | Path, start_seconds: float = 0.0):
-        self.marks = sorted(minutes)
+        self.marks = sorted(m for m in minutes if 60 * m > start_seconds)
         self.evaluate = evaluate
         self.curve_path = Path(curve_path)
         self.training_seconds = float(start_seconds)

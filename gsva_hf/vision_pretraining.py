@@ -100,6 +100,7 @@ def train_vision_features(
                 if on_row:
                     on_row(rows[-1])
     finally:
+        optimizer.zero_grad(set_to_none=True)
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         for part, mode in modes:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from gsva_hf.vision_pretraining import ImageContentLabels, train_vision_features
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
+from gsva_hf.vision_pretraining import ImageContentLabels, train_vision_features
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -85,7 +85,8 @@ def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
 
     args = run_args(
         synthetic, tmp_path / "run", "--max_steps", "1", "--vision_pretrain_steps", "3",
-        "--vision_pretrain_batch_size", "4", "--val_dataset", "grefcoco|unc|val", "--eval_at_minutes", "30",
+        "--vision_pretrain_batch_size", "4", "--val_dataset", "grefcoco|unc|val", "--eval_at_minutes", "0.001,30",
+        "--lora_r", "-1",
         "--config_overrides", "vision_feature_layer=-1,text_config.num_attention_heads=8,text_config.num_key_value_heads=8",
     )  # fmt: skip
     run = train_hf.build_run(args)
@@ -95,12 +96,14 @@ def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
     assert report["steps"] == 3 and report["batch_size"] == 4 and report["seconds"] > 0
     (curve,) = [c for c in run.trainer.callback_handler.callbacks if isinstance(c, TimedEvaluationCallback)]
     assert curve.training_seconds == pytest.approx(report["seconds"])
+    assert curve.marks == [30.0], "a mark the stage already passed must be dropped, not evaluated at step 1"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [("vision_feature_layer", "expected key=value"), ("text_config.no_such=1", "no 'no_such'"),
-     ("out_dim.x=1", "not a sub-config")],
+    [("vision_feature_layer", "expected key=value"), ("text_config.no_such=1", "no settable 'no_such'"),
+     ("out_dim.x=1", "not a sub-config"), ("vision_feature_layer=1.5", "vision_feature_layer=1.5"),
+     ("a=b=c", "expected key=value"), ("out_dim=128", "invalid GSVA config")],
 )  # fmt: skip
 def test_bad_config_overrides_name_the_key(synthetic, tmp_path, overrides, message):
     import train_hf
@@ -108,3 +111,32 @@ def test_bad_config_overrides_name_the_key(synthetic, tmp_path, overrides, messa
 
     with pytest.raises(ValueError, match=message):
         train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
+
+
+def test_config_overrides_reach_nested_configs(synthetic, tmp_path):
+    import train_hf
+    from tests.test_training import run_args
+
+    overrides = " sam_config.mask_decoder_config.num_hidden_layers = 1 , vision_config.num_hidden_layers=3,text_config.attention_bias=true"
+    run = train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
+    model = run.trainer.model
+    assert len(model.sam.mask_decoder.transformer.layers) == 1 and len(model.vision_tower.encoder.layers) == 3
+    assert model.language_model.model.layers[0].self_attn.q_proj.bias is not None
+
+
+@pytest.mark.parametrize("case", ["weights", "lora"])
+def test_vision_stage_is_refused_where_its_result_would_be_lost(synthetic, tmp_path, tiny_model, tiny_processor, case):
+    import train_hf
+    from tests.test_training import run_args
+
+    extra = ["--max_steps", "1", "--vision_pretrain_steps", "2"]
+    if case == "weights":
+        tiny_model.save_pretrained(tmp_path / "model")
+        tiny_processor.save_pretrained(tmp_path / "model")
+        args = run_args(synthetic, tmp_path / "run", *extra, "--model_name_or_path", str(tmp_path / "model"))
+        message = "holds weights"
+    else:
+        args = run_args(synthetic, tmp_path / "run", *extra, "--lora_r", "8", "--train_vision_tower", "true")
+        message = "--train_projector true"
+    with pytest.raises(ValueError, match=message):
+        train_hf.build_run(args)
