@@ -85,7 +85,7 @@ def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
 
     args = run_args(
         synthetic, tmp_path / "run", "--max_steps", "1", "--vision_pretrain_steps", "3",
-        "--vision_pretrain_batch_size", "4", "--val_dataset", "grefcoco|unc|val", "--eval_at_minutes", "0.001,30",
+        "--vision_pretrain_batch_size", "4", "--val_dataset", "grefcoco|unc|val", "--eval_at_minutes", "30",
         "--lora_r", "-1",
         "--config_overrides", "vision_feature_layer=-1,text_config.num_attention_heads=8,text_config.num_key_value_heads=8",
     )  # fmt: skip
@@ -96,7 +96,8 @@ def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
     assert report["steps"] == 3 and report["batch_size"] == 4 and report["seconds"] > 0
     (curve,) = [c for c in run.trainer.callback_handler.callbacks if isinstance(c, TimedEvaluationCallback)]
     assert curve.training_seconds == pytest.approx(report["seconds"])
-    assert curve.marks == [30.0], "a mark the stage already passed must be dropped, not evaluated at step 1"
+    passed = TimedEvaluationCallback([0.1, 0.5, 30], evaluate=None, curve_path=tmp_path / "c.jsonl", start_seconds=12)
+    assert passed.marks == [0.5, 30], "a mark the stage already passed must be dropped, not evaluated at step 1"
 
 
 @pytest.mark.parametrize(
