@@ -26,6 +26,7 @@ from gsva_hf.training import (
     TimedEvaluationCallback,
     count_parameters,
     export_model,
+    folder_has_weights,
     merged_model,
     prepare_for_training,
 )
@@ -125,16 +126,13 @@ class GSVATrainingArguments(TrainingArguments):
 def load_model(model_args: ModelArguments, dtype: torch.dtype):
     """Weights when the folder has them; a config-only preset gives a random model (tests, synthetic task)."""
     path = Path(model_args.model_name_or_path)
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     overrides = {
         "ce_loss_weight": model_args.ce_loss_weight,
         "bce_loss_weight": model_args.bce_loss_weight,
         "dice_loss_weight": model_args.dice_loss_weight,
         "seg_rej_ce_weight": model_args.seg_rej_ce_weight,
     }
-    if has_weights and model_args.config_overrides:
-        raise ValueError(f"--config_overrides applies to presets without weights, but {path} holds weights")
-    if has_weights:
+    if folder_has_weights(path):
         model = GSVAForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
         for key, value in overrides.items():
             setattr(model.config, key, value)
@@ -175,20 +173,22 @@ def apply_config_overrides(config: GSVAConfig, overrides: str) -> None:
         raise ValueError(f"--config_overrides {overrides!r} gives an invalid GSVA config: {error}") from error
 
 
-def check_vision_pretraining(model_args: ModelArguments, training_args: GSVATrainingArguments) -> None:
-    """The stage is for from-scratch towers, and its result must reach checkpoints (LoRA saves only what trains)."""
+def check_from_scratch_options(model_args: ModelArguments, training_args: GSVATrainingArguments) -> None:
+    """`--config_overrides` and the vision stage are for presets without weights; the stage's result must also
+    reach checkpoints (LoRA saves only what trains)."""
     steps = training_args.vision_pretrain_steps
     if steps < 0:
         raise ValueError(f"--vision_pretrain_steps must be >= 0, got {steps}")
-    if not steps:
-        return
     path = Path(model_args.model_name_or_path)
-    if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
-        raise ValueError(
-            f"--vision_pretrain_steps is for presets without weights, but {path} holds weights "
-            "(to fine-tune it with configs/train-tiny-synthetic.json add --vision_pretrain_steps 0 --config_overrides '')"
-        )
-    if model_args.lora_r > 0 and not (model_args.train_vision_tower and model_args.train_projector):
+    if folder_has_weights(path):
+        if steps:
+            raise ValueError(
+                f"--vision_pretrain_steps is for presets without weights, but {path} holds weights (to fine-tune it "
+                "with configs/train-tiny-synthetic.json add --vision_pretrain_steps 0 --config_overrides '')"
+            )
+        if model_args.config_overrides:
+            raise ValueError(f"--config_overrides applies to presets without weights, but {path} holds weights")
+    if steps and model_args.lora_r > 0 and not (model_args.train_vision_tower and model_args.train_projector):
         raise ValueError(
             "--vision_pretrain_steps with LoRA needs --train_vision_tower true --train_projector true, "
             "or checkpoints would not hold the pretrained tower and a resumed or exported model would lose it"
@@ -309,7 +309,7 @@ def build_run(argv=None) -> TrainingRun:
         ensure_synthetic_data(data_args)
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    check_vision_pretraining(model_args, training_args)
+    check_from_scratch_options(model_args, training_args)
     model, processor = load_model(model_args, dtype if training_args.deepspeed else torch.float32)
     pretrain_seconds = 0.0
     if training_args.vision_pretrain_steps > 0 and not (training_args.resume_from_checkpoint or training_args.export_only):

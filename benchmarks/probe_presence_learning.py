@@ -34,6 +34,7 @@ from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
+from gsva_hf.training import folder_has_weights  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     processor = GSVAProcessor.from_pretrained(args.preset)
-    if any(args.preset.glob("*.safetensors")):
+    if folder_has_weights(args.preset):
         model = GSVAForCausalLM.from_pretrained(args.preset).train()
     else:
         model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()

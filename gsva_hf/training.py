@@ -147,6 +147,11 @@ class GSVATrainer(Trainer):
         super().log(logs, start_time)
 
 
+def folder_has_weights(path: str | Path) -> bool:
+    """Whether `from_pretrained` finds weights in `path` (a preset folder holds only a config and a processor)."""
+    return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
+
+
 def count_parameters(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}

@@ -125,13 +125,19 @@ def test_config_overrides_reach_nested_configs(synthetic, tmp_path):
     assert model.language_model.model.layers[0].self_attn.q_proj.bias is not None
 
 
-@pytest.mark.parametrize("case", ["weights", "lora"])
+@pytest.mark.parametrize("case", ["weights", "lora", "overrides"])
 def test_vision_stage_is_refused_where_its_result_would_be_lost(synthetic, tmp_path, tiny_model, tiny_processor, case):
     import train_hf
     from tests.test_training import run_args
 
     extra = ["--max_steps", "1", "--vision_pretrain_steps", "2"]
-    if case == "weights":
+    if case == "overrides":
+        tiny_model.save_pretrained(tmp_path / "model")
+        tiny_processor.save_pretrained(tmp_path / "model")
+        args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--model_name_or_path", str(tmp_path / "model"),
+                        "--config_overrides", "vision_feature_layer=-1")  # fmt: skip
+        message = "--config_overrides applies to presets without weights"
+    elif case == "weights":
         tiny_model.save_pretrained(tmp_path / "model")
         tiny_processor.save_pretrained(tmp_path / "model")
         args = run_args(synthetic, tmp_path / "run", *extra, "--model_name_or_path", str(tmp_path / "model"))
