@@ -64,6 +64,13 @@ class ModelArguments:
             "'vision_feature_layer=-1,text_config.num_hidden_layers=4' (sub-configs by dotted name)"
         },
     )
+    embedding_init_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "presets without weights: draw the language model's input embeddings with this std instead of "
+            "text_config.initializer_range (a tiny LM needs ~1.0 for words to stay visible after attention)"
+        },
+    )
 
 
 @dataclass
@@ -116,8 +123,12 @@ class GSVATrainingArguments(TrainingArguments):
         default=0,
         metadata={
             "help": "synthetic task, from-scratch CLIP: first train CLIP and the projector this many steps to tell "
-            "which colour+shape pairs an image holds (0: off, as GSVA, whose CLIP comes pretrained)"
+            "what the image holds (0: off, as GSVA, whose CLIP comes pretrained)"
         },
+    )
+    vision_pretrain_target: str = field(
+        default="image",
+        metadata={"help": "image: which colour+shape pairs each image holds; patches: the colour+shape under each patch"},
     )
     vision_pretrain_learning_rate: float = 1e-3
     vision_pretrain_batch_size: int = 32
@@ -142,6 +153,8 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype):
         config = GSVAConfig.from_pretrained(path, **overrides)
         apply_config_overrides(config, model_args.config_overrides)
         model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
+        if model_args.embedding_init_std is not None:
+            torch.nn.init.normal_(model.get_input_embeddings().weight, std=model_args.embedding_init_std)
     processor = GSVAProcessor.from_pretrained(path)
     processor.check_config(model.config)
     return model, processor
@@ -179,6 +192,12 @@ def check_from_scratch_options(model_args: ModelArguments, training_args: GSVATr
     steps = training_args.vision_pretrain_steps
     if steps < 0:
         raise ValueError(f"--vision_pretrain_steps must be >= 0, got {steps}")
+    from gsva_hf.vision_pretraining import TARGETS
+
+    if training_args.vision_pretrain_target not in TARGETS:
+        raise ValueError(
+            f"--vision_pretrain_target must be one of {sorted(TARGETS)}, got {training_args.vision_pretrain_target!r}"
+        )
     path = Path(model_args.model_name_or_path)
     if folder_has_weights(path):
         if steps:
@@ -188,6 +207,10 @@ def check_from_scratch_options(model_args: ModelArguments, training_args: GSVATr
             )
         if model_args.config_overrides:
             raise ValueError(f"--config_overrides applies to presets without weights, but {path} holds weights")
+        if model_args.embedding_init_std is not None:
+            raise ValueError(f"--embedding_init_std applies to presets without weights, but {path} holds weights")
+    if model_args.embedding_init_std is not None and model_args.embedding_init_std <= 0:
+        raise ValueError(f"--embedding_init_std must be positive, got {model_args.embedding_init_std}")
     if steps and model_args.lora_r > 0 and not (model_args.train_vision_tower and model_args.train_projector):
         raise ValueError(
             "--vision_pretrain_steps with LoRA needs --train_vision_tower true --train_projector true, "
@@ -207,6 +230,7 @@ def pretrain_vision_tower(model, processor, data_args: DataArguments, training_a
         batch_size=training_args.vision_pretrain_batch_size,
         learning_rate=training_args.vision_pretrain_learning_rate,
         seed=training_args.seed,
+        target=training_args.vision_pretrain_target,
     )
     logger.info("vision pretraining: %s", report)
     if training_args.process_index == 0:

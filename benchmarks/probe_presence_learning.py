@@ -13,7 +13,8 @@ val images every `--eval-every` steps (accuracy of "Yes" vs "No" where the answe
 
 `--answer named` makes the answer repeat the target before deciding ("The red square: No."), as GSVA's answers do
 ("the red square:[REJ]"): the decision then sits right after the phrase, one lookup fewer than "Yes."/"No." alone.
-A `--preset` folder with weights (e.g. from `probe_vision_features.py --save`) starts from them.
+A `--preset` folder with weights (e.g. from `probe_vision_features.py --save`) starts from them; `--freeze-vision`
+keeps its tower and projector as they are, `--embedding-init-std` redraws the word embeddings.
 
     python benchmarks/probe_presence_learning.py --mode color --steps 1500
 """
@@ -110,6 +111,11 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--embedding-init-std", type=float, default=None,
+        help="redraw the language model's input embeddings with this std (train_hf.py --embedding_init_std)",
+    )
+    parser.add_argument("--freeze-vision", action="store_true", help="train only the language model (and lm_head)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -119,6 +125,11 @@ def main(argv=None) -> None:
         model = GSVAForCausalLM.from_pretrained(args.preset).train()
     else:
         model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
+    if args.embedding_init_std is not None:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embedding_init_std)
+    if args.freeze_vision:
+        for parameter in [*model.vision_tower.parameters(), *model.multi_modal_projector.parameters()]:
+            parameter.requires_grad_(False)
     train = PresenceQuestions(args.dataset_dir, "train", args.mode, args.answer)
     val_questions = PresenceQuestions(args.dataset_dir, "val", args.mode, args.answer)
     collator = GSVACollator(processor)
@@ -130,7 +141,7 @@ def main(argv=None) -> None:
         raise RuntimeError("an answer holds no 'Yes' / 'No' token where the tokenizer puts it in a bare answer")
     answer_at = decides.float().argmax(1)
     truth = val_batch["labels"][torch.arange(len(answer_at)), answer_at]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95))
     rng, start = np.random.default_rng(args.seed), time.perf_counter()
     print("| mode | step | samples | seconds | loss | val accuracy |\n|---|---|---|---|---|---|")
     for step in range(1, args.steps + 1):

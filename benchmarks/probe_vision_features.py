@@ -1,12 +1,15 @@
 """How fast can the tiny preset's CLIP tower learn what the synthetic images hold, given direct supervision?
 
-The vision side alone, as `train_hf.py --vision_pretrain_steps` trains it (`gsva_hf/vision_pretraining.py`): CLIP
-and the projector learn, through a linear head on their pooled features, which colour+shape pairs each image holds.
-Every `--eval-every` steps it prints, on the val images, the share of present pairs called present (recall) and of
-absent pairs called absent (specificity). `--save DIR` writes a GSVA folder with the trained tower, to start other
-probes or training runs from a "pretrained" CLIP.
+The vision side alone, as `train_hf.py --vision_pretrain_steps` trains it (`gsva_hf/vision_pretraining.py`): CLIP and
+the projector learn, through a linear head, which colour+shape pairs each image holds (`--target image`: val recall
+of present pairs and specificity) or the colour+shape of the object under each patch (`--target patches`: val
+accuracy on object patches, colour and shape both right and each alone, and on background patches). `--save DIR` writes a GSVA folder with the
+trained tower, to start other probes or training runs from a "pretrained" CLIP. `--probe-model DIR` instead fits
+only the linear head on a trained model's image tokens: what its language model can read off each token.
 
-    python benchmarks/probe_vision_features.py --steps 3000 --feature-layer -1
+    python benchmarks/probe_vision_features.py --steps 3000
+    python benchmarks/probe_vision_features.py --target patches --lr 3e-3 --steps 3000
+    python benchmarks/probe_vision_features.py --target patches --probe-model gsva_hf/assets/gsva-tiny-synthetic --steps 1000
 """
 
 import argparse
@@ -19,46 +22,56 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configuration_gsva import GSVAConfig  # noqa: E402
-from gsva_hf.vision_pretraining import ImageContentLabels, train_vision_features  # noqa: E402
+from gsva_hf.vision_pretraining import TARGETS, train_vision_features  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor  # noqa: E402
+from train_hf import apply_config_overrides  # noqa: E402
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
     parser.add_argument("--dataset_dir", type=Path, default=ROOT / "data" / "synthetic")
-    parser.add_argument("--feature-layer", type=int, default=None, help="vision_feature_layer (default: the preset's)")
+    parser.add_argument(
+        "--config_overrides", default="vision_feature_layer=-1",
+        help="as train_hf.py's, applied to the preset (default %(default)r, the embedded default's CLIP layer)",
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--target", choices=sorted(TARGETS), default="image")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", type=Path, default=None, help="write a GSVA folder with the trained tower here")
+    parser.add_argument(
+        "--probe-model", type=Path, default=None,
+        help="instead: a trained GSVA folder whose image tokens get only a linear probe (the tower stays as it is)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
-    config = GSVAConfig.from_pretrained(args.preset)
-    if args.feature_layer is not None:
-        config.vision_feature_layer = args.feature_layer
-    model = GSVAForCausalLM._from_config(config)
-    processor = GSVAProcessor.from_pretrained(args.preset)
-    train = ImageContentLabels(args.dataset_dir, "train")
-    val = ImageContentLabels(args.dataset_dir, "val", train.pairs)
-    print("| step | seconds | loss | val recall | val specificity |\n|---|---|---|---|---|")
+    if args.probe_model:
+        model = GSVAForCausalLM.from_pretrained(args.probe_model).eval()
+        processor = GSVAProcessor.from_pretrained(args.probe_model)
+    else:
+        config = GSVAConfig.from_pretrained(args.preset)
+        apply_config_overrides(config, args.config_overrides)
+        model = GSVAForCausalLM._from_config(config)
+        processor = GSVAProcessor.from_pretrained(args.preset)
+    train, val = (TARGETS[args.target](args.dataset_dir, split, model) for split in ("train", "val"))
+    header = []
 
     def print_row(row: dict) -> None:
-        print(
-            f"| {row['step']} | {row['seconds']} | {row['loss']:.3f} | {row['val_recall']:.3f} | "
-            f"{row['val_specificity']:.3f} |",
-            flush=True,
-        )
+        if not header:
+            header.extend(row)
+            print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+        print("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in header) + " |", flush=True)
 
     train_vision_features(
         model, processor.image_processor, train, val, args.steps, args.batch_size, args.lr, args.eval_every, args.seed,
-        on_row=print_row,
+        on_row=print_row, train_tower=args.probe_model is None,
     )  # fmt: skip
     if args.save:
         model.save_pretrained(args.save)

@@ -3,10 +3,13 @@
 GSVA starts from OpenAI's CLIP, whose patch features already tell colours and shapes apart; its language model only
 learns to look them up. A tiny tower trained from scratch only through the language model's loss learns shapes far
 too slowly (BENCHMARKS.md, section 1). This stage is the tiny model's stand-in for CLIP's pretraining: the features
-the language model reads (CLIP at `vision_feature_layer`, then the projector) learn, through a throwaway linear head
-on their max- and mean-pool, which colour+shape pairs each train image holds (`synthetic_labels.json`).
+the language model reads (CLIP at `vision_feature_layer`, then the projector) learn, through a throwaway linear head,
+either which colour+shape pairs each train image holds (`target="image"`: a head on their max- and mean-pool, the
+embedded default) or the colour+shape of the object under each patch (`target="patches"`: a head on every token,
+labels from the instance masks). The same code, with the tower left as it is, linear-probes a trained model's tokens.
 """
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,29 +17,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from torch import nn
 
-from gsva_hf.data.synthetic import IMAGE_SUBDIR, read_image_contents
+from gsva_hf.data.synthetic import IMAGE_SUBDIR, MANIFEST_NAME, read_image_objects
 
 logger = logging.getLogger(__name__)
 
 
-class ImageContentLabels:
-    """The images of one split as uint8 arrays and a 0/1 target per (colour, shape) pair, in `pairs` order."""
+class _SplitImages:
+    """One split's images (uint8 arrays), their objects, and `pairs`: every colour x shape of the task, sorted."""
 
-    def __init__(self, dataset_dir, split: str, pairs: list[tuple[str, str]] | None = None):
-        records, contents = read_image_contents(dataset_dir, split)
+    def __init__(self, dataset_dir, split: str):
+        records, objects = read_image_objects(dataset_dir, split)
         if not records:
             raise ValueError(f"{dataset_dir}: the synthetic task has no {split!r} images")
-        self.pairs = pairs or sorted({pair for record in records for pair in contents[record["id"]]})
+        parameters = json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())["parameters"]
+        self.pairs = sorted((color, shape) for color in parameters["colors"] for shape in parameters["shapes"])
         root = Path(dataset_dir) / IMAGE_SUBDIR
-        self.images = []
+        self.images, self.objects = [], [objects[record["id"]] for record in records]
         for record in records:
             with Image.open(root / record["file_name"]) as image:
                 self.images.append(np.asarray(image.convert("RGB")))
-        self.targets = torch.tensor(
-            [[pair in contents[record["id"]] for pair in self.pairs] for record in records], dtype=torch.float32
-        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -51,52 +53,138 @@ class PresenceHead(nn.Module):
         return self.linear(torch.cat([features.amax(1), features.mean(1)], dim=-1))
 
 
+class ImageContentLabels(_SplitImages):
+    """A 0/1 target per (colour, shape) pair, in `pairs` order: does the image hold one?"""
+
+    def __init__(self, dataset_dir, split: str):
+        super().__init__(dataset_dir, split)
+        self.targets = torch.tensor(
+            [[pair in {(o["color"], o["shape"]) for o in objects} for pair in self.pairs] for objects in self.objects],
+            dtype=torch.float32,
+        )
+
+    def head(self, width: int) -> nn.Module:
+        return PresenceHead(width, len(self.pairs))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+
+    def scores(self, logits: torch.Tensor) -> dict:
+        said, present = logits > 0, self.targets > 0
+        return {
+            "val_recall": (said & present).sum().item() / max(int(present.sum()), 1),
+            "val_specificity": (~said & ~present).sum().item() / max(int((~present).sum()), 1),
+        }
+
+
+class PatchContentLabels(_SplitImages):
+    """Per CLIP patch (row-major, `grid` x `grid`), the index in `pairs` of the object covering most of the patch,
+    or `len(pairs)` (background) where no object covers `min_cover` of it. Images must be square: CLIP's processor
+    then maps the whole image onto the grid."""
+
+    def __init__(self, dataset_dir, split: str, grid: int, min_cover: float = 0.2):
+        super().__init__(dataset_dir, split)
+        self.background = len(self.pairs)
+        for pixels, objects in zip(self.images, self.objects):
+            if pixels.shape[0] != pixels.shape[1]:
+                raise ValueError(f"{dataset_dir}: patch labels need square images, got {pixels.shape[1]}x{pixels.shape[0]}")
+        self.targets = torch.stack(
+            [self._patch_targets(objects, pixels.shape[0], grid, min_cover) for pixels, objects in zip(self.images, self.objects)]
+        )  # fmt: skip
+        colours, shapes = sorted({c for c, _ in self.pairs}), sorted({s for _, s in self.pairs})
+        self._colour_of = torch.tensor([colours.index(c) for c, _ in self.pairs] + [-1])  # background: -1
+        self._shape_of = torch.tensor([shapes.index(s) for _, s in self.pairs] + [-1])
+
+    def _patch_targets(self, objects: list[dict], size: int, grid: int, min_cover: float) -> torch.Tensor:
+        masks = torch.stack([
+            torch.from_numpy(mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(o["segmentation"], size, size))))
+            for o in objects
+        ]).float()  # fmt: skip
+        cover = nn.functional.adaptive_avg_pool2d(masks[:, None], grid)[:, 0].flatten(1)
+        best, index = cover.max(0)
+        classes = torch.tensor([self.pairs.index((o["color"], o["shape"])) for o in objects])
+        return torch.where(best >= min_cover, classes[index], self.background)
+
+    def head(self, width: int) -> nn.Module:
+        return nn.Linear(width, self.background + 1)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] != targets.shape[1]:
+            raise ValueError(
+                f"the tower gives {logits.shape[1]} image tokens but the labels have {targets.shape[1]} patches; "
+                "build the labels with grid = vision_config.image_size // vision_config.patch_size"
+            )
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def scores(self, logits: torch.Tensor) -> dict:
+        """Accuracy on object patches (colour and shape both right; each alone) and on background patches."""
+        said = logits.argmax(-1)
+        right, on_object = said == self.targets, self.targets != self.background
+        return {
+            "val_object_accuracy": right[on_object].float().mean().item(),
+            "val_colour_accuracy": (self._colour_of[said] == self._colour_of[self.targets])[on_object].float().mean().item(),
+            "val_shape_accuracy": (self._shape_of[said] == self._shape_of[self.targets])[on_object].float().mean().item(),
+            "val_background_accuracy": right[~on_object].float().mean().item(),
+        }  # fmt: skip
+
+
+def patch_grid(model) -> int:
+    vision = model.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+TARGETS = {
+    "image": lambda dataset_dir, split, model: ImageContentLabels(dataset_dir, split),
+    "patches": lambda dataset_dir, split, model: PatchContentLabels(dataset_dir, split, patch_grid(model)),
+}
+
+
 def train_vision_features(
-    model, image_processor, train: ImageContentLabels, val: ImageContentLabels, steps: int, batch_size: int = 32,
-    learning_rate: float = 1e-3, eval_every: int = 500, seed: int = 0, on_row=None,
+    model, image_processor, train, val, steps: int, batch_size: int = 32, learning_rate: float = 1e-3,
+    eval_every: int = 500, seed: int = 0, on_row=None, train_tower: bool = True,
 ) -> list[dict]:  # fmt: skip
-    """Train `model.vision_tower` and `model.multi_modal_projector` in place; return one row per evaluation (each
-    also handed to `on_row` as it comes). Every other parameter and every `requires_grad` flag is left as it was.
-    """
-    parts = [model.vision_tower, model.multi_modal_projector]
+    """Train `model.vision_tower` and `model.multi_modal_projector` in place on `train` (ImageContentLabels or
+    PatchContentLabels; with `train_tower=False` only the head trains: a linear probe of the features as they are);
+    return one row per evaluation on `val` (each also handed to `on_row` as it comes). Every other parameter and
+    every `requires_grad` flag is left as it was."""
+    if type(train) is not type(val) or train.pairs != val.pairs:
+        raise ValueError("train and val labels must be of one kind and one task (the same colour x shape pairs)")
+    parts = [model.vision_tower, model.multi_modal_projector] if train_tower else []
     flags = [(p, p.requires_grad) for part in parts for p in part.parameters()]
     modes = [(part, part.training) for part in parts]
     reference = next(model.vision_tower.parameters())
-    head = PresenceHead(model.config.text_config.hidden_size, len(train.pairs)).to(reference.device)
+    head = train.head(model.config.text_config.hidden_size).to(reference.device)
     params = [p for p, _ in flags]
+    clipped = params or list(head.parameters())  # the tower's gradients are clipped; a probe's head's are
     optimizer = torch.optim.AdamW(params + list(head.parameters()), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0)
     generator = torch.Generator().manual_seed(seed)
 
     def logits(images) -> torch.Tensor:
         pixels = image_processor(list(images), return_tensors="pt")["pixel_values"].to(reference.device, reference.dtype)
-        return head(model.get_image_features(pixels).float())
+        with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
+            features = model.get_image_features(pixels).float()
+        return head(features)
 
     rows, start = [], time.perf_counter()
     try:
-        for parameter in params:
+        for parameter, _ in flags:
             parameter.requires_grad_(True)
         for step in range(1, steps + 1):
             for part in parts:
                 part.train()
             index = torch.randint(len(train), (batch_size,), generator=generator).tolist()
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                logits(train.images[i] for i in index), train.targets[index].to(reference.device)
-            )
+            loss = train.loss(logits(train.images[i] for i in index), train.targets[index].to(reference.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(clipped, 1.0)
             optimizer.step()
             if step % eval_every == 0 or step == steps or step == 1:
                 for part in parts:
                     part.eval()
                 with torch.no_grad():
-                    said = torch.cat([logits(val.images[i : i + 64]).cpu() > 0 for i in range(0, len(val), 64)])
-                present = val.targets > 0
-                rows.append({
-                    "step": step, "seconds": round(time.perf_counter() - start, 1), "loss": loss.item(),
-                    "val_recall": (said & present).sum().item() / max(int(present.sum()), 1),
-                    "val_specificity": (~said & ~present).sum().item() / max(int((~present).sum()), 1),
-                })  # fmt: skip
+                    said = torch.cat([logits(val.images[i : i + 64]).cpu() for i in range(0, len(val), 64)])
+                rows.append({"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": loss.item()})
+                rows[-1].update(val.scores(said))
                 if on_row:
                     on_row(rows[-1])
     finally:
@@ -109,24 +197,26 @@ def train_vision_features(
 
 
 def pretrain_vision(
-    model, image_processor, dataset_dir, steps: int, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0
-) -> dict:
-    """Train the tower and projector on the train split's image contents; report the val split's recall and
-    specificity at the end, the first and last loss, and the wall seconds spent (learning curves count them)."""
+    model, image_processor, dataset_dir, steps: int, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
+    target: str = "image",
+) -> dict:  # fmt: skip
+    """Train the tower and projector on the train split's `target` labels; report the val split's scores at the
+    end, the first and last loss, and the wall seconds spent (learning curves count them)."""
     if steps <= 0:
         raise ValueError(f"vision pretraining needs a positive number of steps, got {steps}")
+    if target not in TARGETS:
+        raise ValueError(f"vision pretraining target must be one of {sorted(TARGETS)}, got {target!r}")
     start = time.perf_counter()
-    train = ImageContentLabels(dataset_dir, "train")
-    val = ImageContentLabels(dataset_dir, "val", train.pairs)
+    train, val = (TARGETS[target](dataset_dir, split, model) for split in ("train", "val"))
     rows = train_vision_features(
         model, image_processor, train, val, steps, batch_size, learning_rate, eval_every=steps, seed=seed,
         on_row=lambda row: logger.info("vision pretraining: %s", row),
     )  # fmt: skip
+    scores = {key: value for key, value in rows[-1].items() if key.startswith("val_")}
     return {
-        "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "first_loss": rows[0]["loss"],
-        "last_loss": rows[-1]["loss"], "val_recall": rows[-1]["val_recall"],
-        "val_specificity": rows[-1]["val_specificity"], "seconds": time.perf_counter() - start,
+        "target": target, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
+        "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], **scores, "seconds": time.perf_counter() - start,
     }  # fmt: skip
 
 
-__all__ = ["ImageContentLabels", "pretrain_vision", "train_vision_features"]
+__all__ = ["ImageContentLabels", "PatchContentLabels", "TARGETS", "patch_grid", "pretrain_vision", "train_vision_features"]

@@ -1,5 +1,5 @@
-"""The synthetic images' contents as read for the vision probes agree with the pixels; the vision-feature probe
-trains only CLIP and the projector, and its presence loss falls."""
+"""The synthetic images' contents and patch labels as read for the vision stage agree with the pixels; the stage
+trains only CLIP and the projector, and its loss falls."""
 
 import json
 
@@ -10,7 +10,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
-from gsva_hf.vision_pretraining import ImageContentLabels, train_vision_features
+from gsva_hf.vision_pretraining import (
+    TARGETS,
+    ImageContentLabels,
+    PatchContentLabels,
+    patch_grid,
+    train_vision_features,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -49,9 +55,35 @@ def test_image_contents_agree_with_the_pixels(synthetic, split):
     assert {r["id"] for r in records} == set(expected)
     assert {i: contents[i] for i in expected} == expected
     labels = ImageContentLabels(synthetic, split)
-    assert len(labels) == len(records)
+    assert len(labels) == len(records) and len(labels.pairs) == 24
     for record, row in zip(records, labels.targets):
         assert {pair for pair, on in zip(labels.pairs, row.tolist()) if on} == expected[record["id"]]
+
+
+def test_patch_labels_agree_with_the_pixels(synthetic):
+    """Per 16-px patch: the labelled colour is the palette colour painted on most of the patch (when it covers at
+    least 20%), and its shape is one that colour takes in the image; elsewhere the label is background."""
+    records, contents = read_image_contents(synthetic, "val")
+    labels = PatchContentLabels(synthetic, "val", grid=8)
+    assert len(labels) == len(records) and labels.targets.shape == (len(records), 64)
+    names, palette = list(PALETTE), np.array(list(PALETTE.values()), dtype=float)
+    checked = 0
+    for record, pixels, row in zip(records, labels.images, labels.targets.tolist()):
+        distance = np.abs(pixels[..., None, :].astype(float) - palette).sum(-1)
+        painted = np.where(distance.min(-1) < 60, distance.argmin(-1), -1)
+        patches = painted.reshape(8, 16, 8, 16).transpose(0, 2, 1, 3).reshape(64, 256)
+        for patch, label in zip(patches, row):
+            shares = np.bincount(patch[patch >= 0], minlength=len(names)) / 256
+            if np.any(np.abs(shares - 0.2) < 1 / 256):
+                continue
+            checked += 1
+            if shares.max() < 0.2:
+                assert label == labels.background
+            else:
+                colour, shape = labels.pairs[label]
+                assert colour == names[int(shares.argmax())]
+                assert (colour, shape) in contents[record["id"]]
+    assert checked > 300 and (labels.targets != labels.background).sum() > 20
 
 
 def test_missing_labels_name_the_file(tmp_path):
@@ -59,23 +91,43 @@ def test_missing_labels_name_the_file(tmp_path):
         read_image_contents(tmp_path, "train")
 
 
-def test_only_the_vision_side_trains_and_the_loss_falls(tiny_model, tiny_processor, synthetic):
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_only_the_vision_side_trains_and_the_loss_falls(tiny_model, tiny_processor, synthetic, target):
     for parameter in tiny_model.parameters():
         parameter.requires_grad_(False)
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
-    train = ImageContentLabels(synthetic, "train")
-    val = ImageContentLabels(synthetic, "val", train.pairs)
+    train, val = (TARGETS[target](synthetic, split, tiny_model) for split in ("train", "val"))
     rows = train_vision_features(
         tiny_model, tiny_processor.image_processor, train, val, steps=40, batch_size=8, learning_rate=3e-3, eval_every=20
     )
     assert [r["step"] for r in rows] == [1, 20, 40]
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
-    assert all(0.0 <= r["val_recall"] <= 1.0 and 0.0 <= r["val_specificity"] <= 1.0 for r in rows)
+    scores = {"image": {"val_recall", "val_specificity"}, "patches": {
+        "val_object_accuracy", "val_colour_accuracy", "val_shape_accuracy", "val_background_accuracy"}}[target]  # fmt: skip
+    assert all(set(r) == {"step", "seconds", "loss", *scores} and all(0 <= r[k] <= 1 for k in scores) for r in rows)
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
     assert changed <= {name for name in before if name.startswith(("vision_tower.", "multi_modal_projector."))}
     assert {"vision_tower.embeddings.patch_embedding.weight", "multi_modal_projector.linear_1.weight"} <= changed
     assert not any(p.requires_grad for p in tiny_model.parameters()), "requires_grad flags were not restored"
     assert not tiny_model.vision_tower.training, "the tower's eval mode was not restored"
+
+
+def test_a_linear_probe_leaves_the_model_as_it_is(tiny_model, tiny_processor, synthetic):
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    labels = PatchContentLabels(synthetic, "train", patch_grid(tiny_model))
+    rows = train_vision_features(
+        tiny_model, tiny_processor.image_processor, labels, labels, steps=60, batch_size=8, learning_rate=3e-2, eval_every=60,
+        train_tower=False,
+    )
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+    assert all(torch.equal(p, before[name]) for name, p in tiny_model.named_parameters())
+    assert rows[-1]["val_object_accuracy"] <= min(rows[-1]["val_colour_accuracy"], rows[-1]["val_shape_accuracy"])
+
+
+def test_labels_on_another_grid_are_refused(tiny_model, tiny_processor, synthetic):
+    labels = PatchContentLabels(synthetic, "val", grid=patch_grid(tiny_model) // 2)
+    with pytest.raises(ValueError, match="image tokens but the labels have"):
+        train_vision_features(tiny_model, tiny_processor.image_processor, labels, labels, steps=1, batch_size=2)
 
 
 def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
@@ -93,11 +145,24 @@ def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
     config = run.trainer.model.config
     assert (config.vision_feature_layer, config.text_config.num_attention_heads) == (-1, 8)
     report = json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())
-    assert report["steps"] == 3 and report["batch_size"] == 4 and report["seconds"] > 0
+    assert report["steps"] == 3 and report["batch_size"] == 4 and report["seconds"] > 0 and report["target"] == "image"
+    assert 0 <= report["val_recall"] <= 1
     (curve,) = [c for c in run.trainer.callback_handler.callbacks if isinstance(c, TimedEvaluationCallback)]
     assert curve.training_seconds == pytest.approx(report["seconds"])
     passed = TimedEvaluationCallback([0.1, 0.5, 30], evaluate=None, curve_path=tmp_path / "c.jsonl", start_seconds=12)
     assert passed.marks == [0.5, 30], "a mark the stage already passed must be dropped, not evaluated at step 1"
+
+
+def test_train_hf_runs_the_patch_stage_and_refuses_unknown_targets(synthetic, tmp_path):
+    import train_hf
+    from tests.test_training import run_args
+
+    common = ["--max_steps", "1", "--vision_pretrain_steps", "2", "--vision_pretrain_batch_size", "2", "--lora_r", "-1"]
+    train_hf.build_run(run_args(synthetic, tmp_path / "run", *common, "--vision_pretrain_target", "patches"))
+    report = json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())
+    assert report["target"] == "patches" and 0 <= report["val_object_accuracy"] <= 1
+    with pytest.raises(ValueError, match="--vision_pretrain_target must be one of"):
+        train_hf.build_run(run_args(synthetic, tmp_path / "run2", *common, "--vision_pretrain_target", "pixels"))
 
 
 @pytest.mark.parametrize(
@@ -125,13 +190,38 @@ def test_config_overrides_reach_nested_configs(synthetic, tmp_path):
     assert model.language_model.model.layers[0].self_attn.q_proj.bias is not None
 
 
-@pytest.mark.parametrize("case", ["weights", "lora", "overrides"])
+def test_embedding_init_std_draws_only_the_input_embeddings(synthetic, tmp_path):
+    import train_hf
+    from tests.test_training import run_args
+
+    def build(*extra):
+        return train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--lora_r", "-1", *extra)).trainer.model
+
+    plain, drawn = build(), build("--embedding_init_std", "1.0")
+    embeddings = drawn.get_input_embeddings().weight
+    assert embeddings.std().item() == pytest.approx(1.0, rel=0.05)
+    assert plain.get_input_embeddings().weight.std().item() == pytest.approx(plain.config.text_config.initializer_range, rel=0.1)
+    others = dict(plain.named_parameters())
+    for name, parameter in drawn.named_parameters():
+        if "embed_tokens" not in name:
+            assert torch.equal(parameter, others[name]), name
+    with pytest.raises(ValueError, match="--embedding_init_std must be positive"):
+        build("--embedding_init_std", "0")
+
+
+@pytest.mark.parametrize("case", ["weights", "lora", "overrides", "embedding"])
 def test_vision_stage_is_refused_where_its_result_would_be_lost(synthetic, tmp_path, tiny_model, tiny_processor, case):
     import train_hf
     from tests.test_training import run_args
 
     extra = ["--max_steps", "1", "--vision_pretrain_steps", "2"]
-    if case == "overrides":
+    if case == "embedding":
+        tiny_model.save_pretrained(tmp_path / "model")
+        tiny_processor.save_pretrained(tmp_path / "model")
+        args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--model_name_or_path", str(tmp_path / "model"),
+                        "--embedding_init_std", "1.0")  # fmt: skip
+        message = "--embedding_init_std applies to presets without weights"
+    elif case == "overrides":
         tiny_model.save_pretrained(tmp_path / "model")
         tiny_processor.save_pretrained(tmp_path / "model")
         args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--model_name_or_path", str(tmp_path / "model"),

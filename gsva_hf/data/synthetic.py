@@ -378,8 +378,9 @@ def _check_options(colors, shapes, num_images, image_size, split_options, kind_w
         raise ValueError(f"kind_weights needs positive weights for kinds among {list(KINDS)}; got {kind_weights}")
 
 
-def read_image_contents(dataset_dir, split: str) -> tuple[list[dict], dict[int, set[tuple[str, str]]]]:
-    """The images of `split` (records of synthetic_labels.json) and the (colour, shape) pairs each one holds."""
+def read_image_objects(dataset_dir, split: str) -> tuple[list[dict], dict[int, list[dict]]]:
+    """The images of `split` (records of synthetic_labels.json) and, per image, its objects as instances.json
+    annotations with their `color` and `shape` added."""
     root = Path(dataset_dir)
     labels_path, instances_path = root / LABELS_NAME, root / GREFCOCO_SUBDIR / "instances.json"
     for path in (labels_path, instances_path):
@@ -387,13 +388,20 @@ def read_image_contents(dataset_dir, split: str) -> tuple[list[dict], dict[int, 
             raise FileNotFoundError(f"{path} not found: {root} must hold the synthetic task (python -m gsva_hf.data.synthetic)")
     labels = json.loads(labels_path.read_text())
     attributes = {a["id"]: (a["color"], a["shape"]) for a in labels["annotations"]}
-    contents: dict[int, set[tuple[str, str]]] = {}
+    objects: dict[int, list[dict]] = {}
     for ann in json.loads(instances_path.read_text())["annotations"]:
         if ann["id"] not in attributes:
             raise ValueError(f"{instances_path}: annotation {ann['id']} has no colour in {labels_path}")
-        contents.setdefault(ann["image_id"], set()).add(attributes[ann["id"]])
-    records = [image for image in labels["images"] if image["split"] == split and image["id"] in contents]
-    return records, contents
+        color, shape = attributes[ann["id"]]
+        objects.setdefault(ann["image_id"], []).append({**ann, "color": color, "shape": shape})
+    records = [image for image in labels["images"] if image["split"] == split and image["id"] in objects]
+    return records, objects
+
+
+def read_image_contents(dataset_dir, split: str) -> tuple[list[dict], dict[int, set[tuple[str, str]]]]:
+    """The images of `split` (records of synthetic_labels.json) and the (colour, shape) pairs each one holds."""
+    records, objects = read_image_objects(dataset_dir, split)
+    return records, {image_id: {(o["color"], o["shape"]) for o in found} for image_id, found in objects.items()}
 
 
 def _prepare_dir(root: Path):
