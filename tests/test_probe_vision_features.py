@@ -209,31 +209,25 @@ def test_embedding_init_std_draws_only_the_input_embeddings(synthetic, tmp_path)
         build("--embedding_init_std", "0")
 
 
-@pytest.mark.parametrize("case", ["weights", "lora", "overrides", "embedding"])
-def test_vision_stage_is_refused_where_its_result_would_be_lost(synthetic, tmp_path, tiny_model, tiny_processor, case):
+REFUSALS = {  # case: (start from a folder with weights, extra arguments, expected message)
+    "weights": (True, ["--vision_pretrain_steps", "2"], "holds weights"),
+    "overrides": (True, ["--config_overrides", "vision_feature_layer=-1"], "--config_overrides applies to presets without"),
+    "embedding": (True, ["--embedding_init_std", "1.0"], "--embedding_init_std applies to presets without weights"),
+    "lora": (False, ["--vision_pretrain_steps", "2", "--lora_r", "8", "--train_vision_tower", "true"], "--train_projector true"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_from_scratch_options_are_refused_where_their_result_would_be_lost(
+    synthetic, tmp_path, tiny_model, tiny_processor, case
+):
     import train_hf
     from tests.test_training import run_args
 
-    extra = ["--max_steps", "1", "--vision_pretrain_steps", "2"]
-    if case == "embedding":
+    with_weights, extra, message = REFUSALS[case]
+    if with_weights:
         tiny_model.save_pretrained(tmp_path / "model")
         tiny_processor.save_pretrained(tmp_path / "model")
-        args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--model_name_or_path", str(tmp_path / "model"),
-                        "--embedding_init_std", "1.0")  # fmt: skip
-        message = "--embedding_init_std applies to presets without weights"
-    elif case == "overrides":
-        tiny_model.save_pretrained(tmp_path / "model")
-        tiny_processor.save_pretrained(tmp_path / "model")
-        args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--model_name_or_path", str(tmp_path / "model"),
-                        "--config_overrides", "vision_feature_layer=-1")  # fmt: skip
-        message = "--config_overrides applies to presets without weights"
-    elif case == "weights":
-        tiny_model.save_pretrained(tmp_path / "model")
-        tiny_processor.save_pretrained(tmp_path / "model")
-        args = run_args(synthetic, tmp_path / "run", *extra, "--model_name_or_path", str(tmp_path / "model"))
-        message = "holds weights"
-    else:
-        args = run_args(synthetic, tmp_path / "run", *extra, "--lora_r", "8", "--train_vision_tower", "true")
-        message = "--train_projector true"
+        extra = [*extra, "--model_name_or_path", str(tmp_path / "model")]
     with pytest.raises(ValueError, match=message):
-        train_hf.build_run(args)
+        train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", *extra))
