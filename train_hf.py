@@ -12,6 +12,7 @@ AdamW lr 3e-4, betas (0.9, 0.95), 100 warm-up steps then linear decay, gradient 
 
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from gsva_hf.training import (
     GSVATrainer,
     TimedEvaluationCallback,
     count_parameters,
+    draw_input_embeddings,
     export_model,
     folder_has_weights,
     merged_model,
@@ -154,7 +156,7 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype):
         apply_config_overrides(config, model_args.config_overrides)
         model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
         if model_args.embedding_init_std is not None:
-            torch.nn.init.normal_(model.get_input_embeddings().weight, std=model_args.embedding_init_std)
+            draw_input_embeddings(model, model_args.embedding_init_std)
     processor = GSVAProcessor.from_pretrained(path)
     processor.check_config(model.config)
     return model, processor
@@ -209,8 +211,12 @@ def check_from_scratch_options(model_args: ModelArguments, training_args: GSVATr
             raise ValueError(f"--config_overrides applies to presets without weights, but {path} holds weights")
         if model_args.embedding_init_std is not None:
             raise ValueError(f"--embedding_init_std applies to presets without weights, but {path} holds weights")
-    if model_args.embedding_init_std is not None and model_args.embedding_init_std <= 0:
-        raise ValueError(f"--embedding_init_std must be positive, got {model_args.embedding_init_std}")
+    if model_args.embedding_init_std is not None and not (
+        model_args.embedding_init_std > 0 and math.isfinite(model_args.embedding_init_std)
+    ):
+        raise ValueError(f"--embedding_init_std must be a positive finite number, got {model_args.embedding_init_std}")
+    if training_args.vision_pretrain_target != "image" and not steps:
+        raise ValueError("--vision_pretrain_target only applies with --vision_pretrain_steps > 0")
     if steps and model_args.lora_r > 0 and not (model_args.train_vision_tower and model_args.train_projector):
         raise ValueError(
             "--vision_pretrain_steps with LoRA needs --train_vision_tower true --train_projector true, "

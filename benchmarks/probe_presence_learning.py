@@ -35,7 +35,7 @@ from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
-from gsva_hf.training import folder_has_weights  # noqa: E402
+from gsva_hf.training import draw_input_embeddings, folder_has_weights  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     else:
         model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
     if args.embedding_init_std is not None:
-        torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embedding_init_std)
+        draw_input_embeddings(model, args.embedding_init_std, flag="--embedding-init-std")
     if args.freeze_vision:
         for parameter in [*model.vision_tower.parameters(), *model.multi_modal_projector.parameters()]:
             parameter.requires_grad_(False)

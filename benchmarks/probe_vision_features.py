@@ -30,11 +30,11 @@ from train_hf import apply_config_overrides  # noqa: E402
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
+    parser.add_argument("--preset", type=Path, default=None, help="a preset folder (default configs/gsva-tiny)")
     parser.add_argument("--dataset_dir", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument(
-        "--config_overrides", default="vision_feature_layer=-1",
-        help="as train_hf.py's, applied to the preset (default %(default)r, the embedded default's CLIP layer)",
+        "--config_overrides", default=None,
+        help="as train_hf.py's, applied to the preset (default 'vision_feature_layer=-1', the embedded default's)",
     )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -49,6 +49,8 @@ def main(argv=None) -> None:
         help="instead: a trained GSVA folder whose image tokens get only a linear probe (the tower stays as it is)",
     )
     args = parser.parse_args(argv)
+    if args.probe_model and (args.save or args.preset or args.config_overrides is not None):
+        parser.error("--probe-model probes a trained model as it is: drop --save, --preset and --config_overrides")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
@@ -56,10 +58,11 @@ def main(argv=None) -> None:
         model = GSVAForCausalLM.from_pretrained(args.probe_model).eval()
         processor = GSVAProcessor.from_pretrained(args.probe_model)
     else:
-        config = GSVAConfig.from_pretrained(args.preset)
-        apply_config_overrides(config, args.config_overrides)
+        preset = args.preset or ROOT / "configs" / "gsva-tiny"
+        config = GSVAConfig.from_pretrained(preset)
+        apply_config_overrides(config, "vision_feature_layer=-1" if args.config_overrides is None else args.config_overrides)
         model = GSVAForCausalLM._from_config(config)
-        processor = GSVAProcessor.from_pretrained(args.preset)
+        processor = GSVAProcessor.from_pretrained(preset)
     train, val = (TARGETS[args.target](args.dataset_dir, split, model) for split in ("train", "val"))
     header = []
 

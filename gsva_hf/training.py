@@ -6,10 +6,12 @@ SAM's image and prompt encoders frozen. Flags open the frozen parts for a from-s
 """
 
 import json
+import math
 import re
 import time
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
@@ -150,6 +152,14 @@ class GSVATrainer(Trainer):
 def folder_has_weights(path: str | Path) -> bool:
     """Whether `from_pretrained` finds weights in `path` (a preset folder holds only a config and a processor)."""
     return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
+
+
+def draw_input_embeddings(model, std: float, flag: str = "--embedding_init_std") -> None:
+    """Redraw a from-scratch language model's input embeddings with `std` (all rows, padding included): at the
+    preset's 0.02 a 128-wide model's words are ~5x smaller than its first attention output (BENCHMARKS.md)."""
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"{flag} must be a positive finite number, got {std}")
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
 
 
 def count_parameters(model) -> dict[str, int]:

@@ -26,18 +26,28 @@ logger = logging.getLogger(__name__)
 
 
 class _SplitImages:
-    """One split's images (uint8 arrays), their objects, and `pairs`: every colour x shape of the task, sorted."""
+    """One split's images (uint8 arrays), their objects, and `pairs`: every colour x shape the task's manifest
+    declares, sorted (not only those a split happens to hold, so train and val labels always line up)."""
 
     def __init__(self, dataset_dir, split: str):
         records, objects = read_image_objects(dataset_dir, split)
         if not records:
             raise ValueError(f"{dataset_dir}: the synthetic task has no {split!r} images")
-        parameters = json.loads((Path(dataset_dir) / MANIFEST_NAME).read_text())["parameters"]
+        manifest = Path(dataset_dir) / MANIFEST_NAME
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} not found: {dataset_dir} must hold the synthetic task")
+        parameters = json.loads(manifest.read_text()).get("parameters", {})
+        if not {"colors", "shapes"} <= set(parameters):
+            raise ValueError(f"{manifest}: 'parameters' must list the task's 'colors' and 'shapes'")
         self.pairs = sorted((color, shape) for color in parameters["colors"] for shape in parameters["shapes"])
         root = Path(dataset_dir) / IMAGE_SUBDIR
-        self.images, self.objects = [], [objects[record["id"]] for record in records]
-        for record in records:
-            with Image.open(root / record["file_name"]) as image:
+        self.images, self.objects, self.files = [], [objects[record["id"]] for record in records], []
+        for record, found in zip(records, self.objects):
+            unknown = [o["id"] for o in found if (o["color"], o["shape"]) not in self.pairs]
+            if unknown:
+                raise ValueError(f"annotations {unknown} of image {record['id']}: colour+shape not in {manifest}")
+            self.files.append(root / record["file_name"])
+            with Image.open(self.files[-1]) as image:
                 self.images.append(np.asarray(image.convert("RGB")))
 
     def __len__(self) -> int:
@@ -85,9 +95,9 @@ class PatchContentLabels(_SplitImages):
     def __init__(self, dataset_dir, split: str, grid: int, min_cover: float = 0.2):
         super().__init__(dataset_dir, split)
         self.background = len(self.pairs)
-        for pixels, objects in zip(self.images, self.objects):
+        for pixels, path in zip(self.images, self.files):
             if pixels.shape[0] != pixels.shape[1]:
-                raise ValueError(f"{dataset_dir}: patch labels need square images, got {pixels.shape[1]}x{pixels.shape[0]}")
+                raise ValueError(f"{path}: patch labels need square images, got {pixels.shape[1]}x{pixels.shape[0]}")
         self.targets = torch.stack(
             [self._patch_targets(objects, pixels.shape[0], grid, min_cover) for pixels, objects in zip(self.images, self.objects)]
         )  # fmt: skip
@@ -111,8 +121,9 @@ class PatchContentLabels(_SplitImages):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] != targets.shape[1]:
             raise ValueError(
-                f"the tower gives {logits.shape[1]} image tokens but the labels have {targets.shape[1]} patches; "
-                "build the labels with grid = vision_config.image_size // vision_config.patch_size"
+                f"the tower gives {logits.shape[1]} image tokens but the labels have {targets.shape[1]} patches: "
+                "patch labels need vision_feature_select_strategy 'default' (CLS dropped) and "
+                "grid = vision_config.image_size // vision_config.patch_size (patch_grid)"
             )
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
@@ -149,9 +160,10 @@ def train_vision_features(
     every `requires_grad` flag is left as it was."""
     if type(train) is not type(val) or train.pairs != val.pairs:
         raise ValueError("train and val labels must be of one kind and one task (the same colour x shape pairs)")
-    parts = [model.vision_tower, model.multi_modal_projector] if train_tower else []
+    tower = [model.vision_tower, model.multi_modal_projector]
+    parts = tower if train_tower else []
     flags = [(p, p.requires_grad) for part in parts for p in part.parameters()]
-    modes = [(part, part.training) for part in parts]
+    modes = [(part, part.training) for part in tower]
     reference = next(model.vision_tower.parameters())
     head = train.head(model.config.text_config.hidden_size).to(reference.device)
     params = [p for p, _ in flags]
@@ -169,6 +181,8 @@ def train_vision_features(
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(True)
+        for part in tower:
+            part.train(train_tower)
         for step in range(1, steps + 1):
             for part in parts:
                 part.train()

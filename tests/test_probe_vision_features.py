@@ -121,7 +121,47 @@ def test_a_linear_probe_leaves_the_model_as_it_is(tiny_model, tiny_processor, sy
     )
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
     assert all(torch.equal(p, before[name]) for name, p in tiny_model.named_parameters())
-    assert rows[-1]["val_object_accuracy"] <= min(rows[-1]["val_colour_accuracy"], rows[-1]["val_shape_accuracy"])
+    assert all(p.grad is None for p in tiny_model.parameters()) and not tiny_model.vision_tower.training
+    with pytest.raises(ValueError, match="one kind"):
+        train_vision_features(tiny_model, tiny_processor.image_processor, labels, ImageContentLabels(synthetic, "val"), 1)
+
+
+def test_labels_outside_the_manifest_are_refused(synthetic, tmp_path):
+    import shutil
+
+    root = shutil.copytree(synthetic, tmp_path / "copy")
+    manifest = json.loads((root / "synthetic_grefcoco.json").read_text())
+    used = {o["color"] for o in json.loads((root / "synthetic_labels.json").read_text())["annotations"]}
+    manifest["parameters"]["colors"] = {c: v for c, v in manifest["parameters"]["colors"].items() if c != sorted(used)[0]}
+    (root / "synthetic_grefcoco.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="colour\\+shape not in .*synthetic_grefcoco.json"):
+        ImageContentLabels(root, "train")
+    (root / "synthetic_grefcoco.json").unlink()
+    with pytest.raises(FileNotFoundError, match="synthetic_grefcoco.json not found"):
+        PatchContentLabels(root, "val", grid=8)
+
+
+def test_patch_scores_count_colour_and_shape_apart(synthetic):
+    """Scores of hand-made predictions: the truth scores 1; a colour swapped on k object patches costs k/n of the
+    object and colour accuracies but no shape accuracy; calling one background patch an object costs 1/m."""
+    labels = PatchContentLabels(synthetic, "val", grid=8)
+    truth = torch.nn.functional.one_hot(labels.targets, labels.background + 1).float()
+    assert set(labels.scores(truth).values()) == {1.0}
+    on_object = (labels.targets != labels.background).nonzero().tolist()
+    background = (labels.targets == labels.background).nonzero().tolist()
+    said, k = truth.clone(), 3
+    for image, patch in on_object[:k]:
+        colour, shape = labels.pairs[labels.targets[image, patch]]
+        other = next(i for i, (c, s) in enumerate(labels.pairs) if s == shape and c != colour)
+        said[image, patch] = torch.nn.functional.one_hot(torch.tensor(other), labels.background + 1)
+    image, patch = background[0]
+    said[image, patch] = torch.nn.functional.one_hot(labels.targets[on_object[-1][0], on_object[-1][1]], labels.background + 1)
+    scores = labels.scores(said)
+    n, m = len(on_object), len(background)
+    assert scores["val_object_accuracy"] == pytest.approx(1 - k / n)
+    assert scores["val_colour_accuracy"] == pytest.approx(1 - k / n)
+    assert scores["val_shape_accuracy"] == 1.0
+    assert scores["val_background_accuracy"] == pytest.approx(1 - 1 / m)
 
 
 def test_labels_on_another_grid_are_refused(tiny_model, tiny_processor, synthetic):
@@ -163,6 +203,8 @@ def test_train_hf_runs_the_patch_stage_and_refuses_unknown_targets(synthetic, tm
     assert report["target"] == "patches" and 0 <= report["val_object_accuracy"] <= 1
     with pytest.raises(ValueError, match="--vision_pretrain_target must be one of"):
         train_hf.build_run(run_args(synthetic, tmp_path / "run2", *common, "--vision_pretrain_target", "pixels"))
+    with pytest.raises(ValueError, match="only applies with --vision_pretrain_steps > 0"):
+        train_hf.build_run(run_args(synthetic, tmp_path / "run3", "--max_steps", "1", "--vision_pretrain_target", "patches"))
 
 
 @pytest.mark.parametrize(
@@ -205,8 +247,9 @@ def test_embedding_init_std_draws_only_the_input_embeddings(synthetic, tmp_path)
     for name, parameter in drawn.named_parameters():
         if "embed_tokens" not in name:
             assert torch.equal(parameter, others[name]), name
-    with pytest.raises(ValueError, match="--embedding_init_std must be positive"):
-        build("--embedding_init_std", "0")
+    for bad in ("0", "nan", "inf"):
+        with pytest.raises(ValueError, match="--embedding_init_std must be a positive finite number"):
+            build("--embedding_init_std", bad)
 
 
 REFUSALS = {  # case: (start from a folder with weights, extra arguments, expected message)
