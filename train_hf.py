@@ -12,7 +12,6 @@ AdamW lr 3e-4, betas (0.9, 0.95), 100 warm-up steps then linear decay, gradient 
 
 import json
 import logging
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from gsva_hf.data.collator import GSVACollator
 from gsva_hf.training import (
     GSVATrainer,
     TimedEvaluationCallback,
+    check_embedding_init_std,
     count_parameters,
     draw_input_embeddings,
     export_model,
@@ -211,10 +211,8 @@ def check_from_scratch_options(model_args: ModelArguments, training_args: GSVATr
             raise ValueError(f"--config_overrides applies to presets without weights, but {path} holds weights")
         if model_args.embedding_init_std is not None:
             raise ValueError(f"--embedding_init_std applies to presets without weights, but {path} holds weights")
-    if model_args.embedding_init_std is not None and not (
-        model_args.embedding_init_std > 0 and math.isfinite(model_args.embedding_init_std)
-    ):
-        raise ValueError(f"--embedding_init_std must be a positive finite number, got {model_args.embedding_init_std}")
+    if model_args.embedding_init_std is not None:
+        check_embedding_init_std(model_args.embedding_init_std)
     if training_args.vision_pretrain_target != "image" and not steps:
         raise ValueError("--vision_pretrain_target only applies with --vision_pretrain_steps > 0")
     if steps and model_args.lora_r > 0 and not (model_args.train_vision_tower and model_args.train_projector):

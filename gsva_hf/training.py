@@ -154,11 +154,15 @@ def folder_has_weights(path: str | Path) -> bool:
     return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
 
 
+def check_embedding_init_std(std: float, flag: str = "--embedding_init_std") -> None:
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"{flag} must be a positive finite number, got {std}")
+
+
 def draw_input_embeddings(model, std: float, flag: str = "--embedding_init_std") -> None:
     """Redraw a from-scratch language model's input embeddings with `std` (all rows, padding included): at the
     preset's 0.02 a 128-wide model's words are ~5x smaller than its first attention output (BENCHMARKS.md)."""
-    if not (std > 0 and math.isfinite(std)):
-        raise ValueError(f"{flag} must be a positive finite number, got {std}")
+    check_embedding_init_std(std, flag)
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
 
 

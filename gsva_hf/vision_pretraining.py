@@ -68,10 +68,8 @@ class ImageContentLabels(_SplitImages):
 
     def __init__(self, dataset_dir, split: str):
         super().__init__(dataset_dir, split)
-        self.targets = torch.tensor(
-            [[pair in {(o["color"], o["shape"]) for o in objects} for pair in self.pairs] for objects in self.objects],
-            dtype=torch.float32,
-        )
+        held = [{(o["color"], o["shape"]) for o in objects} for objects in self.objects]
+        self.targets = torch.tensor([[pair in pairs for pair in self.pairs] for pairs in held], dtype=torch.float32)
 
     def head(self, width: int) -> nn.Module:
         return PresenceHead(width, len(self.pairs))
