@@ -118,6 +118,13 @@ class GSVATrainingArguments(TrainingArguments):
     mask_head_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of SAM and text_hidden_fcs (default: learning_rate, as GSVA)"}
     )
+    embedding_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "learning rate of the language model's input embeddings (default: learning_rate, as GSVA); "
+            "with --embedding_init_std S, learning_rate*S/0.02 keeps their relative pace"
+        },
+    )
     eval_at_minutes: str = field(
         default="", metadata={"help": "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20,30"}
     )
@@ -130,7 +137,10 @@ class GSVATrainingArguments(TrainingArguments):
     )
     vision_pretrain_target: str = field(
         default="image",
-        metadata={"help": "image: which colour+shape pairs each image holds; patches: the colour+shape under each patch"},
+        metadata={
+            "help": "image: which colour+shape pairs each image holds; patches: the colour+shape under each patch; "
+            "both: the two together"
+        },
     )
     vision_pretrain_learning_rate: float = 1e-3
     vision_pretrain_batch_size: int = 32
@@ -370,6 +380,7 @@ def build_run(argv=None) -> TrainingRun:
         data_collator=GSVACollator(processor),
         processing_class=processor,
         mask_head_learning_rate=training_args.mask_head_learning_rate,
+        embedding_learning_rate=training_args.embedding_learning_rate,
     )
     if training_args.eval_at_minutes and data_args.val_dataset:
         from gsva_hf.data.mixed import build_val_dataset

@@ -106,25 +106,42 @@ def is_mask_head(name: str) -> bool:
 
 class GSVATrainer(Trainer):
     """Trainer that logs GSVA's CE, BCE and Dice parts (averaged over the logging window) and can give the mask
-    head its own learning rate (`mask_head_learning_rate`; None keeps GSVA's single rate)."""
+    head (`mask_head_learning_rate`) and the language model's input embeddings (`embedding_learning_rate`) their own
+    learning rates; None keeps GSVA's single rate."""
 
-    def __init__(self, *args, mask_head_learning_rate: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        mask_head_learning_rate: float | None = None,
+        embedding_learning_rate: float | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.mask_head_learning_rate = mask_head_learning_rate
+        self.embedding_learning_rate = embedding_learning_rate
         self._part_sums: dict[str, float] = {}
         self._part_count = 0
 
+    def _own_learning_rates(self, model) -> dict[int, float]:
+        """Parameter id -> learning rate for the parameters that do not use `learning_rate`."""
+        rates = {}
+        if self.mask_head_learning_rate is not None:
+            rates.update({id(p): self.mask_head_learning_rate for n, p in model.named_parameters() if is_mask_head(n)})
+        if self.embedding_learning_rate is not None:
+            rates[id(model.get_input_embeddings().weight)] = self.embedding_learning_rate
+        return rates
+
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.mask_head_learning_rate is None or getattr(optimizer, "_gsva_split", False):
+        rates = self._own_learning_rates(model or self.model)
+        if not rates or getattr(optimizer, "_gsva_split", False):
             return optimizer
-        head = {id(p) for n, p in (model or self.model).named_parameters() if is_mask_head(n)}
         groups = []
         for group in optimizer.param_groups:
-            for in_head, lr in ((True, self.mask_head_learning_rate), (False, group["lr"])):
-                params = [p for p in group["params"] if (id(p) in head) == in_head]
-                if params:
-                    groups.append({**group, "params": params, "lr": lr})
+            by_rate: dict[float, list] = {}
+            for p in group["params"]:
+                by_rate.setdefault(rates.get(id(p), group["lr"]), []).append(p)
+            groups += [{**group, "params": params, "lr": lr} for lr, params in by_rate.items()]
         optimizer.param_groups.clear()
         for group in groups:
             optimizer.add_param_group(group)

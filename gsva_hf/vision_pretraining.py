@@ -5,8 +5,8 @@ learns to look them up. A tiny tower trained from scratch only through the langu
 too slowly (BENCHMARKS.md, section 1). This stage is the tiny model's stand-in for CLIP's pretraining: the features
 the language model reads (CLIP at `vision_feature_layer`, then the projector) learn, through a throwaway linear head,
 either which colour+shape pairs each train image holds (`target="image"`: a head on their max- and mean-pool, the
-embedded default) or the colour+shape of the object under each patch (`target="patches"`: a head on every token,
-labels from the instance masks). The same code, with the tower left as it is, linear-probes a trained model's tokens.
+embedded default), the colour+shape of the object under each patch (`target="patches"`: a head on every token,
+labels from the instance masks) or both (`target="both"`). The same code, with the tower left as it is, linear-probes a trained model's tokens.
 """
 
 import json
@@ -137,6 +137,45 @@ class PatchContentLabels(_SplitImages):
         }  # fmt: skip
 
 
+class _BothHeads(nn.Module):
+    def __init__(self, image: nn.Module, patches: nn.Module):
+        super().__init__()
+        self.image, self.patches = image, patches
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image(features), self.patches(features)
+
+
+class ImageAndPatchLabels:
+    """Both kinds at once (`target="both"`): every token learns the pair under its patch while the tokens' pools
+    still tell which pairs the image holds, so a language model's near-uniform first attention already reads a
+    presence signal in which colour and shape are bound. `targets` holds the image targets, then the patch indices,
+    in one float tensor per image (indices below 2**24 are exact)."""
+
+    def __init__(self, dataset_dir, split: str, grid: int, min_cover: float = 0.2):
+        self.image = ImageContentLabels(dataset_dir, split)
+        self.patches = PatchContentLabels(dataset_dir, split, grid, min_cover)
+        self.pairs, self.images = self.image.pairs, self.image.images
+        self.targets = torch.cat([self.image.targets, self.patches.targets.float()], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def head(self, width: int) -> nn.Module:
+        return _BothHeads(self.image.head(width), self.patches.head(width))
+
+    def _split(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = len(self.pairs)
+        return targets[:, :count], targets[:, count:].long()
+
+    def loss(self, logits: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        image, patches = self._split(targets)
+        return self.image.loss(logits[0], image) + self.patches.loss(logits[1], patches)
+
+    def scores(self, logits: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        return {**self.image.scores(logits[0]), **self.patches.scores(logits[1])}
+
+
 def patch_grid(model) -> int:
     vision = model.config.vision_config
     return vision.image_size // vision.patch_size
@@ -145,7 +184,15 @@ def patch_grid(model) -> int:
 TARGETS = {
     "image": lambda dataset_dir, split, model: ImageContentLabels(dataset_dir, split),
     "patches": lambda dataset_dir, split, model: PatchContentLabels(dataset_dir, split, patch_grid(model)),
+    "both": lambda dataset_dir, split, model: ImageAndPatchLabels(dataset_dir, split, patch_grid(model)),
 }
+
+
+def _concat(chunks: list):
+    """Batches of logits (a tensor, or a tuple of tensors for `target="both"`) joined along the batch, on the CPU."""
+    if isinstance(chunks[0], tuple):
+        return tuple(torch.cat([chunk[i] for chunk in chunks]).cpu() for i in range(len(chunks[0])))
+    return torch.cat(chunks).cpu()
 
 
 def train_vision_features(
@@ -194,7 +241,7 @@ def train_vision_features(
                 for part in parts:
                     part.eval()
                 with torch.no_grad():
-                    said = torch.cat([logits(val.images[i : i + 64]).cpu() for i in range(0, len(val), 64)])
+                    said = _concat([logits(val.images[i : i + 64]) for i in range(0, len(val), 64)])
                 rows.append({"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": loss.item()})
                 rows[-1].update(val.scores(said))
                 if on_row:
@@ -231,4 +278,4 @@ def pretrain_vision(
     }  # fmt: skip
 
 
-__all__ = ["ImageContentLabels", "PatchContentLabels", "TARGETS", "patch_grid", "pretrain_vision", "train_vision_features"]
+__all__ = ["ImageAndPatchLabels", "ImageContentLabels", "PatchContentLabels", "TARGETS", "patch_grid", "pretrain_vision", "train_vision_features"]

@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
 from gsva_hf.vision_pretraining import (
     TARGETS,
+    ImageAndPatchLabels,
     ImageContentLabels,
     PatchContentLabels,
     patch_grid,
@@ -102,8 +103,9 @@ def test_only_the_vision_side_trains_and_the_loss_falls(tiny_model, tiny_process
     )
     assert [r["step"] for r in rows] == [1, 20, 40]
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
-    scores = {"image": {"val_recall", "val_specificity"}, "patches": {
-        "val_object_accuracy", "val_colour_accuracy", "val_shape_accuracy", "val_background_accuracy"}}[target]  # fmt: skip
+    kinds = {"image": {"val_recall", "val_specificity"}, "patches": {
+        "val_object_accuracy", "val_colour_accuracy", "val_shape_accuracy", "val_background_accuracy"}}  # fmt: skip
+    scores = kinds[target] if target in kinds else kinds["image"] | kinds["patches"]
     assert all(set(r) == {"step", "seconds", "loss", *scores} and all(0 <= r[k] <= 1 for k in scores) for r in rows)
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
     assert changed <= {name for name in before if name.startswith(("vision_tower.", "multi_modal_projector."))}
@@ -162,6 +164,18 @@ def test_patch_scores_count_colour_and_shape_apart(synthetic):
     assert scores["val_colour_accuracy"] == pytest.approx(1 - k / n)
     assert scores["val_shape_accuracy"] == 1.0
     assert scores["val_background_accuracy"] == pytest.approx(1 - 1 / m)
+
+
+def test_both_kinds_together_add_the_two_losses_and_keep_both_scores(synthetic):
+    both = ImageAndPatchLabels(synthetic, "val", grid=8)
+    image, patches = ImageContentLabels(synthetic, "val"), PatchContentLabels(synthetic, "val", grid=8)
+    assert both.pairs == image.pairs and len(both) == len(image)
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(len(both), len(both.pairs), generator=generator),
+              torch.randn(len(both), 64, patches.background + 1, generator=generator))  # fmt: skip
+    expected = image.loss(logits[0], image.targets) + patches.loss(logits[1], patches.targets)
+    torch.testing.assert_close(both.loss(logits, both.targets), expected)
+    assert both.scores(logits) == {**image.scores(logits[0]), **patches.scores(logits[1])}
 
 
 def test_labels_on_another_grid_are_refused(tiny_model, tiny_processor, synthetic):

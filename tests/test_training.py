@@ -178,3 +178,24 @@ def test_zero2_config_matches_gsva_settings():
     zero = config["zero_optimization"]
     assert zero["stage"] == 2 and zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 1e9
     assert zero["contiguous_gradients"] and zero["overlap_comm"] and zero["reduce_scatter"]
+
+
+@pytest.mark.parametrize("lora_r", ["-1", "8"])
+def test_own_learning_rates_reach_exactly_their_parameters(synthetic_dir, tmp_path, lora_r):
+    from gsva_hf.training import is_mask_head
+
+    args = run_args(
+        synthetic_dir, tmp_path / "run", "--max_steps", "1", "--lora_r", lora_r, "--learning_rate", "3e-4",
+        "--mask_head_learning_rate", "1e-4", "--embedding_learning_rate", "5e-3",
+    )  # fmt: skip
+    trainer = train_hf.build_run(args).trainer
+    optimizer = trainer.create_optimizer()
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert len(rate_of) == len(trainable)
+    embedding_rows = trainer.model.get_input_embeddings().weight
+    for name, param in trainable:
+        expected = 5e-3 if param is embedding_rows else 1e-4 if is_mask_head(name) else 3e-4
+        assert rate_of[id(param)] == expected, name
+    assert sum(rate == 5e-3 for rate in rate_of.values()) == 1
+    assert trainer.create_optimizer() is optimizer
