@@ -14,7 +14,8 @@ val images every `--eval-every` steps (accuracy of "Yes" vs "No" where the answe
 `--answer named` makes the answer repeat the target before deciding ("The red square: No."), as GSVA's answers do
 ("the red square:[REJ]"): the decision then sits right after the phrase, one lookup fewer than "Yes."/"No." alone.
 A `--preset` folder with weights (e.g. from `probe_vision_features.py --save`) starts from them; `--freeze-vision`
-keeps its tower and projector as they are, `--embedding-init-std` redraws the word embeddings.
+keeps its tower and projector as they are, `--embedding-init-std` redraws the word embeddings, `--lm-init-std` the whole
+language model.
 
     python benchmarks/probe_presence_learning.py --mode color --steps 1500
 """
@@ -35,7 +36,7 @@ from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
-from gsva_hf.training import draw_input_embeddings, folder_has_weights  # noqa: E402
+from gsva_hf.training import check_embedding_init_std, draw_input_embeddings, folder_has_weights  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
@@ -99,6 +100,19 @@ class PresenceQuestions:
         return Sample(image=image, rounds=[(question, answer)], masks=masks, meta={"image_id": image_id})
 
 
+def draw_language_model(model, std: float, seed: int) -> None:
+    """A from-scratch language model drawn at another scale: the preset's `initializer_range` 0.02 is Llama's choice
+    for width 4,096, about 4x below 1/sqrt(width) for the tiny preset's 128 (BENCHMARKS.md, "Fifth session")."""
+    check_embedding_init_std(std, flag="--lm-init-std")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.language_model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(module.weight, std=std)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
@@ -115,6 +129,11 @@ def main(argv=None) -> None:
         "--embedding-init-std", type=float, default=None,
         help="redraw the language model's input embeddings with this std (train_hf.py --embedding_init_std)",
     )
+    parser.add_argument(
+        "--lm-init-std", type=float, default=None,
+        help="redraw every linear layer and embedding of the language model with this std (biases zero), from a "
+        "generator seeded with --seed + 1; the preset's weights are otherwise kept",
+    )
     parser.add_argument("--freeze-vision", action="store_true", help="train only the language model (and lm_head)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,6 +144,8 @@ def main(argv=None) -> None:
         model = GSVAForCausalLM.from_pretrained(args.preset).train()
     else:
         model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
+    if args.lm_init_std is not None:
+        draw_language_model(model, args.lm_init_std, seed=args.seed + 1)
     if args.embedding_init_std is not None:
         draw_input_embeddings(model, args.embedding_init_std, flag="--embedding-init-std")
     if args.freeze_vision:

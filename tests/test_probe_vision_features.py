@@ -288,3 +288,18 @@ def test_from_scratch_options_are_refused_where_their_result_would_be_lost(
         extra = [*extra, "--model_name_or_path", str(tmp_path / "model")]
     with pytest.raises(ValueError, match=message):
         train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", *extra))
+
+
+def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
+    from benchmarks.probe_presence_learning import draw_language_model
+
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    draw_language_model(tiny_model, 0.5, seed=1)
+    changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
+    drawn = {f"language_model.{n}.weight" for n, m in tiny_model.language_model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}  # fmt: skip
+    assert changed == drawn
+    weights = torch.cat([dict(tiny_model.named_parameters())[name].flatten() for name in drawn])
+    assert weights.std().item() == pytest.approx(0.5, rel=0.02)
+    with pytest.raises(ValueError, match="--lm-init-std must be a positive finite number"):
+        draw_language_model(tiny_model, float("nan"), seed=1)
