@@ -12,6 +12,7 @@ AdamW lr 3e-4, betas (0.9, 0.95), 100 warm-up steps then linear decay, gradient 
 
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,7 +123,8 @@ class GSVATrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "learning rate of the language model's input embeddings (default: learning_rate, as GSVA); "
-            "with --embedding_init_std S, learning_rate*S/0.02 keeps their relative pace"
+            "with --embedding_init_std S, learning_rate*S/0.02 keeps their relative pace. Setting or dropping it "
+            "(or --mask_head_learning_rate) changes the optimizer's groups: resume with the flags of the first run"
         },
     )
     eval_at_minutes: str = field(
@@ -230,6 +232,30 @@ def check_from_scratch_options(model_args: ModelArguments, training_args: GSVATr
             "--vision_pretrain_steps with LoRA needs --train_vision_tower true --train_projector true, "
             "or checkpoints would not hold the pretrained tower and a resumed or exported model would lose it"
         )
+
+
+OWN_RATE_FLAGS = ("mask_head_learning_rate", "embedding_learning_rate")
+
+
+def check_own_learning_rates(training_args: GSVATrainingArguments) -> None:
+    """The extra learning rates must be usable numbers and must reach the optimizer: a DeepSpeed config with its own
+    optimizer or scheduler would build param groups the Trainer never splits, silently dropping them."""
+    given = [flag for flag in OWN_RATE_FLAGS if getattr(training_args, flag) is not None]
+    for flag in given:
+        rate = getattr(training_args, flag)
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"--{flag} must be a finite number >= 0, got {rate}")
+    if given and training_args.deepspeed:
+        config = training_args.deepspeed
+        if isinstance(config, str):
+            config = json.loads(Path(config).read_text())
+        owned = [key for key in ("optimizer", "scheduler") if key in config]
+        if owned:
+            source = training_args.deepspeed if isinstance(training_args.deepspeed, str) else "(dict)"
+            raise ValueError(
+                f"--{given[0]} needs the Trainer's optimizer and scheduler, but the DeepSpeed config {source} defines "
+                f"{' and '.join(owned)}: remove it (configs/deepspeed_zero2.json has neither)"
+            )
 
 
 def pretrain_vision_tower(model, processor, data_args: DataArguments, training_args: GSVATrainingArguments) -> float:
@@ -348,6 +374,7 @@ def build_run(argv=None) -> TrainingRun:
 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     check_from_scratch_options(model_args, training_args)
+    check_own_learning_rates(training_args)
     model, processor = load_model(model_args, dtype if training_args.deepspeed else torch.float32)
     pretrain_seconds = 0.0
     if training_args.vision_pretrain_steps > 0 and not (training_args.resume_from_checkpoint or training_args.export_only):

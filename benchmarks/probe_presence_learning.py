@@ -102,13 +102,14 @@ class PresenceQuestions:
 
 def draw_language_model(model, std: float, seed: int) -> None:
     """A from-scratch language model drawn at another scale: the preset's `initializer_range` 0.02 is Llama's choice
-    for width 4,096, about 4x below 1/sqrt(width) for the tiny preset's 128 (BENCHMARKS.md, "Fifth session")."""
+    for width 4,096, about 4x below 1/sqrt(width) for the tiny preset's 128 (BENCHMARKS.md, "Fifth session"). Every
+row is drawn, the padding row included, as `draw_input_embeddings` does."""
     check_embedding_init_std(std, flag="--lm-init-std")
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.language_model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(module.weight, std=std)
+                torch.nn.init.normal_(module.weight, std=std, generator=generator)
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
 

@@ -122,13 +122,24 @@ class GSVATrainer(Trainer):
         self._part_sums: dict[str, float] = {}
         self._part_count = 0
 
-    def _own_learning_rates(self, model) -> dict[int, float]:
-        """Parameter id -> learning rate for the parameters that do not use `learning_rate`."""
+    def _own_learning_rates(self, model) -> dict[int, tuple[str, float]]:
+        """Parameter id -> (flag, learning rate) for the trainable parameters that do not use `learning_rate`; a
+        rate that reaches no trainable parameter is an error, not a no-op."""
         rates = {}
         if self.mask_head_learning_rate is not None:
-            rates.update({id(p): self.mask_head_learning_rate for n, p in model.named_parameters() if is_mask_head(n)})
+            head = [p for n, p in model.named_parameters() if p.requires_grad and is_mask_head(n)]
+            if not head:
+                raise ValueError("--mask_head_learning_rate is set but no SAM or text_hidden_fcs parameter trains")
+            rates.update({id(p): ("mask_head_learning_rate", self.mask_head_learning_rate) for p in head})
         if self.embedding_learning_rate is not None:
-            rates[id(model.get_input_embeddings().weight)] = self.embedding_learning_rate
+            embeddings = model.get_input_embeddings().weight
+            if not embeddings.requires_grad:
+                raise ValueError("--embedding_learning_rate is set but the input embeddings do not train")
+            if embeddings is getattr(model.get_output_embeddings(), "weight", None):
+                raise ValueError(
+                    "--embedding_learning_rate: the input embeddings are tied to lm_head, which would share the rate"
+                )
+            rates[id(embeddings)] = ("embedding_learning_rate", self.embedding_learning_rate)
         return rates
 
     def create_optimizer(self, model=None):
@@ -136,12 +147,20 @@ class GSVATrainer(Trainer):
         rates = self._own_learning_rates(model or self.model)
         if not rates or getattr(optimizer, "_gsva_split", False):
             return optimizer
-        groups = []
+        groups, reached = [], set()
         for group in optimizer.param_groups:
-            by_rate: dict[float, list] = {}
+            by_kind: dict[str, tuple[float, list]] = {}
             for p in group["params"]:
-                by_rate.setdefault(rates.get(id(p), group["lr"]), []).append(p)
-            groups += [{**group, "params": params, "lr": lr} for lr, params in by_rate.items()]
+                kind, lr = rates.get(id(p), ("learning_rate", group["lr"]))
+                by_kind.setdefault(kind, (lr, []))[1].append(p)
+                reached.add(kind)
+            groups += [{**group, "params": params, "lr": lr} for lr, params in by_kind.values()]
+        missing = {kind for kind, _ in rates.values()} - reached
+        if missing:
+            raise ValueError(
+                f"--{sorted(missing)[0]}: its parameters are not in the optimizer (an --optim that builds its own "
+                "groups cannot take it)"
+            )
         optimizer.param_groups.clear()
         for group in groups:
             optimizer.add_param_group(group)

@@ -6,7 +6,8 @@ too slowly (BENCHMARKS.md, section 1). This stage is the tiny model's stand-in f
 the language model reads (CLIP at `vision_feature_layer`, then the projector) learn, through a throwaway linear head,
 either which colour+shape pairs each train image holds (`target="image"`: a head on their max- and mean-pool, the
 embedded default), the colour+shape of the object under each patch (`target="patches"`: a head on every token,
-labels from the instance masks) or both (`target="both"`). The same code, with the tower left as it is, linear-probes a trained model's tokens.
+labels from the instance masks) or both (`target="both"`). The same code, with the tower left as it is,
+linear-probes a trained model's tokens.
 """
 
 import json
@@ -29,7 +30,11 @@ class _SplitImages:
     """One split's images (uint8 arrays), their objects, and `pairs`: every colour x shape the task's manifest
     declares, sorted (not only those a split happens to hold, so train and val labels always line up)."""
 
-    def __init__(self, dataset_dir, split: str):
+    def __init__(self, dataset_dir, split: str, loaded: "_SplitImages | None" = None):
+        if loaded is not None:  # another label kind of the same split: share its images, do not read them again
+            self.pairs, self.images, self.objects = loaded.pairs, loaded.images, loaded.objects
+            self.files = loaded.files
+            return
         records, objects = read_image_objects(dataset_dir, split)
         if not records:
             raise ValueError(f"{dataset_dir}: the synthetic task has no {split!r} images")
@@ -66,8 +71,8 @@ class PresenceHead(nn.Module):
 class ImageContentLabels(_SplitImages):
     """A 0/1 target per (colour, shape) pair, in `pairs` order: does the image hold one?"""
 
-    def __init__(self, dataset_dir, split: str):
-        super().__init__(dataset_dir, split)
+    def __init__(self, dataset_dir, split: str, loaded: _SplitImages | None = None):
+        super().__init__(dataset_dir, split, loaded)
         held = [{(o["color"], o["shape"]) for o in objects} for objects in self.objects]
         self.targets = torch.tensor([[pair in pairs for pair in self.pairs] for pairs in held], dtype=torch.float32)
 
@@ -153,8 +158,8 @@ class ImageAndPatchLabels:
     in one float tensor per image (indices below 2**24 are exact)."""
 
     def __init__(self, dataset_dir, split: str, grid: int, min_cover: float = 0.2):
-        self.image = ImageContentLabels(dataset_dir, split)
         self.patches = PatchContentLabels(dataset_dir, split, grid, min_cover)
+        self.image = ImageContentLabels(dataset_dir, split, loaded=self.patches)
         self.pairs, self.images = self.image.pairs, self.image.images
         self.targets = torch.cat([self.image.targets, self.patches.targets.float()], dim=1)
 
@@ -199,8 +204,8 @@ def train_vision_features(
     model, image_processor, train, val, steps: int, batch_size: int = 32, learning_rate: float = 1e-3,
     eval_every: int = 500, seed: int = 0, on_row=None, train_tower: bool = True,
 ) -> list[dict]:  # fmt: skip
-    """Train `model.vision_tower` and `model.multi_modal_projector` in place on `train` (ImageContentLabels or
-    PatchContentLabels; with `train_tower=False` only the head trains: a linear probe of the features as they are);
+    """Train `model.vision_tower` and `model.multi_modal_projector` in place on `train` (any of `TARGETS`' label
+    kinds; with `train_tower=False` only the head trains: a linear probe of the features as they are);
     return one row per evaluation on `val` (each also handed to `on_row` as it comes). Every other parameter and
     every `requires_grad` flag is left as it was."""
     if type(train) is not type(val) or train.pairs != val.pairs:
@@ -278,4 +283,12 @@ def pretrain_vision(
     }  # fmt: skip
 
 
-__all__ = ["ImageAndPatchLabels", "ImageContentLabels", "PatchContentLabels", "TARGETS", "patch_grid", "pretrain_vision", "train_vision_features"]
+__all__ = [
+    "ImageAndPatchLabels",
+    "ImageContentLabels",
+    "PatchContentLabels",
+    "TARGETS",
+    "patch_grid",
+    "pretrain_vision",
+    "train_vision_features",
+]

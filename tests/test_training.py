@@ -186,16 +186,53 @@ def test_own_learning_rates_reach_exactly_their_parameters(synthetic_dir, tmp_pa
 
     args = run_args(
         synthetic_dir, tmp_path / "run", "--max_steps", "1", "--lora_r", lora_r, "--learning_rate", "3e-4",
-        "--mask_head_learning_rate", "1e-4", "--embedding_learning_rate", "5e-3",
+        "--mask_head_learning_rate", "1e-4", "--embedding_learning_rate", "5e-3", "--weight_decay", "0.1",
     )  # fmt: skip
     trainer = train_hf.build_run(args).trainer
+    decayed = set(trainer.get_decay_parameter_names(trainer.model))
     optimizer = trainer.create_optimizer()
-    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     trainable = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert len(rate_of) == len(trainable)
+    assert len(group_of) == len(trainable)
     embedding_rows = trainer.model.get_input_embeddings().weight
     for name, param in trainable:
         expected = 5e-3 if param is embedding_rows else 1e-4 if is_mask_head(name) else 3e-4
-        assert rate_of[id(param)] == expected, name
-    assert sum(rate == 5e-3 for rate in rate_of.values()) == 1
-    assert trainer.create_optimizer() is optimizer
+        assert group_of[id(param)]["lr"] == expected, name
+        assert group_of[id(param)]["weight_decay"] == (0.1 if name in decayed else 0.0), name
+    assert sum(group["lr"] == 5e-3 for group in group_of.values()) == 1
+    trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    assert sorted(set(trainer.lr_scheduler.base_lrs)) == [1e-4, 3e-4, 5e-3]
+
+
+@pytest.mark.parametrize(
+    ("rates", "deepspeed", "message"),
+    [
+        ({"embedding_learning_rate": -1e-3}, None, "--embedding_learning_rate must be a finite number >= 0, got -0.001"),
+        ({"mask_head_learning_rate": float("nan")}, None, "--mask_head_learning_rate must be a finite number >= 0, got nan"),
+        ({"embedding_learning_rate": 1e-3}, {"optimizer": {}}, "DeepSpeed config .* defines optimizer: remove it"),
+        ({"mask_head_learning_rate": 1e-3}, {"scheduler": {}, "optimizer": {}}, "defines optimizer and scheduler"),
+    ],
+)
+def test_own_learning_rates_that_could_not_apply_are_refused(tmp_path, rates, deepspeed, message):
+    """Checked on plain settings objects: parsing a --deepspeed TrainingArguments needs deepspeed installed."""
+    from types import SimpleNamespace
+
+    if deepspeed is not None:
+        (tmp_path / "ds.json").write_text(json.dumps({**deepspeed, "zero_optimization": {"stage": 2}}))
+        deepspeed = str(tmp_path / "ds.json")
+    settings = SimpleNamespace(mask_head_learning_rate=None, embedding_learning_rate=None, deepspeed=deepspeed)
+    for flag, rate in rates.items():
+        setattr(settings, flag, rate)
+    with pytest.raises(ValueError, match=message):
+        train_hf.check_own_learning_rates(settings)
+    settings.deepspeed = str(REPO / "configs" / "deepspeed_zero2.json")
+    if all(rate >= 0 for rate in rates.values()):
+        train_hf.check_own_learning_rates(settings)  # the shipped config leaves both to the Trainer
+
+
+def test_an_embedding_rate_for_frozen_embeddings_is_refused(synthetic_dir, tmp_path):
+    args = run_args(synthetic_dir, tmp_path / "run", "--max_steps", "1", "--lora_r", "0", "--embedding_learning_rate", "1e-3")
+    trainer = train_hf.build_run(args).trainer
+    trainer.model.get_input_embeddings().weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="--embedding_learning_rate is set but the input embeddings do not train"):
+        trainer.create_optimizer()
