@@ -5,7 +5,8 @@ the projector learn, through a linear head, which colour+shape pairs each image 
 of present pairs and specificity) or the colour+shape of the object under each patch (`--target patches`: val
 accuracy on object patches, colour and shape both right and each alone, and on background patches). `--save DIR` writes a GSVA folder with the
 trained tower, to start other probes or training runs from a "pretrained" CLIP. `--probe-model DIR` instead fits
-only the linear head on a trained model's image tokens: what its language model can read off each token.
+only the linear head on a trained model's image tokens: what its language model can read off each token; it first
+prints how much of those tokens' variance colour, shape and their pair explain.
 
     python benchmarks/probe_vision_features.py --steps 3000
     python benchmarks/probe_vision_features.py --target patches --lr 3e-3 --steps 3000
@@ -22,10 +23,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configuration_gsva import GSVAConfig  # noqa: E402
-from gsva_hf.vision_pretraining import TARGETS, train_vision_features  # noqa: E402
+from gsva_hf.vision_pretraining import TARGETS, PatchContentLabels, patch_grid, train_vision_features  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor  # noqa: E402
 from train_hf import apply_config_overrides  # noqa: E402
+
+
+def variance_shares(features: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict[str, float]:
+    """For each labelling of the rows of `features` [N, D], the share of their total variance that lies between its
+    groups' means (1: the label alone fixes the feature; 0: the feature ignores it)."""
+    centred = features - features.mean(0)
+    total = centred.pow(2).sum()
+    shares = {}
+    for name, labels in groups.items():
+        between = sum(
+            (labels == value).sum() * centred[labels == value].mean(0).pow(2).sum() for value in labels.unique()
+        )
+        shares[name] = float(between / total)
+    return shares
+
+
+def token_variance_shares(model, image_processor, dataset_dir: Path) -> dict[str, float]:
+    """How much of the val object patches' image tokens, RMS-normalised as the language model's first norm sees
+    them, colour, shape and their pair explain: what is loud enough for the language model to pick up first."""
+    labels = PatchContentLabels(dataset_dir, "val", patch_grid(model))
+    with torch.no_grad():
+        pixels = image_processor(labels.images, return_tensors="pt")["pixel_values"]
+        tokens = model.get_image_features(pixels.to(model.dtype)).float()
+    tokens = tokens / tokens.pow(2).mean(-1, keepdim=True).sqrt()
+    on_object = labels.targets != labels.background
+    pairs = labels.targets[on_object]
+    groups = {"colour": labels.colour_of[pairs], "shape": labels.shape_of[pairs], "pair": pairs}
+    return variance_shares(tokens[on_object], groups)
 
 
 def main(argv=None) -> None:
@@ -57,6 +86,8 @@ def main(argv=None) -> None:
     if args.probe_model:
         model = GSVAForCausalLM.from_pretrained(args.probe_model).eval()
         processor = GSVAProcessor.from_pretrained(args.probe_model)
+        shares = token_variance_shares(model, processor.image_processor, args.dataset_dir)
+        print("variance of val object-patch tokens explained by " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
     else:
         preset = args.preset or ROOT / "configs" / "gsva-tiny"
         config = GSVAConfig.from_pretrained(preset)

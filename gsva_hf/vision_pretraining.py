@@ -105,8 +105,8 @@ class PatchContentLabels(_SplitImages):
             [self._patch_targets(objects, pixels.shape[0], grid, min_cover) for pixels, objects in zip(self.images, self.objects)]
         )  # fmt: skip
         colours, shapes = sorted({c for c, _ in self.pairs}), sorted({s for _, s in self.pairs})
-        self._colour_of = torch.tensor([colours.index(c) for c, _ in self.pairs] + [-1])  # background: -1
-        self._shape_of = torch.tensor([shapes.index(s) for _, s in self.pairs] + [-1])
+        self.colour_of = torch.tensor([colours.index(c) for c, _ in self.pairs] + [-1])  # background: -1
+        self.shape_of = torch.tensor([shapes.index(s) for _, s in self.pairs] + [-1])
 
     def _patch_targets(self, objects: list[dict], size: int, grid: int, min_cover: float) -> torch.Tensor:
         masks = torch.stack([
@@ -136,8 +136,8 @@ class PatchContentLabels(_SplitImages):
         right, on_object = said == self.targets, self.targets != self.background
         return {
             "val_object_accuracy": right[on_object].float().mean().item(),
-            "val_colour_accuracy": (self._colour_of[said] == self._colour_of[self.targets])[on_object].float().mean().item(),
-            "val_shape_accuracy": (self._shape_of[said] == self._shape_of[self.targets])[on_object].float().mean().item(),
+            "val_colour_accuracy": (self.colour_of[said] == self.colour_of[self.targets])[on_object].float().mean().item(),
+            "val_shape_accuracy": (self.shape_of[said] == self.shape_of[self.targets])[on_object].float().mean().item(),
             "val_background_accuracy": right[~on_object].float().mean().item(),
         }  # fmt: skip
 

@@ -303,3 +303,15 @@ def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
     assert weights.std().item() == pytest.approx(0.5, rel=0.02)
     with pytest.raises(ValueError, match="--lm-init-std must be a positive finite number"):
         draw_language_model(tiny_model, float("nan"), seed=1)
+
+
+def test_variance_shares_on_hand_made_features(tiny_model, tiny_processor, synthetic):
+    """Between-group share of variance: 0,2,4,6 split {0,2}|{4,6} has means 1 and 5 around 3, so 16 of 20."""
+    from benchmarks.probe_vision_features import token_variance_shares, variance_shares
+
+    features = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0], [6.0, 1.0]])
+    shares = variance_shares(features, {"halves": torch.tensor([0, 0, 1, 1]), "each": torch.arange(4)})
+    assert shares == {"halves": pytest.approx(0.8), "each": pytest.approx(1.0)}
+    measured = token_variance_shares(tiny_model, tiny_processor.image_processor, synthetic)
+    assert set(measured) == {"colour", "shape", "pair"}
+    assert 0 <= measured["colour"] <= measured["pair"] <= 1 and measured["shape"] <= measured["pair"]
