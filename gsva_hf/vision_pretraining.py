@@ -154,14 +154,13 @@ class _BothHeads(nn.Module):
 class ImageAndPatchLabels:
     """Both kinds at once (`target="both"`): every token learns the pair under its patch while the tokens' pools
     still tell which pairs the image holds, so a language model's near-uniform first attention already reads a
-    presence signal in which colour and shape are bound. `targets` holds the image targets, then the patch indices,
-    in one float tensor per image (indices below 2**24 are exact)."""
+    presence signal in which colour and shape are bound. `targets` and the head's logits are (image, patches) pairs."""
 
     def __init__(self, dataset_dir, split: str, grid: int, min_cover: float = 0.2):
         self.patches = PatchContentLabels(dataset_dir, split, grid, min_cover)
         self.image = ImageContentLabels(dataset_dir, split, loaded=self.patches)
         self.pairs, self.images = self.image.pairs, self.image.images
-        self.targets = torch.cat([self.image.targets, self.patches.targets.float()], dim=1)
+        self.targets = (self.image.targets, self.patches.targets)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -169,13 +168,8 @@ class ImageAndPatchLabels:
     def head(self, width: int) -> nn.Module:
         return _BothHeads(self.image.head(width), self.patches.head(width))
 
-    def _split(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        count = len(self.pairs)
-        return targets[:, :count], targets[:, count:].long()
-
-    def loss(self, logits: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        image, patches = self._split(targets)
-        return self.image.loss(logits[0], image) + self.patches.loss(logits[1], patches)
+    def loss(self, logits: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.image.loss(logits[0], targets[0]) + self.patches.loss(logits[1], targets[1])
 
     def scores(self, logits: tuple[torch.Tensor, torch.Tensor]) -> dict:
         return {**self.image.scores(logits[0]), **self.patches.scores(logits[1])}
@@ -198,6 +192,13 @@ def _concat(chunks: list):
     if isinstance(chunks[0], tuple):
         return tuple(torch.cat([chunk[i] for chunk in chunks]).cpu() for i in range(len(chunks[0])))
     return torch.cat(chunks).cpu()
+
+
+def _take(targets, index: list[int], device):
+    """The rows `index` of a label kind's targets (a tensor, or a tuple of tensors for `target="both"`) on `device`."""
+    if isinstance(targets, tuple):
+        return tuple(part[index].to(device) for part in targets)
+    return targets[index].to(device)
 
 
 def train_vision_features(
@@ -237,7 +238,7 @@ def train_vision_features(
             for part in parts:
                 part.train()
             index = torch.randint(len(train), (batch_size,), generator=generator).tolist()
-            loss = train.loss(logits(train.images[i] for i in index), train.targets[index].to(reference.device))
+            loss = train.loss(logits(train.images[i] for i in index), _take(train.targets, index, reference.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(clipped, 1.0)
