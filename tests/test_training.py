@@ -173,6 +173,39 @@ def test_deepspeed_zero2_config_is_accepted_by_the_trainer(tmp_path):
     assert args.deepspeed_plugin is not None or args.hf_deepspeed_config is not None
 
 
+@pytest.mark.slow
+def test_zero2_run_trains_like_the_plain_trainer(synthetic_dir, tmp_path):
+    """The same seed and data through DeepSpeed ZeRO-2 (one process, CPU, fp32) and through the plain Trainer give
+    the same per-step losses and the same exported weights: DeepSpeed changes where state lives, not the run."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    def train(name, *extra):
+        output = tmp_path / name
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+            str(REPO / "train_hf.py"), *run_args(synthetic_dir, output, "--max_steps", "4", "--logging_steps", "1",
+            "--warmup_steps", "1", "--lora_r", "8", "--torch_threads", "1", "--save_strategy", "steps", "--save_steps", "4"),
+            *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        checkpoint = output / "checkpoint-4"
+        history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        return checkpoint, losses, load_file(output / "final" / "model.safetensors")
+
+    zero2_checkpoint, zero2_losses, zero2_weights = train("zero2", "--deepspeed", str(REPO / "configs" / "deepspeed_zero2.json"))
+    plain_checkpoint, plain_losses, plain_weights = train("plain")
+    assert (zero2_checkpoint / "global_step4").is_dir() and not (plain_checkpoint / "global_step4").exists()
+    assert len(zero2_losses) == len(plain_losses) == 4
+    assert zero2_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert zero2_weights.keys() == plain_weights.keys()
+    for name in plain_weights:
+        torch.testing.assert_close(zero2_weights[name], plain_weights[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_zero2_config_matches_gsva_settings():
     config = json.loads((REPO / "configs" / "deepspeed_zero2.json").read_text())
     zero = config["zero_optimization"]
