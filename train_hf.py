@@ -148,8 +148,10 @@ class GSVATrainingArguments(TrainingArguments):
     vision_pretrain_batch_size: int = 32
 
 
-def load_model(model_args: ModelArguments, dtype: torch.dtype):
-    """Weights when the folder has them; a config-only preset gives a random model (tests, synthetic task)."""
+def load_model(model_args: ModelArguments, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """Weights when the folder has them; a config-only preset gives a random model (tests, synthetic task, GPU
+    benchmarks), drawn directly on `device`: drawing GSVA-7B on the CPU under torchrun's one thread per process
+    outlasted a 290 s GPU check."""
     path = Path(model_args.model_name_or_path)
     overrides = {
         "ce_loss_weight": model_args.ce_loss_weight,
@@ -166,7 +168,8 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype):
             raise FileNotFoundError(f"--model_name_or_path {path}: no config.json (give a GSVA folder or a preset)")
         config = GSVAConfig.from_pretrained(path, **overrides)
         apply_config_overrides(config, model_args.config_overrides)
-        model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
+        with torch.device(device):
+            model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
         if model_args.embedding_init_std is not None:
             draw_input_embeddings(model, model_args.embedding_init_std)
     processor = GSVAProcessor.from_pretrained(path)
@@ -375,7 +378,9 @@ def build_run(argv=None) -> TrainingRun:
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     check_from_scratch_options(model_args, training_args)
     check_own_learning_rates(training_args)
-    model, processor = load_model(model_args, dtype if training_args.deepspeed else torch.float32)
+    model, processor = load_model(
+        model_args, dtype if training_args.deepspeed else torch.float32, device=training_args.device
+    )
     pretrain_seconds = 0.0
     if training_args.vision_pretrain_steps > 0 and not (training_args.resume_from_checkpoint or training_args.export_only):
         if not training_args.deepspeed:

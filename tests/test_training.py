@@ -76,6 +76,21 @@ def test_lora_zero_and_full_llm_switches(tiny_config):
     assert lora_target_regex("q_proj, v_proj") == r".*language_model\..*\.(q_proj|v_proj)"
 
 
+def test_a_config_only_preset_is_drawn_on_the_asked_device():
+    """train_hf.py draws random presets on the training device (a GPU there), not on the CPU first; the meta
+    device shows it here without a GPU, and the default CPU draw is unchanged by the seed."""
+    model_args = train_hf.ModelArguments(model_name_or_path=str(TINY))
+    model, _ = train_hf.load_model(model_args, torch.float32, device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    torch.manual_seed(0)
+    first, _ = train_hf.load_model(model_args, torch.float32)
+    torch.manual_seed(0)
+    second, _ = train_hf.load_model(model_args, torch.float32, device=torch.device("cpu"))
+    assert {p.device.type for p in first.parameters()} == {"cpu"}
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
 def test_merged_export_equals_unmerged_model(tiny_model, tiny_processor, tmp_path):
     from modeling_gsva import GSVAForCausalLM
     from tests.test_core import two_image_batch
