@@ -97,6 +97,13 @@ class DataArguments:
     )
     synthetic_train_images: int = 4000
     synthetic_val_images: int = 250
+    synthetic_negative_kinds: str = field(
+        default="",
+        metadata={
+            "help": "synthetic train split: how often each kind of hard negative is drawn, e.g. "
+            "'color=2,shape=1,both=1' (default: all candidates alike); val is never changed"
+        },
+    )
 
 
 @dataclass
@@ -303,15 +310,47 @@ def build_train_dataset(data_args: DataArguments, samples_per_epoch: int, seed: 
 
 
 def ensure_synthetic_data(data_args: DataArguments) -> None:
-    grefs = Path(data_args.dataset_dir) / "refer_seg" / "grefcoco" / "grefs(unc).json"
-    if grefs.is_file() or not data_args.make_synthetic_data:
-        return
-    from gsva_hf.data.synthetic import write_synthetic_grefcoco
+    """Write the synthetic task when asked and missing; when present, it must have been written with the asked
+    settings (a silently reused older task would make the run's numbers about other data)."""
+    from gsva_hf.data.synthetic import MANIFEST_NAME, parse_negative_kinds, write_synthetic_grefcoco
 
-    logger.info("writing the synthetic gRefCOCO task into %s", data_args.dataset_dir)
+    negative_kinds = parse_negative_kinds(data_args.synthetic_negative_kinds, "--synthetic_negative_kinds")
+    if not data_args.make_synthetic_data:
+        if negative_kinds is not None:
+            raise ValueError("--synthetic_negative_kinds applies only with --make_synthetic_data")
+        return
+    root = Path(data_args.dataset_dir)
+    wanted = {
+        "train images": data_args.synthetic_train_images,
+        "val images": data_args.synthetic_val_images,
+        "train negative_kinds": negative_kinds,
+    }
+    if (root / "refer_seg" / "grefcoco" / "grefs(unc).json").is_file():
+        manifest = root / MANIFEST_NAME
+        if not manifest.is_file():
+            raise FileExistsError(
+                f"--make_synthetic_data: {root} holds a gRefCOCO tree not written by the synthetic generator (no "
+                f"{MANIFEST_NAME}); give another --dataset_dir"
+            )
+        parameters = json.loads(manifest.read_text())["parameters"]
+        found = {
+            "train images": parameters["num_images"]["train"],
+            "val images": parameters["num_images"]["val"],
+            "train negative_kinds": parameters["split_options"]["train"].get("negative_kinds"),
+        }
+        differing = {key: (found[key], wanted[key]) for key in wanted if found[key] != wanted[key]}
+        if differing:
+            detail = "; ".join(f"{key}: {have!r} there, {want!r} asked" for key, (have, want) in differing.items())
+            raise ValueError(
+                f"--make_synthetic_data: {manifest} was written with other settings ({detail}); give another "
+                "--dataset_dir or remove that one"
+            )
+        return
+    logger.info("writing the synthetic gRefCOCO task into %s", root)
     write_synthetic_grefcoco(
-        data_args.dataset_dir,
+        root,
         num_images={"train": data_args.synthetic_train_images, "val": data_args.synthetic_val_images, "testA": 0, "testB": 0},
+        split_options={"train": {"negative_kinds": negative_kinds}} if negative_kinds is not None else None,
     )
 
 

@@ -100,14 +100,20 @@ class PresenceQuestions:
         return Sample(image=image, rounds=[(question, answer)], masks=masks, meta={"image_id": image_id})
 
 
-def draw_language_model(model, std: float, seed: int) -> None:
+def draw_language_model(model, std: float, seed: int, modules: tuple[str, ...] = ()) -> None:
     """A from-scratch language model drawn at another scale: the preset's `initializer_range` 0.02 is Llama's choice
     for width 4,096, about 4x below 1/sqrt(width) for the tiny preset's 128 (BENCHMARKS.md, "Fifth session"). Every
-row is drawn, the padding row included, as `draw_input_embeddings` does."""
+row is drawn, the padding row included, as `draw_input_embeddings` does. `modules` (name endings such as
+`q_proj`) limits the redraw to those layers."""
     check_embedding_init_std(std, flag="--lm-init-std")
     generator = torch.Generator().manual_seed(seed)
+    named = list(model.language_model.named_modules())
+    chosen = [(n, m) for n, m in named if not modules or n.endswith(modules)]
+    unmatched = [end for end in modules if not any(n.endswith(end) for n, _ in named)]
+    if unmatched:
+        raise ValueError(f"--lm-init-modules: no language-model layer ends with {unmatched}")
     with torch.no_grad():
-        for module in model.language_model.modules():
+        for _, module in chosen:
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 torch.nn.init.normal_(module.weight, std=std, generator=generator)
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
@@ -135,6 +141,9 @@ def main(argv=None) -> None:
         help="redraw every linear layer and embedding of the language model with this std (biases zero), from a "
         "generator seeded with --seed + 1; the preset's weights are otherwise kept",
     )
+    parser.add_argument(
+        "--lm-init-modules", default="", help="with --lm-init-std: only these layers (name endings, e.g. q_proj,k_proj)"
+    )
     parser.add_argument("--freeze-vision", action="store_true", help="train only the language model (and lm_head)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,7 +155,8 @@ def main(argv=None) -> None:
     else:
         model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
     if args.lm_init_std is not None:
-        draw_language_model(model, args.lm_init_std, seed=args.seed + 1)
+        modules = tuple(filter(None, (m.strip() for m in args.lm_init_modules.split(","))))
+        draw_language_model(model, args.lm_init_std, seed=args.seed + 1, modules=modules)
     if args.embedding_init_std is not None:
         draw_input_embeddings(model, args.embedding_init_std, flag="--embedding-init-std")
     if args.freeze_vision:

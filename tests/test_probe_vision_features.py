@@ -305,6 +305,18 @@ def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
         draw_language_model(tiny_model, float("nan"), seed=1)
 
 
+def test_probe_redraw_limited_to_named_layers(tiny_model):
+    from benchmarks.probe_presence_learning import draw_language_model
+
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    draw_language_model(tiny_model, 0.5, seed=1, modules=("q_proj", "k_proj"))
+    changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
+    layers = tiny_model.config.text_config.num_hidden_layers
+    assert changed == {f"language_model.model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "k_proj")}
+    with pytest.raises(ValueError, match=r"--lm-init-modules: no language-model layer ends with \['qproj'\]"):
+        draw_language_model(tiny_model, 0.5, seed=1, modules=("qproj",))
+
+
 def test_variance_shares_on_hand_made_features(tiny_model, tiny_processor, synthetic):
     """Between-group share of variance: 0,2,4,6 split {0,2}|{4,6} has means 1 and 5 around 3, so 16 of 20."""
     from benchmarks.probe_vision_features import token_variance_shares, variance_shares

@@ -318,3 +318,51 @@ def test_presence_questions_answer_from_the_scene(tree, scene, mode, answer_form
                 assert any(color == c or shape == s for c, s in present), f"{question}: not a hard negative"
         answers[said_yes] += 1
     assert answers[True] > 60 and answers[False] > 60
+
+
+def _absent_kinds(root: Path, split: str) -> list[str]:
+    """Kind of each absent train ref, recomputed from its sentence and the image's annotated colours and shapes."""
+    refs = json.loads((root / "refer_seg/grefcoco/grefs(unc).json").read_text())
+    _, found_objects = synthetic.read_image_objects(root, split)
+    objects = {image_id: [(o["color"], o["shape"]) for o in found] for image_id, found in found_objects.items()}
+    kinds = []
+    for ref in refs:
+        if ref["split"] != split or not ref["no_target"]:
+            continue
+        colour, shape, _ = _parse_np(ref["sentences"][0]["sent"].split())
+        found = objects[ref["image_id"]]
+        shares = (any(c == colour for c, _ in found), any(s == shape for _, s in found))
+        kinds.append({(True, True): "both", (True, False): "color", (False, True): "shape", (False, False): "easy"}[shares])
+    return kinds
+
+
+def test_negative_kinds_steer_train_hard_negatives_and_leave_val_alone(tmp_path):
+    sizes = {"train": 60, "val": 12, "testA": 0, "testB": 0}
+    write_synthetic_grefcoco(tmp_path / "a", num_images=sizes, seed=2)
+    write_synthetic_grefcoco(tmp_path / "b", num_images=sizes, seed=2, split_options={"train": {"negative_kinds": {"color": 1}}})
+    plain, steered = Counter(_absent_kinds(tmp_path / "a", "train")), Counter(_absent_kinds(tmp_path / "b", "train"))
+    hard = ("both", "color", "shape")
+    assert sum(plain.values()) == sum(steered.values()) > 40
+    assert plain["color"] / sum(plain[k] for k in hard) < 0.5
+    assert steered["color"] / sum(steered[k] for k in hard) > 0.9
+    val = [
+        [(r["file_name"], r["sentences"], r["no_target"]) for r in json.loads((d / "refer_seg/grefcoco/grefs(unc).json").read_text()) if r["split"] == "val"]
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert val[0] == val[1] and len(val[0]) > 0
+    manifest = json.loads((tmp_path / "b" / "synthetic_grefcoco.json").read_text())
+    assert manifest["parameters"]["split_options"]["train"]["negative_kinds"] == {"color": 1}
+
+
+def test_negative_kinds_are_parsed_and_checked(tmp_path):
+    assert synthetic.parse_negative_kinds(" color=2, shape=1 ,both=0.5", "--x") == {"color": 2.0, "shape": 1.0, "both": 0.5}
+    assert synthetic.parse_negative_kinds("", "--x") is None
+    for text in ("colour=1", "color=x", "color=1,color=2", "color", "color=0", "color=-1,shape=2", "color=inf"):
+        with pytest.raises(ValueError, match="--x"):
+            synthetic.parse_negative_kinds(text, "--x")
+    with pytest.raises(ValueError, match="negative_kinds"):
+        write_synthetic_grefcoco(tmp_path, num_images={"train": 1}, split_options={"train": {"negative_kinds": {"easy": 1}}})
+    synthetic.main(["--out", str(tmp_path / "cli"), "--train", "2", "--val", "1", "--testA", "0", "--testB", "0",
+                    "--train-negative-kinds", "color=3,shape=1"])
+    manifest = json.loads((tmp_path / "cli" / "synthetic_grefcoco.json").read_text())
+    assert manifest["parameters"]["split_options"]["train"]["negative_kinds"] == {"color": 3.0, "shape": 1.0}

@@ -284,3 +284,27 @@ def test_an_embedding_rate_for_frozen_embeddings_is_refused(synthetic_dir, tmp_p
     trainer.model.get_input_embeddings().weight.requires_grad_(False)
     with pytest.raises(ValueError, match="--embedding_learning_rate is set but the input embeddings do not train"):
         trainer.create_optimizer()
+
+
+def test_made_synthetic_data_must_match_the_asked_settings(tmp_path):
+    """--make_synthetic_data writes the task once; a later run asking other settings is refused, not served the old
+    data; --synthetic_negative_kinds reaches the written train split."""
+
+    def data_args(**changes):
+        settings = dict(dataset_dir=str(tmp_path / "data"), make_synthetic_data=True, synthetic_train_images=6)
+        return train_hf.DataArguments(**{**settings, "synthetic_val_images": 2, **changes})
+
+    train_hf.ensure_synthetic_data(data_args(synthetic_negative_kinds="color=2,shape=1"))
+    manifest = json.loads((tmp_path / "data" / "synthetic_grefcoco.json").read_text())["parameters"]
+    assert manifest["split_options"]["train"]["negative_kinds"] == {"color": 2.0, "shape": 1.0}
+    assert manifest["num_images"] == {"train": 6, "val": 2, "testA": 0, "testB": 0}
+    train_hf.ensure_synthetic_data(data_args(synthetic_negative_kinds="color=2, shape=1"))
+    with pytest.raises(ValueError, match=r"train negative_kinds: \{'color': 2.0, 'shape': 1.0\} there, None asked"):
+        train_hf.ensure_synthetic_data(data_args())
+    with pytest.raises(ValueError, match="train images: 6 there, 7 asked"):
+        train_hf.ensure_synthetic_data(data_args(synthetic_train_images=7, synthetic_negative_kinds="color=2,shape=1"))
+    with pytest.raises(ValueError, match="only with --make_synthetic_data"):
+        train_hf.ensure_synthetic_data(train_hf.DataArguments(synthetic_negative_kinds="color=1"))
+    (tmp_path / "data" / "synthetic_grefcoco.json").unlink()
+    with pytest.raises(FileExistsError, match="not written by the synthetic generator"):
+        train_hf.ensure_synthetic_data(data_args())

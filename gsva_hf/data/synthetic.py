@@ -297,9 +297,13 @@ def negative_type(objects, color, shape) -> str:
     ]
 
 
-def _absent(rng, objects, used, colors, shapes, hard):
+def _absent(rng, objects, used, colors, shapes, hard, negative_kinds=None):
+    """An absent colour+shape, hard (sharing a colour and/or a shape with a present object) when asked and possible.
+    Hard ones are drawn uniformly among all candidates, or with `negative_kinds` ({"color": w, "shape": w, "both": w})
+    first a kind by weight among those this image offers, then a candidate of it."""
     present = {(o.color, o.shape) for o in objects}
-    pools = {True: [], False: []}
+    pools = {kind: [] for kind in ("both", "color", "shape", "easy")}
+    hard_pool = []
     for color in colors:
         for shape in shapes:
             if (color, shape) in present:
@@ -308,8 +312,18 @@ def _absent(rng, objects, used, colors, shapes, hard):
             if sentence in used:
                 continue
             kind = negative_type(objects, color, shape)
-            pools[kind != "easy"].append(_Ref(sentence, [], "absent", kind))
-    return _pick(rng, pools[hard] or pools[not hard])
+            pools[kind].append(_Ref(sentence, [], "absent", kind))
+            if kind != "easy":
+                hard_pool.append(pools[kind][-1])
+    if not hard:
+        return _pick(rng, pools["easy"] or hard_pool)
+    if negative_kinds is None or not hard_pool:
+        return _pick(rng, hard_pool or pools["easy"])
+    offered = [k for k in ("both", "color", "shape") if pools[k] and negative_kinds.get(k, 0) > 0]
+    if not offered:
+        return _pick(rng, hard_pool)
+    weights = np.array([negative_kinds[k] for k in offered], dtype=float)
+    return _pick(rng, pools[offered[int(rng.choice(len(offered), p=weights / weights.sum()))]])
 
 
 def _image_refs(rng, objects, opts, colors, shapes, kind_weights, margin):
@@ -325,7 +339,8 @@ def _image_refs(rng, objects, opts, colors, shapes, kind_weights, margin):
     }
     refs, used = [], set()
     for _ in range(n_absent):
-        ref = _absent(rng, objects, used, colors, shapes, rng.random() < opts["hard_negative_rate"])
+        hard = rng.random() < opts["hard_negative_rate"]
+        ref = _absent(rng, objects, used, colors, shapes, hard, opts.get("negative_kinds"))
         if ref:
             refs.append(ref)
             used.add(ref.sentence)
@@ -374,8 +389,38 @@ def _check_options(colors, shapes, num_images, image_size, split_options, kind_w
         for key in ("absent_rate", "hard_negative_rate"):
             if not 0.0 <= float(opts[key]) <= 1.0:
                 raise ValueError(f"{split}: {key} must be in [0, 1]; got {opts[key]}")
+        weights = opts.get("negative_kinds")
+        if weights is not None and (
+            not isinstance(weights, dict)
+            or set(weights) - {"both", "color", "shape"}
+            or any(not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in weights.values())
+            or not any(w > 0 for w in weights.values())
+        ):
+            raise ValueError(
+                f"{split}: negative_kinds must map some of 'both', 'color', 'shape' to finite weights >= 0, one of "
+                f"them positive; got {weights!r}"
+            )
     if not any(kind_weights.get(k, 0) > 0 for k in KINDS) or any(k not in KINDS for k in kind_weights):
         raise ValueError(f"kind_weights needs positive weights for kinds among {list(KINDS)}; got {kind_weights}")
+
+
+def parse_negative_kinds(text: str, flag: str) -> dict | None:
+    """`color=2,shape=1,both=1` -> {"color": 2.0, ...} for `negative_kinds`; '' -> None (all candidates alike)."""
+    if not text.strip():
+        return None
+    weights = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or weight is None or key not in ("both", "color", "shape") or key in weights:
+            raise ValueError(f"{flag}: expected distinct kind=weight pairs of 'both', 'color', 'shape', got {item!r} in {text!r}")
+        weights[key] = weight
+    if any(not (math.isfinite(w) and w >= 0) for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        raise ValueError(f"{flag}: weights must be finite and >= 0, one of them positive; got {text!r}")
+    return weights
 
 
 def read_image_objects(dataset_dir, split: str) -> tuple[list[dict], dict[int, list[dict]]]:
@@ -433,7 +478,8 @@ def write_synthetic_grefcoco(
 
     num_images: images per split (missing splits use `DEFAULT_NUM_IMAGES`, 0 writes none).
     split_options: per-split overrides of `SPLIT_DEFAULTS` (`objects`, `refs` as (min, max); `absent_rate`,
-        `hard_negative_rate` in [0, 1]).
+        `hard_negative_rate` in [0, 1]; `negative_kinds`, e.g. {"color": 2, "shape": 1, "both": 1}: how often each
+        kind of hard negative is drawn, where the image offers it; absent, all candidates are equally likely).
     kind_weights: relative frequency of present-target kinds (`single`, `attribute`, `multi`, `relational`).
     duplicate_rate: chance that an object repeats an earlier colour+shape, so one phrase covers several instances.
     relation_margin: pixels a relational candidate must sit from the anchor along the axis (default 8% of the size).
@@ -596,9 +642,15 @@ def main(argv=None):
     parser.add_argument("--train-hard-negative-rate", type=float,
                         default=SPLIT_DEFAULTS["train"]["hard_negative_rate"],
                         help="the same share for train (default %(default)s)")
+    parser.add_argument("--train-negative-kinds", default="",
+                        help="how often train draws each kind of hard negative, e.g. 'color=2,shape=1,both=1' (default: "
+                        "all candidates alike)")
     args = parser.parse_args(argv)
     split_options = {s: {"hard_negative_rate": args.eval_hard_negative_rate} for s in ("val", "testA", "testB")}
     split_options["train"] = {"hard_negative_rate": args.train_hard_negative_rate}
+    negative_kinds = parse_negative_kinds(args.train_negative_kinds, "--train-negative-kinds")
+    if negative_kinds is not None:
+        split_options["train"]["negative_kinds"] = negative_kinds
     manifest = write_synthetic_grefcoco(
         args.out,
         num_images={s: getattr(args, s) for s in SPLITS},
