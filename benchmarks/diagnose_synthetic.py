@@ -39,6 +39,21 @@ def slot_margins(model, batch, pixel_values) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(margins), torch.cat(correct)
 
 
+def ranking_and_best_shift(margins: torch.Tensor, present: torch.Tensor) -> dict:
+    """How well the margins rank present above absent slots (ROC AUC, ties count half), and the decision accuracy
+    if one constant were added to every margin at its best value: a high AUC with a low accuracy means the model
+    grounds but its `[SEG]`/`[REJ]` bias is off; a low AUC means it does not ground."""
+    pos, neg = margins[present], margins[~present]
+    if len(pos) == 0 or len(neg) == 0:
+        return {"auc": float("nan"), "accuracy_at_best_shift": float("nan"), "best_shift": float("nan")}
+    greater = (pos[:, None] > neg[None, :]).float().mean().item()
+    ties = (pos[:, None] == neg[None, :]).float().mean().item()
+    cuts = torch.cat([margins.sort().values, margins.max()[None] + 1])
+    accuracy = torch.stack([((margins >= cut) == present).float().mean() for cut in cuts])
+    best = int(accuracy.argmax())
+    return {"auc": greater + ties / 2, "accuracy_at_best_shift": accuracy[best].item(), "best_shift": -cuts[best].item()}
+
+
 @torch.no_grad()
 def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) -> dict:
     labels_path = dataset_dir / LABELS_NAME
@@ -51,7 +66,7 @@ def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) ->
     dataset = build_val_dataset(dataset_dir, f"grefcoco|unc|{split}")
     collator = GSVACollator(processor)
     items = [dataset[i] for i in range(len(dataset))]
-    right, shuffled, black, correct, slot_kinds = [], [], [], [], []
+    right, shuffled, black, correct, truth, slot_kinds = [], [], [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = collator(chunk)
@@ -60,17 +75,20 @@ def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) ->
         margin, ok = slot_margins(model, batch, batch["pixel_values"])
         right.append(margin)
         correct.append(ok)
+        truth.append(torch.cat([seg for _, seg in model.target_slots(batch["input_ids"])]))
         shuffled.append(slot_margins(model, batch, others)[0])
         black.append(slot_margins(model, batch, torch.zeros_like(batch["pixel_values"]))[0])
         slot_kinds += [kinds[ref] for sample in chunk for ref in sample.meta["ref_ids"]]
-    right, shuffled, black, correct = (torch.cat(x) for x in (right, shuffled, black, correct))
+    right, shuffled, black, correct, truth = (torch.cat(x) for x in (right, shuffled, black, correct, truth))
     if len(slot_kinds) != len(right):
         raise RuntimeError(f"{len(right)} slots but {len(slot_kinds)} ref ids: the val answers and refs disagree")
     per_kind = defaultdict(list)
     for kind, ok in zip(slot_kinds, correct.tolist()):
         per_kind[kind].append(ok)
+    grounded = torch.tensor([k == "single" or k.startswith("absent") for k in slot_kinds])
     return {
         "slots": len(right),
+        "grounded_slots": ranking_and_best_shift(right[grounded], truth[grounded]),
         "decision_accuracy": int(correct.sum()) / len(correct),
         "per_kind_accuracy": {k: {"count": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(per_kind.items())},
         "margin_std": right.std().item(),

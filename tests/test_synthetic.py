@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -281,6 +282,23 @@ def test_diagnosis_agrees_with_the_evaluator(tmp_path):
     assert report["decision_accuracy"] == pytest.approx((sums["tp"] + sums["tn"]) / sums["count"], abs=1e-12)
     assert sum(k["count"] for k in report["per_kind_accuracy"].values()) == report["slots"]
     assert -1.0 <= report["correlation_right_vs_other_image"] <= 1.0
+
+
+def test_ranking_and_best_shift_on_hand_made_margins():
+    """Present 3, 1, 0 against absent 2, -1: 4 of 6 pairs ranked right (1 and 0 fall below 2). The best cut lies in
+    (-1, 0] and gets 4 of 5 slots right (only the absent 2 stays wrong); a brute-force sweep of cuts agrees."""
+    from benchmarks.diagnose_synthetic import ranking_and_best_shift
+
+    margins = torch.tensor([3.0, 1.0, 0.0, 2.0, -1.0])
+    present = torch.tensor([True, True, True, False, False])
+    result = ranking_and_best_shift(margins, present)
+    assert result["auc"] == pytest.approx(4 / 6)
+    brute = max(((margins >= c) == present).float().mean().item() for c in torch.linspace(-3, 5, 801))
+    assert result["accuracy_at_best_shift"] == pytest.approx(brute)
+    shifted = ((margins + result["best_shift"]) >= 0) == present
+    assert shifted.float().mean().item() == pytest.approx(brute)
+    tied = ranking_and_best_shift(torch.tensor([1.0, 1.0]), torch.tensor([True, False]))
+    assert tied["auc"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(("mode", "answer_form"), [("color", "short"), ("shape", "short"), ("scene-text", "named")])
