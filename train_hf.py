@@ -28,6 +28,7 @@ from gsva_hf.training import (
     check_embedding_init_std,
     count_parameters,
     draw_input_embeddings,
+    draw_language_model,
     export_model,
     folder_has_weights,
     merged_model,
@@ -73,6 +74,16 @@ class ModelArguments:
             "help": "presets without weights: draw the language model's input embeddings with this std instead of "
             "text_config.initializer_range (a tiny LM needs ~1.0 for words to stay visible after attention)"
         },
+    )
+    lm_init_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "presets without weights: redraw the language model's linear layers and embeddings (or only "
+            "--lm_init_modules) with this std instead of text_config.initializer_range"
+        },
+    )
+    lm_init_modules: str = field(
+        default="", metadata={"help": "with --lm_init_std: only layers whose names end so, e.g. q_proj,k_proj,v_proj,o_proj"}
     )
 
 
@@ -177,11 +188,17 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype, device: torch.dev
         apply_config_overrides(config, model_args.config_overrides)
         with torch.device(device):
             model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
+        if model_args.lm_init_std is not None:
+            draw_language_model(model, model_args.lm_init_std, lm_init_modules(model_args))
         if model_args.embedding_init_std is not None:
             draw_input_embeddings(model, model_args.embedding_init_std)
     processor = GSVAProcessor.from_pretrained(path)
     processor.check_config(model.config)
     return model, processor
+
+
+def lm_init_modules(model_args: ModelArguments) -> tuple[str, ...]:
+    return tuple(filter(None, (name.strip() for name in model_args.lm_init_modules.split(","))))
 
 
 def apply_config_overrides(config: GSVAConfig, overrides: str) -> None:
@@ -231,8 +248,13 @@ def check_from_scratch_options(model_args: ModelArguments, training_args: GSVATr
             )
         if model_args.config_overrides:
             raise ValueError(f"--config_overrides applies to presets without weights, but {path} holds weights")
-        if model_args.embedding_init_std is not None:
-            raise ValueError(f"--embedding_init_std applies to presets without weights, but {path} holds weights")
+        for flag in ("embedding_init_std", "lm_init_std"):
+            if getattr(model_args, flag) is not None:
+                raise ValueError(f"--{flag} applies to presets without weights, but {path} holds weights")
+    if model_args.lm_init_modules and model_args.lm_init_std is None:
+        raise ValueError("--lm_init_modules only applies with --lm_init_std")
+    if model_args.lm_init_std is not None:
+        check_embedding_init_std(model_args.lm_init_std, "--lm_init_std")
     if model_args.embedding_init_std is not None:
         check_embedding_init_std(model_args.embedding_init_std)
     if training_args.vision_pretrain_target != "image" and not steps:

@@ -36,7 +36,7 @@ from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
-from gsva_hf.training import check_embedding_init_std, draw_input_embeddings, folder_has_weights  # noqa: E402
+from gsva_hf.training import draw_input_embeddings, draw_language_model, folder_has_weights  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
@@ -100,26 +100,6 @@ class PresenceQuestions:
         return Sample(image=image, rounds=[(question, answer)], masks=masks, meta={"image_id": image_id})
 
 
-def draw_language_model(model, std: float, seed: int, modules: tuple[str, ...] = ()) -> None:
-    """A from-scratch language model drawn at another scale: the preset's `initializer_range` 0.02 is Llama's choice
-    for width 4,096, about 4x below 1/sqrt(width) for the tiny preset's 128 (BENCHMARKS.md, "Fifth session"). Every
-row is drawn, the padding row included, as `draw_input_embeddings` does. `modules` (name endings such as
-`q_proj`) limits the redraw to those layers."""
-    check_embedding_init_std(std, flag="--lm-init-std")
-    generator = torch.Generator().manual_seed(seed)
-    named = list(model.language_model.named_modules())
-    chosen = [(n, m) for n, m in named if not modules or n.endswith(modules)]
-    unmatched = [end for end in modules if not any(n.endswith(end) for n, _ in named)]
-    if unmatched:
-        raise ValueError(f"--lm-init-modules: no language-model layer ends with {unmatched}")
-    with torch.no_grad():
-        for _, module in chosen:
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(module.weight, std=std, generator=generator)
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
@@ -156,7 +136,8 @@ def main(argv=None) -> None:
         model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
     if args.lm_init_std is not None:
         modules = tuple(filter(None, (m.strip() for m in args.lm_init_modules.split(","))))
-        draw_language_model(model, args.lm_init_std, seed=args.seed + 1, modules=modules)
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        draw_language_model(model, args.lm_init_std, modules, generator=generator, flag="--lm-init-std")
     if args.embedding_init_std is not None:
         draw_input_embeddings(model, args.embedding_init_std, flag="--embedding-init-std")
     if args.freeze_vision:

@@ -202,6 +202,28 @@ def draw_input_embeddings(model, std: float, flag: str = "--embedding_init_std")
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
 
 
+def draw_language_model(
+    model, std: float, modules: tuple[str, ...] = (), generator: torch.Generator | None = None, flag: str = "--lm_init_std"
+) -> None:
+    """Redraw a from-scratch language model's linear layers and embeddings with `std` (biases zero), or only the
+    layers whose names end with one of `modules` (e.g. `q_proj`). The preset's 0.02 is Llama's choice for width
+    4,096; at the tiny width 128 attention starts near uniform, and the presence probe's lookup did not form until
+    the attention projections were drawn at 1/sqrt(width) (BENCHMARKS.md, "Sixth session")."""
+    check_embedding_init_std(std, flag)
+    named = list(model.language_model.named_modules())
+    unmatched = [end for end in modules if not any(name.endswith(end) for name, _ in named)]
+    if unmatched:
+        raise ValueError(f"{flag.replace('std', 'modules')}: no language-model layer ends with {unmatched}")
+    with torch.no_grad():
+        for name, module in named:
+            if modules and not name.endswith(modules):
+                continue
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(module.weight, std=std, generator=generator)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
 def count_parameters(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}

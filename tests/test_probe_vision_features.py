@@ -266,10 +266,30 @@ def test_embedding_init_std_draws_only_the_input_embeddings(synthetic, tmp_path)
             build("--embedding_init_std", bad)
 
 
+def test_lm_init_std_redraws_only_the_named_language_model_layers(synthetic, tmp_path):
+    import train_hf
+    from tests.test_training import run_args
+
+    def build(*extra):
+        return train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--lora_r", "-1", *extra)).trainer.model
+
+    plain = dict(build().named_parameters())
+    drawn = dict(build("--lm_init_std", "0.5", "--lm_init_modules", "q_proj,o_proj").named_parameters())
+    changed = {name for name in plain if not torch.equal(plain[name], drawn[name])}
+    layers = build().config.text_config.num_hidden_layers
+    assert changed == {f"language_model.model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "o_proj")}
+    assert torch.cat([drawn[name].flatten() for name in changed]).std().item() == pytest.approx(0.5, rel=0.05)
+    with pytest.raises(ValueError, match=r"--lm_init_modules: no language-model layer ends with \['qkv'\]"):
+        build("--lm_init_std", "0.5", "--lm_init_modules", "qkv")
+
+
 REFUSALS = {  # case: (start from a folder with weights, extra arguments, expected message)
     "weights": (True, ["--vision_pretrain_steps", "2"], "holds weights"),
     "overrides": (True, ["--config_overrides", "vision_feature_layer=-1"], "--config_overrides applies to presets without"),
     "embedding": (True, ["--embedding_init_std", "1.0"], "--embedding_init_std applies to presets without weights"),
+    "lm init": (True, ["--lm_init_std", "0.088"], "--lm_init_std applies to presets without weights"),
+    "lm modules alone": (False, ["--lm_init_modules", "q_proj"], "--lm_init_modules only applies with --lm_init_std"),
+    "lm bad std": (False, ["--lm_init_std", "-1"], "--lm_init_std must be a positive finite number"),
     "lora": (False, ["--vision_pretrain_steps", "2", "--lora_r", "8", "--train_vision_tower", "true"], "--train_projector true"),
 }  # fmt: skip
 
@@ -291,10 +311,10 @@ def test_from_scratch_options_are_refused_where_their_result_would_be_lost(
 
 
 def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
-    from benchmarks.probe_presence_learning import draw_language_model
+    from gsva_hf.training import draw_language_model
 
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
-    draw_language_model(tiny_model, 0.5, seed=1)
+    draw_language_model(tiny_model, 0.5, generator=torch.Generator().manual_seed(1), flag="--lm-init-std")
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
     drawn = {f"language_model.{n}.weight" for n, m in tiny_model.language_model.named_modules()
              if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}  # fmt: skip
@@ -302,19 +322,19 @@ def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
     weights = torch.cat([dict(tiny_model.named_parameters())[name].flatten() for name in drawn])
     assert weights.std().item() == pytest.approx(0.5, rel=0.02)
     with pytest.raises(ValueError, match="--lm-init-std must be a positive finite number"):
-        draw_language_model(tiny_model, float("nan"), seed=1)
+        draw_language_model(tiny_model, float("nan"), flag="--lm-init-std")
 
 
 def test_probe_redraw_limited_to_named_layers(tiny_model):
-    from benchmarks.probe_presence_learning import draw_language_model
+    from gsva_hf.training import draw_language_model
 
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
-    draw_language_model(tiny_model, 0.5, seed=1, modules=("q_proj", "k_proj"))
+    draw_language_model(tiny_model, 0.5, ("q_proj", "k_proj"))
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
     layers = tiny_model.config.text_config.num_hidden_layers
     assert changed == {f"language_model.model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "k_proj")}
-    with pytest.raises(ValueError, match=r"--lm-init-modules: no language-model layer ends with \['qproj'\]"):
-        draw_language_model(tiny_model, 0.5, seed=1, modules=("qproj",))
+    with pytest.raises(ValueError, match=r"--lm_init_modules: no language-model layer ends with \['qproj'\]"):
+        draw_language_model(tiny_model, 0.5, ("qproj",))
 
 
 def test_variance_shares_on_hand_made_features(tiny_model, tiny_processor, synthetic):
