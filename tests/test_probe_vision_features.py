@@ -18,6 +18,7 @@ from gsva_hf.vision_pretraining import (
     patch_grid,
     train_vision_features,
 )
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -347,3 +348,33 @@ def test_variance_shares_on_hand_made_features(tiny_model, tiny_processor, synth
     measured = token_variance_shares(tiny_model, tiny_processor.image_processor, synthetic)
     assert set(measured) == {"colour", "shape", "pair"}
     assert 0 <= measured["colour"] <= measured["pair"] <= 1 and measured["shape"] <= measured["pair"]
+
+
+def test_the_embedded_default_config_trains_what_it_says(synthetic, tmp_path):
+    """configs/train-tiny-synthetic.json as shipped, cut to a few steps: the LM is drawn at 0.088 and trains
+    whole; the tower and projector get the `both` stage, then stay frozen (unchanged by GRES steps) while SAM trains;
+    the learning-rate groups are 1e-3 and 3e-4 for SAM and the fcs."""
+    import train_hf
+    from gsva_hf.training import is_mask_head
+
+    args = [
+        str(REPO / "configs" / "train-tiny-synthetic.json"), "--dataset_dir", str(synthetic), "--make_synthetic_data",
+        "false", "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--vision_pretrain_steps", "2",
+        "--vision_pretrain_batch_size", "4", "--per_device_train_batch_size", "4", "--val_dataset", "",
+        "--save_strategy", "no", "--eval_at_minutes", "", "--torch_threads", "1",
+    ]  # fmt: skip
+    run = train_hf.build_run(args)
+    model = run.trainer.model
+    assert json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())["target"] == "both"
+    q_proj = model.language_model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.std().item() == pytest.approx(0.088, rel=0.05)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("vision_tower", "multi_modal_projector"))}
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("language_model"))
+    rates = {group["lr"] for group in run.trainer.create_optimizer().param_groups}
+    assert rates == {1e-3, 3e-4}
+    before_sam = {n: p.detach().clone() for n, p in model.named_parameters() if is_mask_head(n)}
+    run.trainer.train()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(after[n], p) for n, p in before_sam.items())
