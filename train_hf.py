@@ -189,16 +189,12 @@ def load_model(model_args: ModelArguments, dtype: torch.dtype, device: torch.dev
         with torch.device(device):
             model = GSVAForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
         if model_args.lm_init_std is not None:
-            draw_language_model(model, model_args.lm_init_std, lm_init_modules(model_args))
+            draw_language_model(model, model_args.lm_init_std, model_args.lm_init_modules)
         if model_args.embedding_init_std is not None:
             draw_input_embeddings(model, model_args.embedding_init_std)
     processor = GSVAProcessor.from_pretrained(path)
     processor.check_config(model.config)
     return model, processor
-
-
-def lm_init_modules(model_args: ModelArguments) -> tuple[str, ...]:
-    return tuple(filter(None, (name.strip() for name in model_args.lm_init_modules.split(","))))
 
 
 def apply_config_overrides(config: GSVAConfig, overrides: str) -> None:
@@ -444,8 +440,6 @@ def build_run(argv=None) -> TrainingRun:
     )
     pretrain_seconds = 0.0
     if training_args.vision_pretrain_steps > 0 and not (training_args.resume_from_checkpoint or training_args.export_only):
-        if not training_args.deepspeed:
-            model.to(training_args.device)
         pretrain_seconds = pretrain_vision_tower(model, processor, data_args, training_args)
     trainable = prepare_for_training(
         model,

@@ -135,9 +135,8 @@ def main(argv=None) -> None:
     else:
         model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(args.preset)).train()
     if args.lm_init_std is not None:
-        modules = tuple(filter(None, (m.strip() for m in args.lm_init_modules.split(","))))
         generator = torch.Generator().manual_seed(args.seed + 1)
-        draw_language_model(model, args.lm_init_std, modules, generator=generator, flag="--lm-init-std")
+        draw_language_model(model, args.lm_init_std, args.lm_init_modules, generator=generator, flag="--lm-init-std")
     if args.embedding_init_std is not None:
         draw_input_embeddings(model, args.embedding_init_std, flag="--embedding-init-std")
     if args.freeze_vision:

@@ -203,13 +203,15 @@ def draw_input_embeddings(model, std: float, flag: str = "--embedding_init_std")
 
 
 def draw_language_model(
-    model, std: float, modules: tuple[str, ...] = (), generator: torch.Generator | None = None, flag: str = "--lm_init_std"
+    model, std: float, modules: str | list[str] = "", generator: torch.Generator | None = None, flag: str = "--lm_init_std"
 ) -> None:
     """Redraw a from-scratch language model's linear layers and embeddings with `std` (biases zero), or only the
-    layers whose names end with one of `modules` (e.g. `q_proj`). The preset's 0.02 is Llama's choice for width
+    layers whose names end with one of `modules` (names or comma-separated names, e.g. `q_proj,k_proj`). The preset's 0.02 is Llama's choice for width
     4,096; at the tiny width 128 attention starts near uniform, and the presence probe's lookup did not form until
     the attention projections were drawn at 1/sqrt(width) (BENCHMARKS.md, "Sixth session")."""
     check_embedding_init_std(std, flag)
+    parts = [modules] if isinstance(modules, str) else list(modules)
+    modules = tuple(name.strip() for part in parts for name in part.split(",") if name.strip())
     named = list(model.language_model.named_modules())
     unmatched = [end for end in modules if not any(name.endswith(end) for name, _ in named)]
     if unmatched:

@@ -389,19 +389,24 @@ def _check_options(colors, shapes, num_images, image_size, split_options, kind_w
         for key in ("absent_rate", "hard_negative_rate"):
             if not 0.0 <= float(opts[key]) <= 1.0:
                 raise ValueError(f"{split}: {key} must be in [0, 1]; got {opts[key]}")
-        weights = opts.get("negative_kinds")
-        if weights is not None and (
-            not isinstance(weights, dict)
-            or set(weights) - {"both", "color", "shape"}
-            or any(not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in weights.values())
-            or not any(w > 0 for w in weights.values())
-        ):
-            raise ValueError(
-                f"{split}: negative_kinds must map some of 'both', 'color', 'shape' to finite weights >= 0, one of "
-                f"them positive; got {weights!r}"
-            )
+        if opts.get("negative_kinds") is not None:
+            check_negative_kinds(opts["negative_kinds"], f"{split}: negative_kinds")
     if not any(kind_weights.get(k, 0) > 0 for k in KINDS) or any(k not in KINDS for k in kind_weights):
         raise ValueError(f"kind_weights needs positive weights for kinds among {list(KINDS)}; got {kind_weights}")
+
+
+def check_negative_kinds(weights, where: str) -> None:
+    """`negative_kinds` must weigh some of the three hard kinds, with finite weights >= 0 and one of them positive."""
+    if (
+        not isinstance(weights, dict)
+        or set(weights) - {"both", "color", "shape"}
+        or any(not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in weights.values())
+        or not any(w > 0 for w in weights.values())
+    ):
+        raise ValueError(
+            f"{where} must map some of 'both', 'color', 'shape' to finite weights >= 0, one of them positive; "
+            f"got {weights!r}"
+        )
 
 
 def parse_negative_kinds(text: str, flag: str) -> dict | None:
@@ -418,8 +423,7 @@ def parse_negative_kinds(text: str, flag: str) -> dict | None:
         if not sep or weight is None or key not in ("both", "color", "shape") or key in weights:
             raise ValueError(f"{flag}: expected distinct kind=weight pairs of 'both', 'color', 'shape', got {item!r} in {text!r}")
         weights[key] = weight
-    if any(not (math.isfinite(w) and w >= 0) for w in weights.values()) or not any(w > 0 for w in weights.values()):
-        raise ValueError(f"{flag}: weights must be finite and >= 0, one of them positive; got {text!r}")
+    check_negative_kinds(weights, flag)
     return weights
 
 
