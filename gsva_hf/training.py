@@ -3,15 +3,14 @@
 GSVA's recipe (`model/prepare_model_tokenizer.py`): everything frozen, LoRA on the LLM's q/v projections,
 `embed_tokens`, `lm_head`, SAM's mask decoder and `text_hidden_fcs` fully trained; CLIP, the projector and
 SAM's image and prompt encoders frozen. Flags open the frozen parts for a from-scratch tiny model.
+Also the progress line every stage prints.
 """
 
-import json
-import math
 import re
+import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import Trainer, TrainerCallback
 
 FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
@@ -106,19 +105,12 @@ def is_mask_head(name: str) -> bool:
 
 class GSVATrainer(Trainer):
     """Trainer that logs GSVA's CE, BCE and Dice parts (averaged over the logging window) and can give the mask
-    head (`mask_head_learning_rate`) and the language model's input embeddings (`embedding_learning_rate`) their own
-    learning rates; None keeps GSVA's single rate."""
+    head its own learning rate (`mask_head_learning_rate`; None keeps GSVA's single rate). Subclasses add rates
+    for other parameters by extending `_own_learning_rates`."""
 
-    def __init__(
-        self,
-        *args,
-        mask_head_learning_rate: float | None = None,
-        embedding_learning_rate: float | None = None,
-        **kwargs,
-    ):
+    def __init__(self, *args, mask_head_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mask_head_learning_rate = mask_head_learning_rate
-        self.embedding_learning_rate = embedding_learning_rate
         self._part_sums: dict[str, float] = {}
         self._part_count = 0
 
@@ -131,15 +123,6 @@ class GSVATrainer(Trainer):
             if not head:
                 raise ValueError("--mask_head_learning_rate is set but no SAM or text_hidden_fcs parameter trains")
             rates.update({id(p): ("mask_head_learning_rate", self.mask_head_learning_rate) for p in head})
-        if self.embedding_learning_rate is not None:
-            embeddings = model.get_input_embeddings().weight
-            if not embeddings.requires_grad:
-                raise ValueError("--embedding_learning_rate is set but the input embeddings do not train")
-            if embeddings is getattr(model.get_output_embeddings(), "weight", None):
-                raise ValueError(
-                    "--embedding_learning_rate: the input embeddings are tied to lm_head, which would share the rate"
-                )
-            rates[id(embeddings)] = ("embedding_learning_rate", self.embedding_learning_rate)
         return rates
 
     def create_optimizer(self, model=None):
@@ -190,95 +173,64 @@ def folder_has_weights(path: str | Path) -> bool:
     return any(Path(path).glob("*.safetensors")) or any(Path(path).glob("*.bin"))
 
 
-def check_embedding_init_std(std: float, flag: str = "--embedding_init_std") -> None:
-    if not (std > 0 and math.isfinite(std)):
-        raise ValueError(f"{flag} must be a positive finite number, got {std}")
-
-
-def draw_input_embeddings(model, std: float, flag: str = "--embedding_init_std") -> None:
-    """Redraw a from-scratch language model's input embeddings with `std` (all rows, padding included): at the
-    preset's 0.02 a 128-wide model's words are ~5x smaller than its first attention output (BENCHMARKS.md)."""
-    check_embedding_init_std(std, flag)
-    torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
-
-
-def draw_language_model(
-    model, std: float, modules: str | list[str] = "", generator: torch.Generator | None = None, flag: str = "--lm_init_std"
-) -> None:
-    """Redraw a from-scratch language model's linear layers and embeddings with `std` (biases zero), or only the
-    layers whose names end with one of `modules` (names or comma-separated names, e.g. `q_proj,k_proj`). The preset's 0.02 is Llama's choice for width
-    4,096; at the tiny width 128 attention starts near uniform, and the presence probe's lookup did not form until
-    the attention projections were drawn at 1/sqrt(width) (BENCHMARKS.md, "Sixth session")."""
-    check_embedding_init_std(std, flag)
-    parts = [modules] if isinstance(modules, str) else list(modules)
-    modules = tuple(name.strip() for part in parts for name in part.split(",") if name.strip())
-    named = list(model.language_model.named_modules())
-    unmatched = [end for end in modules if not any(name.endswith(end) for name, _ in named)]
-    if unmatched:
-        raise ValueError(f"{flag.replace('std', 'modules')}: no language-model layer ends with {unmatched}")
-    with torch.no_grad():
-        for name, module in named:
-            if modules and not name.endswith(modules):
-                continue
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(module.weight, std=std, generator=generator)
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-
-
 def count_parameters(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
 
 
-class TimedEvaluationCallback(TrainerCallback):
-    """Evaluate when the training clock (evaluation time excluded) passes each mark, for learning curves.
+def format_duration(seconds: float) -> str:
+    """45s, 12m03s, 1h02m: short enough for a progress line, exact enough for an ETA."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
-    Appends one JSON line per evaluation to `curve_path`: minutes, step, samples seen, the losses of the last
-    logging window and the metrics. `start_seconds` is training done before the Trainer (vision pretraining), so
-    the clock counts it; marks it already passes are dropped (nothing of the Trainer's run to evaluate yet).
-    """
 
-    def __init__(self, minutes: list[float], evaluate, curve_path: str | Path, start_seconds: float = 0.0):
-        self.marks = sorted(m for m in minutes if 60 * m > start_seconds)
-        self.evaluate = evaluate
-        self.curve_path = Path(curve_path)
-        self.training_seconds = float(start_seconds)
-        self._last = None
-        self._last_losses: dict = {}
+LOSS_PARTS = {"ce_loss": "ce", "mask_bce_loss": "bce", "mask_dice_loss": "dice"}
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._last = time.perf_counter()
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.training_seconds += time.perf_counter() - self._last
-        if self.marks and self.training_seconds >= 60 * self.marks[0]:
-            minute = self.marks.pop(0)
-            self._record(minute, args, state, model)
+def progress_line(
+    step: int, total: int, elapsed: float, steps_done: int, loss: float | None = None, parts: dict | None = None,
+    learning_rate: float | None = None, stage: str = "",
+) -> str:  # fmt: skip
+    """`step 100/6000  loss 1.23 (ce 0.4 bce 0.5 dice 0.3)  lr 0.0003  12m03s elapsed  ETA 1h02m`; the ETA is
+    the pace of the `steps_done` steps this process ran (a resumed run's earlier steps do not count)."""
+    fields = [f"{stage + ' ' if stage else ''}step {step}/{total}"]
+    if loss is not None:
+        named = " ".join(f"{short} {parts[name]:.4g}" for name, short in LOSS_PARTS.items() if name in (parts or {}))
+        fields.append(f"loss {loss:.4g}" + (f" ({named})" if named else ""))
+    if learning_rate is not None:
+        fields.append(f"lr {learning_rate:.3g}")
+    fields.append(f"{format_duration(elapsed)} elapsed")
+    if 0 < steps_done and step < total:
+        fields.append(f"ETA {format_duration(elapsed / steps_done * (total - step))}")
+    return "  ".join(fields)
+
+
+class ProgressLineCallback(TrainerCallback):
+    """One flushed line per logging step (step/total, loss and its parts, learning rate, elapsed, ETA) on the main
+    process, readable in a log file where tqdm's bar and the Trainer's bare dicts are not."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self._start, self._first_step = 0.0, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start, self._first_step = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self._last_losses = {k: logs[k] for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss") if k in logs}
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._record(round(self.training_seconds / 60, 2), args, state, model, final=True)
-
-    def _record(self, minute, args, state, model, final=False):
-        if not state.is_world_process_zero and args.world_size > 1:
+        if not state.is_world_process_zero or not logs:
             return
-        network = model.get_base_model() if hasattr(model, "get_base_model") else model
-        was_training = network.training
-        network.eval()
-        metrics = self.evaluate(network)
-        network.train(was_training)
-        entry = {
-            "minutes": minute,
-            "final": final,
-            "step": state.global_step,
-            "samples": state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-            **self._last_losses,
-            **{k: metrics[k] for k in ("giou", "ciou", "n_acc", "t_acc") if k in metrics},
-        }
-        self.curve_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.curve_path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        elapsed = time.perf_counter() - self._start
+        if "loss" in logs:
+            line = progress_line(
+                state.global_step, state.max_steps, elapsed, state.global_step - self._first_step, logs["loss"],
+                logs, logs.get("learning_rate"),
+            )  # fmt: skip
+        elif "train_runtime" in logs:
+            line = f"training done: {state.global_step} steps in {format_duration(logs['train_runtime'])}"
+        else:
+            line = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in logs.items())
+        print(line, file=self.stream or sys.stdout, flush=True)

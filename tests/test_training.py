@@ -79,13 +79,18 @@ def test_lora_zero_and_full_llm_switches(tiny_config):
 def test_a_config_only_preset_is_drawn_on_the_asked_device():
     """train_hf.py draws random presets on the training device (a GPU there), not on the CPU first; the meta
     device shows it here without a GPU, and the default CPU draw is unchanged by the seed."""
+    from types import SimpleNamespace
+
+    def settings(device):
+        return SimpleNamespace(bf16=False, fp16=False, deepspeed=None, device=device)
+
     model_args = train_hf.ModelArguments(model_name_or_path=str(TINY))
-    model, _ = train_hf.load_model(model_args, torch.float32, device="meta")
+    model, _ = train_hf.load_model(model_args, settings("meta"))
     assert {p.device.type for p in model.parameters()} == {"meta"}
     torch.manual_seed(0)
-    first, _ = train_hf.load_model(model_args, torch.float32)
+    first, _ = train_hf.load_model(model_args, settings("cpu"))
     torch.manual_seed(0)
-    second, _ = train_hf.load_model(model_args, torch.float32, device=torch.device("cpu"))
+    second, _ = train_hf.load_model(model_args, settings(torch.device("cpu")))
     assert {p.device.type for p in first.parameters()} == {"cpu"}
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
@@ -115,7 +120,7 @@ def test_merged_export_equals_unmerged_model(tiny_model, tiny_processor, tmp_pat
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_short_run_loss_falls(synthetic_dir, tmp_path):
+def test_short_run_loss_falls_and_prints_one_progress_line_per_logging_step(synthetic_dir, tmp_path, capsys):
     args = run_args(
         synthetic_dir, tmp_path / "run", "--max_steps", "40", "--learning_rate", "1e-3", "--warmup_steps", "2",
         "--logging_steps", "1", "--lora_r", "-1", "--train_sam_encoder", "true", "--train_vision_tower", "true",
@@ -127,6 +132,24 @@ def test_short_run_loss_falls(synthetic_dir, tmp_path):
     parts = [entry for entry in run.trainer.state.log_history if "ce_loss" in entry]
     assert len(losses) == 40 and {"ce_loss", "mask_bce_loss", "mask_dice_loss"} <= set(parts[0])
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{step}/40" for step in range(1, 41)]
+    last = parts[-1]
+    assert lines[-1].startswith(
+        f"step 40/40  loss {losses[-1]:.4g} (ce {last['ce_loss']:.4g} bce {last['mask_bce_loss']:.4g} "
+        f"dice {last['mask_dice_loss']:.4g})  lr "
+    )
+    assert " elapsed  ETA " in lines[0] and "ETA" not in lines[-1]
+
+
+def test_progress_line_fields_and_eta():
+    from gsva_hf.training import format_duration, progress_line
+
+    assert [format_duration(s) for s in (0.4, 45, 723, 3720, 7261)] == ["0s", "45s", "12m03s", "1h02m", "2h01m"]
+    line = progress_line(100, 6000, 723.0, 100, 1.23, {"ce_loss": 0.4, "mask_bce_loss": 0.5}, 3e-4)
+    assert line == "step 100/6000  loss 1.23 (ce 0.4 bce 0.5)  lr 0.0003  12m03s elapsed  ETA 11h50m"
+    resumed = progress_line(600, 1000, 60.0, 100, stage="vision")  # 100 steps ran here: 0.6 s each, 400 to go
+    assert resumed == "vision step 600/1000  1m00s elapsed  ETA 4m00s"
 
 
 class StopAt(TrainerCallback):
@@ -229,14 +252,19 @@ def test_zero2_config_matches_gsva_settings():
 
 
 @pytest.mark.parametrize("lora_r", ["-1", "8"])
-def test_own_learning_rates_reach_exactly_their_parameters(synthetic_dir, tmp_path, lora_r):
-    from gsva_hf.training import is_mask_head
-
+def test_mask_head_learning_rate_reaches_exactly_its_parameters(synthetic_dir, tmp_path, lora_r):
     args = run_args(
         synthetic_dir, tmp_path / "run", "--max_steps", "1", "--lora_r", lora_r, "--learning_rate", "3e-4",
-        "--mask_head_learning_rate", "1e-4", "--embedding_learning_rate", "5e-3", "--weight_decay", "0.1",
+        "--mask_head_learning_rate", "1e-4", "--weight_decay", "0.1",
     )  # fmt: skip
-    trainer = train_hf.build_run(args).trainer
+    check_learning_rate_groups(train_hf.build_run(args).trainer, {"mask_head": 1e-4, "rest": 3e-4})
+
+
+def check_learning_rate_groups(trainer, rates: dict[str, float]):
+    """Every trainable parameter sits in one optimizer group with its rate (`embeddings`, `mask_head` or `rest`) and
+    the weight decay the Trainer gives it; the scheduler starts from exactly these rates."""
+    from gsva_hf.training import is_mask_head
+
     decayed = set(trainer.get_decay_parameter_names(trainer.model))
     optimizer = trainer.create_optimizer()
     group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
@@ -244,12 +272,11 @@ def test_own_learning_rates_reach_exactly_their_parameters(synthetic_dir, tmp_pa
     assert len(group_of) == len(trainable)
     embedding_rows = trainer.model.get_input_embeddings().weight
     for name, param in trainable:
-        expected = 5e-3 if param is embedding_rows else 1e-4 if is_mask_head(name) else 3e-4
-        assert group_of[id(param)]["lr"] == expected, name
-        assert group_of[id(param)]["weight_decay"] == (0.1 if name in decayed else 0.0), name
-    assert sum(group["lr"] == 5e-3 for group in group_of.values()) == 1
+        kind = "embeddings" if param is embedding_rows and "embeddings" in rates else "mask_head" if is_mask_head(name) else "rest"
+        assert group_of[id(param)]["lr"] == rates[kind], name
+        assert group_of[id(param)]["weight_decay"] == (trainer.args.weight_decay if name in decayed else 0.0), name
     trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
-    assert sorted(set(trainer.lr_scheduler.base_lrs)) == [1e-4, 3e-4, 5e-3]
+    assert sorted(set(trainer.lr_scheduler.base_lrs)) == sorted(set(rates.values()))
 
 
 @pytest.mark.parametrize(
@@ -257,7 +284,7 @@ def test_own_learning_rates_reach_exactly_their_parameters(synthetic_dir, tmp_pa
     [
         ({"embedding_learning_rate": -1e-3}, None, "--embedding_learning_rate must be a finite number >= 0, got -0.001"),
         ({"mask_head_learning_rate": float("nan")}, None, "--mask_head_learning_rate must be a finite number >= 0, got nan"),
-        ({"embedding_learning_rate": 1e-3}, {"optimizer": {}}, "DeepSpeed config .* defines optimizer: remove it"),
+        ({"mask_head_learning_rate": 1e-3}, {"optimizer": {}}, "DeepSpeed config .* defines optimizer: remove it"),
         ({"mask_head_learning_rate": 1e-3}, {"scheduler": {}, "optimizer": {}}, "defines optimizer and scheduler"),
     ],
 )
@@ -268,43 +295,44 @@ def test_own_learning_rates_that_could_not_apply_are_refused(tmp_path, rates, de
     if deepspeed is not None:
         (tmp_path / "ds.json").write_text(json.dumps({**deepspeed, "zero_optimization": {"stage": 2}}))
         deepspeed = str(tmp_path / "ds.json")
-    settings = SimpleNamespace(mask_head_learning_rate=None, embedding_learning_rate=None, deepspeed=deepspeed)
-    for flag, rate in rates.items():
-        setattr(settings, flag, rate)
+    settings = SimpleNamespace(deepspeed=deepspeed)
     with pytest.raises(ValueError, match=message):
-        train_hf.check_own_learning_rates(settings)
+        train_hf.check_own_learning_rates(settings, {"unused_learning_rate": None, **rates})
     settings.deepspeed = str(REPO / "configs" / "deepspeed_zero2.json")
     if all(rate >= 0 for rate in rates.values()):
-        train_hf.check_own_learning_rates(settings)  # the shipped config leaves both to the Trainer
+        train_hf.check_own_learning_rates(settings, rates)  # the shipped config leaves both to the Trainer
 
 
-def test_an_embedding_rate_for_frozen_embeddings_is_refused(synthetic_dir, tmp_path):
-    args = run_args(synthetic_dir, tmp_path / "run", "--max_steps", "1", "--lora_r", "0", "--embedding_learning_rate", "1e-3")
-    trainer = train_hf.build_run(args).trainer
-    trainer.model.get_input_embeddings().weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="--embedding_learning_rate is set but the input embeddings do not train"):
-        trainer.create_optimizer()
+RESEARCH_FLAGS = (
+    "config_overrides", "embedding_init_std", "lm_init_std", "lm_init_modules", "make_synthetic_data",
+    "synthetic_train_images", "synthetic_val_images", "synthetic_negative_kinds", "vision_pretrain_steps",
+    "vision_pretrain_target", "vision_pretrain_learning_rate", "vision_pretrain_batch_size",
+    "embedding_learning_rate", "eval_at_minutes",
+)  # fmt: skip
 
 
-def test_made_synthetic_data_must_match_the_asked_settings(tmp_path):
-    """--make_synthetic_data writes the task once; a later run asking other settings is refused, not served the old
-    data; --synthetic_negative_kinds reaches the written train split."""
+def test_help_lists_every_project_flag_with_help_and_default_and_no_research_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_hf.parse_arguments(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    listed = {line.split()[0][2:]: line for line in printed.splitlines() if line.startswith("  --")}
+    for cls in train_hf.PROJECT_DATACLASSES:
+        for field in train_hf.project_fields(cls):
+            line = listed.pop(field.name)
+            assert field.metadata["help"] in line and f"(default: {field.default!r})" in line, line
+    assert not listed, f"listed but not a project flag: {sorted(listed)}"
+    assert not [name for name in RESEARCH_FLAGS if name in printed]
+    parser_flags = {action.dest for action in train_hf.HfArgumentParser(train_hf.PROJECT_DATACLASSES)._actions}
+    assert not parser_flags & set(RESEARCH_FLAGS)
 
-    def data_args(**changes):
-        settings = dict(dataset_dir=str(tmp_path / "data"), make_synthetic_data=True, synthetic_train_images=6)
-        return train_hf.DataArguments(**{**settings, "synthetic_val_images": 2, **changes})
 
-    train_hf.ensure_synthetic_data(data_args(synthetic_negative_kinds="color=2,shape=1"))
-    manifest = json.loads((tmp_path / "data" / "synthetic_grefcoco.json").read_text())["parameters"]
-    assert manifest["split_options"]["train"]["negative_kinds"] == {"color": 2.0, "shape": 1.0}
-    assert manifest["num_images"] == {"train": 6, "val": 2, "testA": 0, "testB": 0}
-    train_hf.ensure_synthetic_data(data_args(synthetic_negative_kinds="color=2, shape=1"))
-    with pytest.raises(ValueError, match=r"train negative_kinds: \{'color': 2.0, 'shape': 1.0\} there, None asked"):
-        train_hf.ensure_synthetic_data(data_args())
-    with pytest.raises(ValueError, match="train images: 6 there, 7 asked"):
-        train_hf.ensure_synthetic_data(data_args(synthetic_train_images=7, synthetic_negative_kinds="color=2,shape=1"))
-    with pytest.raises(ValueError, match="only with --make_synthetic_data"):
-        train_hf.ensure_synthetic_data(train_hf.DataArguments(synthetic_negative_kinds="color=1"))
-    (tmp_path / "data" / "synthetic_grefcoco.json").unlink()
-    with pytest.raises(FileExistsError, match="not written by the synthetic generator"):
-        train_hf.ensure_synthetic_data(data_args())
+def test_the_recipe_stays_short_and_the_package_never_imports_the_examples():
+    import ast
+
+    assert len((REPO / "train_hf.py").read_text().splitlines()) <= 350
+    for path in [*(REPO / "gsva_hf").rglob("*.py"), *REPO.glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] == "examples"], f"{path} imports {names}"

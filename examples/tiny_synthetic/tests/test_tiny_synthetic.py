@@ -1,7 +1,9 @@
-"""The synthetic images' contents and patch labels as read for the vision stage agree with the pixels; the stage
-trains only CLIP and the projector, and its loss falls."""
+"""The tiny example: the vision stage's labels agree with the pixels and the stage trains only CLIP and the
+projector; train_tiny.py's from-scratch options do what they say, are refused where their result would be lost, and
+with all of them off it trains exactly like train_hf.py; the probes and the diagnosis measure what they claim."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,8 +11,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
-from gsva_hf.vision_pretraining import (
+from examples.tiny_synthetic.from_scratch import TimedEvaluationCallback, draw_language_model
+from examples.tiny_synthetic.train_tiny import TinyArguments, build_tiny_run, ensure_synthetic_data
+from examples.tiny_synthetic.vision_pretraining import (
     TARGETS,
     ImageAndPatchLabels,
     ImageContentLabels,
@@ -18,7 +21,12 @@ from gsva_hf.vision_pretraining import (
     patch_grid,
     train_vision_features,
 )
+from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
 from tests.conftest import REPO
+from tests.test_synthetic import scene, tree  # noqa: F401, F811  (fixtures)
+from tests.test_training import check_learning_rate_groups, run_args
+
+EXAMPLE = REPO / "examples" / "tiny_synthetic"
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -185,18 +193,14 @@ def test_labels_on_another_grid_are_refused(tiny_model, tiny_processor, syntheti
         train_vision_features(tiny_model, tiny_processor.image_processor, labels, labels, steps=1, batch_size=2)
 
 
-def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
-    import train_hf
-    from gsva_hf.training import TimedEvaluationCallback
-    from tests.test_training import run_args
-
+def test_train_tiny_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
     args = run_args(
         synthetic, tmp_path / "run", "--max_steps", "1", "--vision_pretrain_steps", "3",
         "--vision_pretrain_batch_size", "4", "--val_dataset", "grefcoco|unc|val", "--eval_at_minutes", "30",
         "--lora_r", "-1",
         "--config_overrides", "vision_feature_layer=-1,text_config.num_attention_heads=8,text_config.num_key_value_heads=8",
     )  # fmt: skip
-    run = train_hf.build_run(args)
+    run = build_tiny_run(args)
     config = run.trainer.model.config
     assert (config.vision_feature_layer, config.text_config.num_attention_heads) == (-1, 8)
     report = json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())
@@ -208,18 +212,15 @@ def test_train_hf_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
     assert passed.marks == [0.5, 30], "a mark the stage already passed must be dropped, not evaluated at step 1"
 
 
-def test_train_hf_runs_the_patch_stage_and_refuses_unknown_targets(synthetic, tmp_path):
-    import train_hf
-    from tests.test_training import run_args
-
+def test_train_tiny_runs_the_patch_stage_and_refuses_unknown_targets(synthetic, tmp_path):
     common = ["--max_steps", "1", "--vision_pretrain_steps", "2", "--vision_pretrain_batch_size", "2", "--lora_r", "-1"]
-    train_hf.build_run(run_args(synthetic, tmp_path / "run", *common, "--vision_pretrain_target", "patches"))
+    build_tiny_run(run_args(synthetic, tmp_path / "run", *common, "--vision_pretrain_target", "patches"))
     report = json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())
     assert report["target"] == "patches" and 0 <= report["val_object_accuracy"] <= 1
     with pytest.raises(ValueError, match="--vision_pretrain_target must be one of"):
-        train_hf.build_run(run_args(synthetic, tmp_path / "run2", *common, "--vision_pretrain_target", "pixels"))
+        build_tiny_run(run_args(synthetic, tmp_path / "run2", *common, "--vision_pretrain_target", "pixels"))
     with pytest.raises(ValueError, match="only applies with --vision_pretrain_steps > 0"):
-        train_hf.build_run(run_args(synthetic, tmp_path / "run3", "--max_steps", "1", "--vision_pretrain_target", "patches"))
+        build_tiny_run(run_args(synthetic, tmp_path / "run3", "--max_steps", "1", "--vision_pretrain_target", "patches"))
 
 
 @pytest.mark.parametrize(
@@ -229,30 +230,21 @@ def test_train_hf_runs_the_patch_stage_and_refuses_unknown_targets(synthetic, tm
      ("a=b=c", "expected key=value"), ("out_dim=128", "invalid GSVA config")],
 )  # fmt: skip
 def test_bad_config_overrides_name_the_key(synthetic, tmp_path, overrides, message):
-    import train_hf
-    from tests.test_training import run_args
-
     with pytest.raises(ValueError, match=message):
-        train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
+        build_tiny_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
 
 
 def test_config_overrides_reach_nested_configs(synthetic, tmp_path):
-    import train_hf
-    from tests.test_training import run_args
-
     overrides = " sam_config.mask_decoder_config.num_hidden_layers = 1 , vision_config.num_hidden_layers=3,text_config.attention_bias=true"
-    run = train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
+    run = build_tiny_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
     model = run.trainer.model
     assert len(model.sam.mask_decoder.transformer.layers) == 1 and len(model.vision_tower.encoder.layers) == 3
     assert model.language_model.model.layers[0].self_attn.q_proj.bias is not None
 
 
 def test_embedding_init_std_draws_only_the_input_embeddings(synthetic, tmp_path):
-    import train_hf
-    from tests.test_training import run_args
-
     def build(*extra):
-        return train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--lora_r", "-1", *extra)).trainer.model
+        return build_tiny_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--lora_r", "-1", *extra)).trainer.model
 
     plain, drawn = build(), build("--embedding_init_std", "1.0")
     embeddings = drawn.get_input_embeddings().weight
@@ -268,11 +260,8 @@ def test_embedding_init_std_draws_only_the_input_embeddings(synthetic, tmp_path)
 
 
 def test_lm_init_std_redraws_only_the_named_language_model_layers(synthetic, tmp_path):
-    import train_hf
-    from tests.test_training import run_args
-
     def build(*extra):
-        return train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--lora_r", "-1", *extra)).trainer.model
+        return build_tiny_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--lora_r", "-1", *extra)).trainer.model
 
     plain = dict(build().named_parameters())
     drawn = dict(build("--lm_init_std", "0.5", "--lm_init_modules", "q_proj,o_proj").named_parameters())
@@ -299,21 +288,16 @@ REFUSALS = {  # case: (start from a folder with weights, extra arguments, expect
 def test_from_scratch_options_are_refused_where_their_result_would_be_lost(
     synthetic, tmp_path, tiny_model, tiny_processor, case
 ):
-    import train_hf
-    from tests.test_training import run_args
-
     with_weights, extra, message = REFUSALS[case]
     if with_weights:
         tiny_model.save_pretrained(tmp_path / "model")
         tiny_processor.save_pretrained(tmp_path / "model")
         extra = [*extra, "--model_name_or_path", str(tmp_path / "model")]
     with pytest.raises(ValueError, match=message):
-        train_hf.build_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", *extra))
+        build_tiny_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", *extra))
 
 
 def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
-    from gsva_hf.training import draw_language_model
-
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     draw_language_model(tiny_model, 0.5, generator=torch.Generator().manual_seed(1), flag="--lm-init-std")
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
@@ -327,8 +311,6 @@ def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
 
 
 def test_probe_redraw_limited_to_named_layers(tiny_model):
-    from gsva_hf.training import draw_language_model
-
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     draw_language_model(tiny_model, 0.5, ("q_proj", "k_proj"))
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
@@ -340,7 +322,7 @@ def test_probe_redraw_limited_to_named_layers(tiny_model):
 
 def test_variance_shares_on_hand_made_features(tiny_model, tiny_processor, synthetic):
     """Between-group share of variance: 0,2,4,6 split {0,2}|{4,6} has means 1 and 5 around 3, so 16 of 20."""
-    from benchmarks.probe_vision_features import token_variance_shares, variance_shares
+    from examples.tiny_synthetic.probe_vision_features import token_variance_shares, variance_shares
 
     features = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0], [6.0, 1.0]])
     shares = variance_shares(features, {"halves": torch.tensor([0, 0, 1, 1]), "each": torch.arange(4)})
@@ -351,19 +333,18 @@ def test_variance_shares_on_hand_made_features(tiny_model, tiny_processor, synth
 
 
 def test_the_embedded_default_config_trains_what_it_says(synthetic, tmp_path):
-    """configs/train-tiny-synthetic.json as shipped, cut to a few steps: the LM is drawn at 0.088 and trains
+    """config.json as shipped, cut to a few steps: the LM is drawn at 0.088 and trains
     whole; the tower and projector get the `both` stage, then stay frozen (unchanged by GRES steps) while SAM trains;
     the learning-rate groups are 1e-3 and 3e-4 for SAM and the fcs."""
-    import train_hf
     from gsva_hf.training import is_mask_head
 
     args = [
-        str(REPO / "configs" / "train-tiny-synthetic.json"), "--dataset_dir", str(synthetic), "--make_synthetic_data",
+        str(EXAMPLE / "config.json"), "--dataset_dir", str(synthetic), "--make_synthetic_data",
         "false", "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--vision_pretrain_steps", "2",
         "--vision_pretrain_batch_size", "4", "--per_device_train_batch_size", "4", "--val_dataset", "",
         "--save_strategy", "no", "--eval_at_minutes", "", "--torch_threads", "1",
     ]  # fmt: skip
-    run = train_hf.build_run(args)
+    run = build_tiny_run(args)
     model = run.trainer.model
     assert json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())["target"] == "both"
     q_proj = model.language_model.model.layers[0].self_attn.q_proj.weight
@@ -378,3 +359,137 @@ def test_the_embedded_default_config_trains_what_it_says(synthetic, tmp_path):
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in frozen.items())
     assert any(not torch.equal(after[n], p) for n, p in before_sam.items())
+
+
+def test_diagnosis_agrees_with_the_evaluator(tmp_path):
+    """The per-kind diagnosis counts a slot right exactly when GSVA's evaluator does (bundled model, fresh val)."""
+    from examples.tiny_synthetic.diagnose_synthetic import diagnose
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.segment import DEFAULT_MODEL as BUNDLED_MODEL
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
+
+    write_synthetic_grefcoco(tmp_path, num_images={"train": 0, "val": 12, "testA": 0, "testB": 0}, seed=11)
+    report = diagnose(BUNDLED_MODEL, tmp_path, "val", batch_size=5)
+    model = GSVAForCausalLM.from_pretrained(BUNDLED_MODEL).eval()
+    result = evaluate_dataset(
+        model, GSVAProcessor.from_pretrained(BUNDLED_MODEL), build_val_dataset(tmp_path, "grefcoco|unc|val"), progress=False
+    )
+    sums = result.metrics
+    assert report["slots"] == sums["count"]
+    assert report["decision_accuracy"] == pytest.approx((sums["tp"] + sums["tn"]) / sums["count"], abs=1e-12)
+    assert sum(k["count"] for k in report["per_kind_accuracy"].values()) == report["slots"]
+    assert -1.0 <= report["correlation_right_vs_other_image"] <= 1.0
+
+
+def test_ranking_and_best_shift_on_hand_made_margins():
+    """Present 3, 1, 0 against absent 2, -1: 4 of 6 pairs ranked right (1 and 0 fall below 2). The best cut lies in
+    (-1, 0] and gets 4 of 5 slots right (only the absent 2 stays wrong); a brute-force sweep of cuts agrees."""
+    from examples.tiny_synthetic.diagnose_synthetic import ranking_and_best_shift
+
+    margins = torch.tensor([3.0, 1.0, 0.0, 2.0, -1.0])
+    present = torch.tensor([True, True, True, False, False])
+    result = ranking_and_best_shift(margins, present)
+    assert result["auc"] == pytest.approx(4 / 6)
+    brute = max(((margins >= c) == present).float().mean().item() for c in torch.linspace(-3, 5, 801))
+    assert result["accuracy_at_best_shift"] == pytest.approx(brute)
+    shifted = ((margins + result["best_shift"]) >= 0) == present
+    assert shifted.float().mean().item() == pytest.approx(brute)
+    tied = ranking_and_best_shift(torch.tensor([1.0, 1.0]), torch.tensor([True, False]))
+    assert tied["auc"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("mode", "answer_form"), [("color", "short"), ("shape", "short"), ("scene-text", "named")])
+def test_presence_questions_answer_from_the_scene(tree, scene, mode, answer_form):  # noqa: F811
+    """The presence probe's yes/no answers agree with the colours read from the pixels; shape negatives are hard;
+    the scene-text mode lists exactly the scene's objects; the named answer repeats the asked target."""
+    import re
+
+    from examples.tiny_synthetic.probe_presence_learning import PresenceQuestions
+
+    root = tree[0]
+    questions = PresenceQuestions(root, "val", mode, answer_form)
+    rng = np.random.default_rng(0)
+    answers = Counter()
+    for _ in range(200):
+        sample = questions.draw(rng)
+        question, answer = sample.rounds[0]
+        present = {(o["color"], o["shape"]) for o in scene[sample.meta["image_id"]][1]}
+        if mode == "color":
+            color = re.fullmatch(r"Is there (\w+) in this image\?", question).group(1)
+            said_yes = answer == "Yes."
+            assert said_yes == any(c == color for c, _ in present), question
+        else:
+            listed, color, shape = re.fullmatch(r"(.*)Is there a (\w+) (\w+) in this image\?", question).groups()
+            if mode == "scene-text":
+                assert sample.image.getcolors() == [(128 * 128, (128, 128, 128))], "scene-text images must be blank"
+                items = re.fullmatch(r"The image shows (.*)\. ", listed).group(1).split(", ")
+                assert sorted(items) == sorted(f"a {c} {s}" for c, s in present)
+                assert answer in (f"The {color} {shape}: Yes.", f"The {color} {shape}: No."), answer
+            else:
+                assert listed == ""
+            said_yes = answer.endswith("Yes.")
+            assert said_yes == ((color, shape) in present), question
+            if not said_yes:
+                assert any(color == c or shape == s for c, s in present), f"{question}: not a hard negative"
+        answers[said_yes] += 1
+    assert answers[True] > 60 and answers[False] > 60
+
+
+def test_the_embedding_learning_rate_reaches_exactly_the_input_embeddings(synthetic, tmp_path):
+    common = ["--max_steps", "1", "--learning_rate", "3e-4", "--weight_decay", "0.1", "--mask_head_learning_rate", "1e-4"]
+    for lora_r in ("-1", "8"):
+        args = run_args(synthetic, tmp_path / lora_r, *common, "--lora_r", lora_r, "--embedding_learning_rate", "5e-3")
+        check_learning_rate_groups(build_tiny_run(args).trainer, {"embeddings": 5e-3, "mask_head": 1e-4, "rest": 3e-4})
+    args = run_args(synthetic, tmp_path / "frozen", "--max_steps", "1", "--lora_r", "0", "--embedding_learning_rate", "1e-3")
+    trainer = build_tiny_run(args).trainer
+    trainer.model.get_input_embeddings().weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="--embedding_learning_rate is set but the input embeddings do not train"):
+        trainer.create_optimizer()
+
+
+def test_made_synthetic_data_must_match_the_asked_settings(tmp_path):
+    """--make_synthetic_data writes the task once; a later run asking other settings is refused, not served the old
+    data; --synthetic_negative_kinds reaches the written train split."""
+    data = str(tmp_path / "data")
+
+    def tiny(**changes):
+        return TinyArguments(**{"make_synthetic_data": True, "synthetic_train_images": 6, "synthetic_val_images": 2, **changes})
+
+    ensure_synthetic_data(tiny(synthetic_negative_kinds="color=2,shape=1"), data)
+    manifest = json.loads((tmp_path / "data" / "synthetic_grefcoco.json").read_text())["parameters"]
+    assert manifest["split_options"]["train"]["negative_kinds"] == {"color": 2.0, "shape": 1.0}
+    assert manifest["num_images"] == {"train": 6, "val": 2, "testA": 0, "testB": 0}
+    ensure_synthetic_data(tiny(synthetic_negative_kinds="color=2, shape=1"), data)
+    with pytest.raises(ValueError, match=r"train negative_kinds: \{'color': 2.0, 'shape': 1.0\} there, None asked"):
+        ensure_synthetic_data(tiny(), data)
+    with pytest.raises(ValueError, match="train images: 6 there, 7 asked"):
+        ensure_synthetic_data(tiny(synthetic_train_images=7, synthetic_negative_kinds="color=2,shape=1"), data)
+    with pytest.raises(ValueError, match="only with --make_synthetic_data"):
+        ensure_synthetic_data(TinyArguments(synthetic_negative_kinds="color=1"), data)
+    (tmp_path / "data" / "synthetic_grefcoco.json").unlink()
+    with pytest.raises(FileExistsError, match="not written by the synthetic generator"):
+        ensure_synthetic_data(tiny(), data)
+
+
+def test_with_its_options_off_the_example_trains_exactly_like_the_recipe(synthetic, tmp_path):
+    """train_tiny.py composes train_hf.py's building blocks: with no from-scratch option the same flags give the
+    same per-step losses, bit for bit."""
+    import train_hf
+
+    def losses(build, name):
+        run = build(run_args(synthetic, tmp_path / name, "--max_steps", "3", "--logging_steps", "1", "--lora_r", "8"))
+        run.trainer.train()
+        return [entry["loss"] for entry in run.trainer.state.log_history if "loss" in entry]
+
+    recipe = losses(train_hf.build_run, "recipe")
+    assert len(recipe) == 3 and losses(build_tiny_run, "tiny") == recipe
+
+
+def test_the_vision_stage_prints_progress_lines(tiny_model, tiny_processor, synthetic, capsys):
+    labels = ImageContentLabels(synthetic, "train")
+    train_vision_features(tiny_model, tiny_processor.image_processor, labels, labels, steps=4, batch_size=2, log_every=2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vision step")]
+    assert [line.split()[2] for line in lines] == ["2/4", "4/4"]
+    assert " loss " in lines[0] and "lr 0.001" in lines[0] and "ETA" in lines[0] and "ETA" not in lines[1]

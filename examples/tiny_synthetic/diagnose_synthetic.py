@@ -6,7 +6,7 @@ hard negative shares with a present object), and measures whether the decisions 
 `[SEG]`-minus-`[REJ]` logit margin at every slot with the right image, with every image replaced by another
 val image, and with a black image. A model that grounds presence changes its margins when the image changes.
 
-    python benchmarks/diagnose_synthetic.py --model gsva_hf/assets/gsva-tiny-synthetic --dataset_dir data/synthetic
+    python examples/tiny_synthetic/diagnose_synthetic.py --model gsva_hf/assets/gsva-tiny-synthetic --dataset_dir data/synthetic
 """
 
 import argparse
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from gsva_hf.data.collator import GSVACollator  # noqa: E402

@@ -2,7 +2,7 @@
 
 GSVA starts from OpenAI's CLIP, whose patch features already tell colours and shapes apart; its language model only
 learns to look them up. A tiny tower trained from scratch only through the language model's loss learns shapes far
-too slowly (BENCHMARKS.md, section 1). This stage is the tiny model's stand-in for CLIP's pretraining: the features
+too slowly (README.md beside this file). This stage is the tiny model's stand-in for CLIP's pretraining: the features
 the language model reads (CLIP at `vision_feature_layer`, then the projector) learn, through a throwaway linear head,
 either which colour+shape pairs each train image holds (`target="image"`: a head on their max- and mean-pool, the
 embedded default), the colour+shape of the object under each patch (`target="patches"`: a head on every token,
@@ -22,6 +22,7 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, MANIFEST_NAME, read_image_objects
+from gsva_hf.training import progress_line
 
 logger = logging.getLogger(__name__)
 
@@ -203,12 +204,12 @@ def _take(targets, index: list[int], device):
 
 def train_vision_features(
     model, image_processor, train, val, steps: int, batch_size: int = 32, learning_rate: float = 1e-3,
-    eval_every: int = 500, seed: int = 0, on_row=None, train_tower: bool = True,
+    eval_every: int = 500, seed: int = 0, on_row=None, train_tower: bool = True, log_every: int = 0,
 ) -> list[dict]:  # fmt: skip
     """Train `model.vision_tower` and `model.multi_modal_projector` in place on `train` (any of `TARGETS`' label
     kinds; with `train_tower=False` only the head trains: a linear probe of the features as they are);
     return one row per evaluation on `val` (each also handed to `on_row` as it comes). Every other parameter and
-    every `requires_grad` flag is left as it was."""
+    every `requires_grad` flag is left as it was. `log_every` > 0 prints a progress line every that many steps."""
     if type(train) is not type(val) or train.pairs != val.pairs:
         raise ValueError("train and val labels must be of one kind and one task (the same colour x shape pairs)")
     tower = [model.vision_tower, model.multi_modal_projector]
@@ -243,6 +244,10 @@ def train_vision_features(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(clipped, 1.0)
             optimizer.step()
+            if log_every > 0 and (step % log_every == 0 or step == steps):
+                elapsed = time.perf_counter() - start
+                line = progress_line(step, steps, elapsed, step, loss.item(), learning_rate=learning_rate, stage="vision")
+                print(line, flush=True)
             if step % eval_every == 0 or step == steps or step == 1:
                 for part in parts:
                     part.eval()
@@ -263,7 +268,7 @@ def train_vision_features(
 
 def pretrain_vision(
     model, image_processor, dataset_dir, steps: int, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
-    target: str = "image",
+    target: str = "image", log_every: int = 0,
 ) -> dict:  # fmt: skip
     """Train the tower and projector on the train split's `target` labels; report the val split's scores at the
     end, the first and last loss, and the wall seconds spent (learning curves count them)."""
@@ -275,7 +280,7 @@ def pretrain_vision(
     train, val = (TARGETS[target](dataset_dir, split, model) for split in ("train", "val"))
     rows = train_vision_features(
         model, image_processor, train, val, steps, batch_size, learning_rate, eval_every=steps, seed=seed,
-        on_row=lambda row: logger.info("vision pretraining: %s", row),
+        on_row=lambda row: logger.info("vision pretraining: %s", row), log_every=log_every,
     )  # fmt: skip
     scores = {key: value for key, value in rows[-1].items() if key.startswith("val_")}
     return {

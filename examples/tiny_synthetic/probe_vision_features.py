@@ -1,6 +1,6 @@
 """How fast can the tiny preset's CLIP tower learn what the synthetic images hold, given direct supervision?
 
-The vision side alone, as `train_hf.py --vision_pretrain_steps` trains it (`gsva_hf/vision_pretraining.py`): CLIP and
+The vision side alone, as `train_tiny.py --vision_pretrain_steps` trains it (`vision_pretraining.py`): CLIP and
 the projector learn, through a linear head, which colour+shape pairs each image holds (`--target image`: val recall
 of present pairs and specificity) or the colour+shape of the object under each patch (`--target patches`: val
 accuracy on object patches, colour and shape both right and each alone, and on background patches). `--save DIR` writes a GSVA folder with the
@@ -8,9 +8,9 @@ trained tower, to start other probes or training runs from a "pretrained" CLIP. 
 only the linear head on a trained model's image tokens: what its language model can read off each token; it first
 prints how much of those tokens' variance colour, shape and their pair explain.
 
-    python benchmarks/probe_vision_features.py --steps 3000
-    python benchmarks/probe_vision_features.py --target patches --lr 3e-3 --steps 3000
-    python benchmarks/probe_vision_features.py --target patches --probe-model gsva_hf/assets/gsva-tiny-synthetic --steps 1000
+    python examples/tiny_synthetic/probe_vision_features.py --steps 3000
+    python examples/tiny_synthetic/probe_vision_features.py --target patches --lr 3e-3 --steps 3000
+    python examples/tiny_synthetic/probe_vision_features.py --target patches --probe-model gsva_hf/assets/gsva-tiny-synthetic --steps 1000
 """
 
 import argparse
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from configuration_gsva import GSVAConfig  # noqa: E402
-from gsva_hf.vision_pretraining import TARGETS, PatchContentLabels, patch_grid, train_vision_features  # noqa: E402
+from examples.tiny_synthetic.from_scratch import apply_config_overrides  # noqa: E402
+from examples.tiny_synthetic.vision_pretraining import TARGETS, PatchContentLabels, patch_grid, train_vision_features  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor  # noqa: E402
-from train_hf import apply_config_overrides  # noqa: E402
 
 
 def variance_shares(features: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset_dir", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument(
         "--config_overrides", default=None,
-        help="as train_hf.py's, applied to the preset (default 'vision_feature_layer=-1', the embedded default's)",
+        help="as train_tiny.py's, applied to the preset (default 'vision_feature_layer=-1', the embedded default's)",
     )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -17,7 +17,7 @@ A `--preset` folder with weights (e.g. from `probe_vision_features.py --save`) s
 keeps its tower and projector as they are, `--embedding-init-std` redraws the word embeddings, `--lm-init-std` the whole
 language model.
 
-    python benchmarks/probe_presence_learning.py --mode color --steps 1500
+    python examples/tiny_synthetic/probe_presence_learning.py --mode color --steps 1500
 """
 
 import argparse
@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from configuration_gsva import GSVAConfig  # noqa: E402
+from examples.tiny_synthetic.from_scratch import draw_input_embeddings, draw_language_model  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
-from gsva_hf.training import draw_input_embeddings, draw_language_model, folder_has_weights  # noqa: E402
+from gsva_hf.training import folder_has_weights  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--embedding-init-std", type=float, default=None,
-        help="redraw the language model's input embeddings with this std (train_hf.py --embedding_init_std)",
+        help="redraw the language model's input embeddings with this std (train_tiny.py --embedding_init_std)",
     )
     parser.add_argument(
         "--lm-init-std", type=float, default=None,

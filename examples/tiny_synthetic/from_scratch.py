@@ -1,0 +1,150 @@
+"""What a tiny GSVA trained from scratch needs and a pretrained GSVA does not: config changes before the draw, the
+language model drawn at another scale, the input embeddings' own learning rate, and a learning curve by minutes."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, TrainerCallback
+
+from configuration_gsva import GSVAConfig
+from gsva_hf.training import GSVATrainer
+
+
+def apply_config_overrides(config: GSVAConfig, overrides: str) -> None:
+    """`key=value,...` onto `config`; `text_config.x`, `vision_config.x`, `sam_config.vision_config.x` reach
+    sub-configs. Values are parsed like `PretrainedConfig.update_from_string`; unknown keys are errors, and the
+    result must still pass GSVAConfig's own checks."""
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or "=" in value:
+            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
+        *parents, leaf = key.split(".")
+        target = config
+        for name in parents:
+            target = getattr(target, name, None)
+            if not isinstance(target, PretrainedConfig):
+                raise ValueError(f"--config_overrides {key}: {name!r} is not a sub-config of the GSVA config")
+        if not hasattr(target, leaf) or leaf == "model_type":
+            raise ValueError(f"--config_overrides {key}: the config has no settable {leaf!r}")
+        try:
+            target.update_from_string(f"{leaf}={value}")
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--config_overrides {item}: {error}") from error
+    try:
+        GSVAConfig(**config.to_dict())
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--config_overrides {overrides!r} gives an invalid GSVA config: {error}") from error
+
+
+def check_init_std(std: float, flag: str = "--embedding_init_std") -> None:
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"{flag} must be a positive finite number, got {std}")
+
+
+def draw_input_embeddings(model, std: float, flag: str = "--embedding_init_std") -> None:
+    """Redraw a from-scratch language model's input embeddings with `std` (all rows, padding included): at the
+    preset's 0.02 a 128-wide model's words are ~5x smaller than its first attention output."""
+    check_init_std(std, flag)
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
+
+
+def draw_language_model(
+    model, std: float, modules: str | list[str] = "", generator: torch.Generator | None = None, flag: str = "--lm_init_std"
+) -> None:
+    """Redraw a from-scratch language model's linear layers and embeddings with `std` (biases zero), or only the
+    layers whose names end with one of `modules` (names or comma-separated names, e.g. `q_proj,k_proj`). The
+    preset's 0.02 is Llama's choice for width 4,096; at the tiny width 128 attention starts near uniform, and the
+    presence lookup did not form until the attention projections were drawn at 1/sqrt(width)."""
+    check_init_std(std, flag)
+    parts = [modules] if isinstance(modules, str) else list(modules)
+    modules = tuple(name.strip() for part in parts for name in part.split(",") if name.strip())
+    named = list(model.language_model.named_modules())
+    unmatched = [end for end in modules if not any(name.endswith(end) for name, _ in named)]
+    if unmatched:
+        raise ValueError(f"{flag.replace('std', 'modules')}: no language-model layer ends with {unmatched}")
+    with torch.no_grad():
+        for name, module in named:
+            if modules and not name.endswith(modules):
+                continue
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(module.weight, std=std, generator=generator)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
+class TinyTrainer(GSVATrainer):
+    """GSVATrainer that can also give the language model's input embeddings their own learning rate
+    (`embedding_learning_rate`; None keeps the single rate)."""
+
+    def __init__(self, *args, embedding_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedding_learning_rate = embedding_learning_rate
+
+    def _own_learning_rates(self, model) -> dict[int, tuple[str, float]]:
+        rates = super()._own_learning_rates(model)
+        if self.embedding_learning_rate is not None:
+            embeddings = model.get_input_embeddings().weight
+            if not embeddings.requires_grad:
+                raise ValueError("--embedding_learning_rate is set but the input embeddings do not train")
+            if embeddings is getattr(model.get_output_embeddings(), "weight", None):
+                raise ValueError(
+                    "--embedding_learning_rate: the input embeddings are tied to lm_head, which would share the rate"
+                )
+            rates[id(embeddings)] = ("embedding_learning_rate", self.embedding_learning_rate)
+        return rates
+
+
+class TimedEvaluationCallback(TrainerCallback):
+    """Evaluate when the training clock (evaluation time excluded) passes each mark, for learning curves.
+
+    Appends one JSON line per evaluation to `curve_path`: minutes, step, samples seen, the losses of the last
+    logging window and the metrics. `start_seconds` is training done before the Trainer (the vision stage), so
+    the clock counts it; marks it already passes are dropped (nothing of the Trainer's run to evaluate yet).
+    """
+
+    def __init__(self, minutes: list[float], evaluate, curve_path: str | Path, start_seconds: float = 0.0):
+        self.marks = sorted(m for m in minutes if 60 * m > start_seconds)
+        self.evaluate = evaluate
+        self.curve_path = Path(curve_path)
+        self.training_seconds = float(start_seconds)
+        self._last = None
+        self._last_losses: dict = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.training_seconds += time.perf_counter() - self._last
+        if self.marks and self.training_seconds >= 60 * self.marks[0]:
+            minute = self.marks.pop(0)
+            self._record(minute, args, state, model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._last_losses = {k: logs[k] for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss") if k in logs}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._record(round(self.training_seconds / 60, 2), args, state, model, final=True)
+
+    def _record(self, minute, args, state, model, final=False):
+        if not state.is_world_process_zero and args.world_size > 1:
+            return
+        network = model.get_base_model() if hasattr(model, "get_base_model") else model
+        was_training = network.training
+        network.eval()
+        metrics = self.evaluate(network)
+        network.train(was_training)
+        entry = {
+            "minutes": minute,
+            "final": final,
+            "step": state.global_step,
+            "samples": state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            **self._last_losses,
+            **{k: metrics[k] for k in ("giou", "ciou", "n_acc", "t_acc") if k in metrics},
+        }
+        self.curve_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.curve_path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
