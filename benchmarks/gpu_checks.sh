@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6 and BENCHMARKS.md section 5, as one script for a short lent-GPU session.
+# The GPU checks of BENCHMARKS.md (GPU section), as one script for a short lent-GPU session.
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 # Wheels in .whl/ (transformers, peft, deepspeed and their missing needs) are installed first when present, for a
 # machine that cannot reach a package index. Each step has its own time limit and a failing step does not stop
@@ -45,9 +45,16 @@ step bench_train 200 python3 benchmarks/bench_train.py --preset "$PRESET" --devi
 # ZeRO-2 and the plain Trainer on the same full-width, few-layer model, seed and data: the losses should agree
 # to bf16 rounding (ZeRO-2 keeps bf16 weights with fp32 master copies, the plain run fp32 weights under autocast).
 python3 benchmarks/write_bench_preset.py "$PRESET" "$WORK/preset"
-FEW="text_config.num_hidden_layers=4,vision_config.num_hidden_layers=4,sam_config.vision_config.num_hidden_layers=4"
-COMMON=(--model_name_or_path "$WORK/preset" --config_overrides "$FEW" --dataset_dir "$WORK/data" --make_synthetic_data
-  --synthetic_train_images 64 --synthetic_val_images 8 --dataset refer_seg --sample_rates 1 --refer_seg_data grefcoco
+python3 - "$WORK/preset" <<'PY'
+import sys
+from configuration_gsva import GSVAConfig
+config = GSVAConfig.from_pretrained(sys.argv[1])
+for sub in (config.text_config, config.vision_config, config.sam_config.vision_config):
+    sub.num_hidden_layers = 4
+config.save_pretrained(sys.argv[1])
+PY
+python3 -m gsva_hf.data.synthetic --out "$WORK/data" --train 64 --val 8 --testA 0 --testB 0 >/dev/null
+COMMON=(--model_name_or_path "$WORK/preset" --dataset_dir "$WORK/data" --dataset refer_seg --sample_rates 1 --refer_seg_data grefcoco
   --val_dataset "grefcoco|unc|val" --eval_batch_size 4 --max_steps 20 --warmup_steps 5 --per_device_train_batch_size 4
   --logging_steps 1 --save_steps 20 --bf16 --gradient_checkpointing --report_to none --disable_tqdm true --seed 0)
 [[ $DEVICE == cpu ]] && COMMON+=(--use_cpu true)

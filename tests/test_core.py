@@ -98,10 +98,15 @@ def test_rejected_slots_get_zero_logits_and_count_in_normaliser(tiny_model, tiny
     assert torch.count_nonzero(out.pred_masks[0][1]) == 0
     assert out.iou_scores[0][1] == 0
     # A [REJ] slot with an all-zero mask adds BCE(0, 0) = ln 2 per pixel and Dice ~1, divided by all 4 targets.
-    rej_bce = np.log(2.0)
-    bce, _ = reference_mask_losses(out.pred_masks, gt)
-    seg_only = (bce * 4 - rej_bce) / 3
-    assert seg_only != pytest.approx(bce)
+    rej_bce, rej_dice = reference_mask_losses([out.pred_masks[0][1:2]], [gt[0][1:2]])
+    assert rej_bce == pytest.approx(np.log(2.0)) and rej_dice == pytest.approx(1.0, abs=1e-3)
+    bce, dice = reference_mask_losses(out.pred_masks, gt)
+    seg_bce, seg_dice = reference_mask_losses([out.pred_masks[0][[0, 2]], out.pred_masks[1]], [gt[0][[0, 2]], gt[1]])
+    assert out.mask_bce_loss.item() == pytest.approx(2.0 * bce, rel=1e-5)
+    assert out.mask_dice_loss.item() == pytest.approx(0.5 * dice, rel=1e-5)
+    # Normalised over the three [SEG] slots only, both parts would differ far beyond that tolerance.
+    assert abs(out.mask_bce_loss.item() - 2.0 * seg_bce) > 100 * abs(out.mask_bce_loss.item() - 2.0 * bce)
+    assert out.mask_dice_loss.item() != pytest.approx(0.5 * seg_dice, rel=1e-3)
 
 
 def test_slot_count_mismatch_names_the_row(tiny_model, tiny_processor):

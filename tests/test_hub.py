@@ -36,7 +36,7 @@ FRESH = textwrap.dedent(
     """
     import importlib.util, runpy, sys
     folder, repo, snippets = sys.argv[1], sys.argv[2], sys.argv[3:]
-    sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
+    sys.path = [p for p in sys.path if p not in ("", ".") and (not p.startswith(repo) or "site-packages" in p)]
     sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
     for name in ("modeling_gsva", "configuration_gsva", "processing_gsva", "gsva_hf"):
         assert importlib.util.find_spec(name) is None, name + " is importable"
