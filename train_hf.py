@@ -96,11 +96,11 @@ class GSVATrainingArguments(TrainingArguments):
     disable_tqdm: bool = flag(True, "the progress lines replace tqdm's bar")
     remove_unused_columns: bool = flag(False, "GSVA's batches need every column")
     save_safetensors: bool = flag(True, "checkpoints as safetensors")
-    export_dir: str = flag("", "merged model folder (default: OUTPUT_DIR/final)")
+    export_dir: str = flag("", "merged model folder ('': OUTPUT_DIR/final)")
     export_only: bool = flag(False, "only merge and export --resume_from_checkpoint")
     max_shard_size: str = flag("5GB", "largest safetensors shard of the export")
     torch_threads: int = flag(1, "CPU threads per process (0: torch's default); 1 is fastest on a shared machine")
-    mask_head_learning_rate: float | None = flag(None, "learning rate of SAM and text_hidden_fcs (default: learning_rate)")
+    mask_head_learning_rate: float | None = flag(None, "learning rate of SAM and text_hidden_fcs (None: learning_rate)")
 
 
 PROJECT_DATACLASSES = (ModelArguments, DataArguments, GSVATrainingArguments)
@@ -113,7 +113,7 @@ def project_fields(cls) -> list[dataclasses.Field]:
 
 
 def project_help(dataclass_types) -> str:
-    lines = ["usage: train_hf.py [ARGS.json] [--flag value ...]", ""]
+    lines = [f"usage: {Path(sys.argv[0]).name} [ARGS.json] [--flag value ...]", ""]
     for cls in dataclass_types:
         lines.append(f"{cls.__name__}:")
         for f in project_fields(cls):

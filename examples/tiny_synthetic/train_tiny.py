@@ -51,7 +51,7 @@ class TinyArguments:
     vision_pretrain_target: str = flag("image", "image: pairs per image; patches: pair under each patch; both")
     vision_pretrain_learning_rate: float = flag(1e-3, "learning rate of the vision stage")
     vision_pretrain_batch_size: int = flag(32, "batch size of the vision stage")
-    embedding_learning_rate: float | None = flag(None, "learning rate of the LM's input embeddings (default: learning_rate)")
+    embedding_learning_rate: float | None = flag(None, "learning rate of the LM's input embeddings (None: learning_rate)")
     eval_at_minutes: str = flag("", "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20")
 
 
