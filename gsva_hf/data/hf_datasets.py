@@ -421,6 +421,7 @@ def tree_to_hf(dataset_dir, specs: str | list[str], out=None):
                 _tree_rows,
                 features=features(),
                 cache_dir=cache,
+                keep_in_memory=out is None,
                 gen_kwargs={"dataset_dir": dataset_dir, "dataset": dataset, "split_by": split_by, "split": split},
                 fingerprint=hashlib.sha256(f"{os.path.abspath(dataset_dir)}|{spec}".encode()).hexdigest()[:32],
             )
