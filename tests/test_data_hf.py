@@ -57,6 +57,9 @@ def test_training_draws_equal_the_tree(converted):
                          samples_per_epoch=6, seed=1)
     assert_same_samples(tree, hf, ignore_meta=("dataset",))
     assert hf[0].meta["dataset"] == f"hf:{converted / 'hf'}"
+    on_val = ReferSegDataset(converted / "unused", f"hf:{converted / 'hf'}|val", samples_per_epoch=4, seed=1)
+    val_images = build_val_dataset(converted / "tree", "grefcoco|unc|val").image_ids
+    assert all(on_val[i].meta["split"] == "val" and on_val[i].meta["image_id"] in val_images for i in range(4))
 
 
 def test_converter_cli_and_other_layouts(converted, capsys):

@@ -636,6 +636,7 @@ def _edit_annotation(tree_root, ann_id, segmentation, dataset="refcoco"):
         (float("inf"), "non-finite x coordinate inf"),
         (1e30, "x coordinate 1e\\+30 lies outside the image"),
         (1e7, "x coordinate 10000000.0 lies outside the image"),
+        (10**400, "x coordinate 10{23} lies outside the image"),
         (-9.0, "x coordinate -9.0 lies outside the image"),
     ],
 )

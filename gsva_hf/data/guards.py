@@ -29,11 +29,11 @@ def check_polygon(polygon, height: int, width: int) -> None:
     xs, ys = polygon[0::2], polygon[1::2]
     for axis, values, limit in (("x", xs, width), ("y", ys, height)):
         for value in values:
-            if not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value):
                 raise AnnotationError(f"polygon has a non-finite {axis} coordinate {value!r}")
             if value < -POLYGON_MARGIN or value > limit + POLYGON_MARGIN:
                 raise AnnotationError(
-                    f"polygon {axis} coordinate {value!r} lies outside the image (0..{limit}, {POLYGON_MARGIN:g} "
+                    f"polygon {axis} coordinate {value!r:.24} lies outside the image (0..{limit}, {POLYGON_MARGIN:g} "
                     "pixels of overshoot are accepted)"
                 )
     if max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:

@@ -220,7 +220,7 @@ class HFReferData:
 
     @staticmethod
     def _kind(values, origin: str) -> str:
-        kinds = sorted(set(values)) if values is not None else [DEFAULT_KIND]
+        kinds = sorted(set(values), key=str) if values is not None else [DEFAULT_KIND]
         if len(kinds) != 1 or kinds[0] not in LAYOUTS:
             raise ReferDataError(
                 f"{origin}: column 'dataset' must hold one name of {', '.join(sorted(LAYOUTS))} for the whole "

@@ -36,7 +36,7 @@ class ReferSegDataset(Dataset):
 
     dataset_dir: GSVA's `--dataset_dir` (holds `refer_seg/`). datasets: `"||"`-joined names, e.g.
     `"refclef||refcoco||refcoco+||refcocog||grefcoco"`; `hf:PATH_OR_REPO` reads the `train` split of a
-    `datasets` source (`gsva_hf.data.hf_datasets`). image_loader: path or file object → RGB PIL image.
+    `datasets` source (`gsva_hf.data.hf_datasets`), `hf:PATH_OR_REPO|split` another split. image_loader: path or file object → RGB PIL image.
     skip_crowd: leave crowd annotations out of the masks (see `ReferData`).
     samples_per_epoch=None: GSVA's `--no_sampling` fine-tuning mode; exactly one dataset, item i starts from its
     i-th train image (ascending id). An all-`[REJ]` draw is redrawn from a random image (GSVA falls back to
@@ -65,12 +65,17 @@ class ReferSegDataset(Dataset):
         self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.seed = int(seed)
         self.image_loader = image_loader
+        self.splits = {
+            name: parse_hf_spec(name)[1] if name.startswith(HF_PREFIX) and "|" in name else "train"
+            for name in self.names
+        }
         self.data = {
-            name: load_hf_refer(name[len(HF_PREFIX):], "train") if name.startswith(HF_PREFIX)
+            name: load_hf_refer(name[len(HF_PREFIX):].rsplit("|", 1)[0], self.splits[name])
+            if name.startswith(HF_PREFIX)
             else load_refer(self.refer_seg_dir, name, gsva_split_by(name), skip_crowd=skip_crowd)
             for name in self.names
         }
-        self.image_ids = {name: self.data[name].image_ids("train") for name in self.names}
+        self.image_ids = {name: self.data[name].image_ids(self.splits[name]) for name in self.names}
 
     def __len__(self) -> int:
         if self.samples_per_epoch is None:
@@ -98,7 +103,8 @@ class ReferSegDataset(Dataset):
                 name = rng.choice(self.names)
                 image_id = rng.choice(self.image_ids[name])
             data = self.data[name]
-            pool = [(ref, sentence) for ref in data.refs_of_image(image_id, "train") for sentence in ref.sentences]
+            split = self.splits[name]
+            pool = [(ref, sentence) for ref in data.refs_of_image(image_id, split) for sentence in ref.sentences]
             if len(pool) >= self.num_classes_per_sample:
                 chosen = rng.sample(pool, self.num_classes_per_sample)
             else:
@@ -123,7 +129,7 @@ class ReferSegDataset(Dataset):
                 source=f"refer_seg/{name}",
                 meta={
                     "dataset": name,
-                    "split": "train",
+                    "split": split,
                     "index": index,
                     "image_id": image_id,
                     "ref_ids": [ref.ref_id for ref, _ in chosen],
