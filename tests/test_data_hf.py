@@ -195,3 +195,19 @@ def test_train_hf_and_eval_hf_read_the_datasets_form(converted, tmp_path):
         "--output", str(tmp_path / "b.json"),
     ])  # fmt: skip
     assert from_hf[f"hf:{hf}|val"] == from_tree["grefcoco|unc|val"] == recorded
+
+
+def test_refcoco_family_and_every_segmentation_kind_convert(tmp_path):
+    """The fixture tree of test_data_refer (polygons, compressed and uncompressed RLEs, dropped short polygons,
+    a refcocog Python-2 pickle) converts to samples equal to the tree's, split by split."""
+    from tests.test_data_refer import write_tree
+
+    write_tree(tmp_path / "tree")
+    for specs in (["refcoco|unc|val", "refcoco|unc|testB"], ["refcocog|umd|test"], ["grefcoco|unc|val"]):
+        out = tmp_path / specs[0].split("|")[0]
+        tree_to_hf(tmp_path / "tree", specs, out)
+        for spec in specs:
+            dataset, _, split = spec.split("|")
+            hf = build_val_dataset(None, f"hf:{out}|{split}")
+            assert hf.spec == f"{dataset}|hf|{split}"
+            assert_same_samples(build_val_dataset(tmp_path / "tree", spec), hf)

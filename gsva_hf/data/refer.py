@@ -9,8 +9,9 @@ Layout (GSVA `--dataset_dir`):
     refer_seg/images/saiapr_tc-12/             images of refclef
 
 One class, `ReferData`, reads all five: the files are validated and indexed once, when it is built, so that a
-broken entry fails at start-up with its file and entry named instead of in the middle of a training run. Masks
-are decoded on demand with pycocotools. Pickles are read with `safe_pickle` (they never run code).
+broken entry fails at start-up with its file and entry named instead of in the middle of a training run: polygon
+coordinates, RLE strings and image file names are checked then (`guards`), before pycocotools sees them. Masks
+are decoded on demand. Pickles are read with `safe_pickle` (they never run code, and their size stays bounded).
 """
 
 import json

@@ -2,7 +2,8 @@
 
 `pickle.load` on a downloaded file runs whatever callable the file names. These files only ever hold lists of
 dicts of strings and numbers, so the unpickler here refuses every global lookup (the one way a pickle reaches code)
-and then checks that the result is built from plain containers and scalars only.
+and then checks that the result is built from plain containers and scalars only, in one bounded walk: no
+container inside itself, no absurd nesting, no shared references standing for far more data than the file holds.
 """
 
 import io
