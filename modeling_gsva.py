@@ -47,13 +47,29 @@ DICE_EPS = 1e-6
 
 @dataclass
 class GSVAOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.forward`.
+    r"""
+    Output of `GSVAForCausalLM.forward`.
 
-    loss: `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
-    pred_masks: per row, mask logits `[num_targets, H, W]` at the original image size, one per `[SEG]`/`[REJ]`
-        slot in text order. `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
-    target_is_seg: per row, a bool tensor telling which slots are `[SEG]` (True) or `[REJ]` (False).
-    iou_scores: per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+            `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
+        ce_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted next-token cross-entropy, mean over answer tokens.
+        mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*, with `gt_masks`):
+            Weighted mask losses, normalised by the number of slots (`[REJ]` included).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language-model logits.
+        cache (`Cache`, *optional*, returned when `use_cache=True`):
+            The decoder's key/value cache.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The decoder's, when `output_hidden_states` / `output_attentions` are set.
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`, *optional*, with SAM inputs):
+            Per row, mask logits at the original image size, one per `[SEG]`/`[REJ]` slot in text order;
+            `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`, *optional*):
+            Per row, which slots are `[SEG]` (True) or `[REJ]` (False).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`, *optional*):
+            Per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
     """
 
     loss: torch.Tensor | None = None
@@ -71,12 +87,17 @@ class GSVAOutput(ModelOutput):
 
 @dataclass
 class GSVATeacherForcedOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
+    r"""
+    Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
 
-    predicted_rejected: per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model
-        predicts `[REJ]` there (read from the logits one position earlier).
-    pred_masks: per row, mask logits `[num_slots, H, W]` at the original size (every slot with `reeval`).
-    gt_is_seg: per row, the ground-truth slot types.
+    Args:
+        predicted_rejected (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model rejects it
+            (`slot_decisions` with the ground truth, read one position earlier).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Per row, mask logits at the original size (every slot with `reeval`).
+        gt_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, the ground-truth slot types.
     """
 
     predicted_rejected: list[torch.Tensor] | None = None
@@ -86,14 +107,25 @@ class GSVATeacherForcedOutput(ModelOutput):
 
 @dataclass
 class GSVAGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate(..., return_dict_in_generate=True)` with SAM inputs: the usual fields plus, per row,
+    r"""
+    `generate(..., return_dict_in_generate=True)` with SAM inputs: `GenerateDecoderOnlyOutput`'s fields
+    (`sequences`, ...; `cache` is dropped) plus, per returned sequence:
 
-    answer_ids: the generated answer up to (not including) its end-of-sequence token.
-    finished: whether the row ended with end-of-sequence (False: cut at `max_new_tokens`).
-    target_is_seg / slot_scores / pred_masks / iou_scores: per `[SEG]`/`[REJ]` slot of the answer, in order:
-        whether it is `[SEG]`, the probability of that choice between the two tokens, mask logits at the
-        original size (zeros for `[REJ]`), SAM's predicted IoU.
-    original_sizes: `[B, 2]` image sizes (height, width).
+    Args:
+        answer_ids (`list[torch.LongTensor]`):
+            The generated answer up to (not including) its end-of-sequence token.
+        finished (`list[bool]`):
+            Whether the row ended with end-of-sequence (False: cut at `max_new_tokens`).
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per `[SEG]`/`[REJ]` slot of the answer, in order, whether it is `[SEG]`.
+        slot_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            The probability of that choice between the two tokens (softmax over their two logits).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Mask logits at the original size (zeros for `[REJ]`).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            SAM's predicted IoU (0 for `[REJ]`).
+        original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
+            Image sizes (height, width).
     """
 
     answer_ids: list[torch.LongTensor] | None = None
@@ -107,10 +139,14 @@ class GSVAGenerateOutput(GenerateDecoderOnlyOutput):
 
 @dataclass
 class GSVATargetsOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.decide_targets`: one decided slot per asked phrase, in order.
+    r"""
+    Output of `GSVAForCausalLM.decide_targets`: one decided slot per asked phrase, in order.
 
-    sequences: per row, the input tokens (padding removed) with each slot set to the decided token.
-    target_is_seg / slot_scores / pred_masks / iou_scores / original_sizes: as in `GSVAGenerateOutput`.
+    Args:
+        sequences (`list[torch.LongTensor]`):
+            Per row, the input tokens (padding removed) with each slot set to the decided token.
+        target_is_seg, slot_scores, pred_masks, iou_scores, original_sizes:
+            As in `GSVAGenerateOutput`.
     """
 
     sequences: list[torch.LongTensor] | None = None
@@ -673,8 +709,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         resized_sizes: torch.Tensor,
         sam_pixel_values: torch.Tensor | None = None,
         sam_image_embeddings: torch.Tensor | None = None,
-        **unused,
-    ) -> "GSVATargetsOutput":
+    ) -> GSVATargetsOutput:
         """Target mode: the answer is fixed up to its slots; the model decides only `[SEG]` or `[REJ]` at each.
 
         Takes `**processor(images=..., targets=[...])`: each row holds GSVA's answer template with one slot per
