@@ -381,16 +381,16 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         logits = F.interpolate(logits, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
         return logits[:, 0]
 
-    def gather_seg_hidden_states(
+    def gather_slot_states(
         self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per row, the states that predict each `[SEG]` (position - 1) and the row's slot flags."""
+        """The one `[SEG]` gather: per row, the states that predict each `[SEG]`/`[REJ]` of `input_ids` (position
+        - 1; `last_hidden_state[:, j]` belongs to `input_ids[:, j]`) and the row's slot flags (True for `[SEG]`)."""
         states, flags = [], []
         for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
-            seg_positions = positions[is_seg]
-            if (seg_positions == 0).any():
-                raise ValueError(f"row {row}: a [SEG] token at position 0 has no preceding state")
-            states.append(last_hidden_state[row, seg_positions - 1])
+            if (positions == 0).any():
+                raise ValueError(f"row {row}: a [SEG]/[REJ] token at position 0 has no preceding state")
+            states.append(last_hidden_state[row, positions - 1])
             flags.append(is_seg)
         return states, flags
 
@@ -495,9 +495,12 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 raise ValueError("mask prediction needs original_sizes and resized_sizes (from GSVAProcessor)")
             if sam_image_embeddings is None:
                 sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-            seg_states, target_is_seg = self.gather_seg_hidden_states(last_hidden_state, input_ids)
+            slot_states, target_is_seg = self.gather_slot_states(last_hidden_state, input_ids)
             seg_masks, seg_scores = self.masks_from_hidden_states(
-                seg_states, sam_image_embeddings, resized_sizes, original_sizes
+                [states[is_seg] for states, is_seg in zip(slot_states, target_is_seg)],
+                sam_image_embeddings,
+                resized_sizes,
+                original_sizes,
             )
             pred_masks = self.scatter_to_slots(seg_masks, target_is_seg)
             iou_scores = self.scatter_to_slots(seg_scores, target_is_seg)
@@ -670,20 +673,22 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         ).last_hidden_state
         out.cache = None
 
+        # `states[:, j]` belongs to `sequences[:, prompt_length - 1 + j]`; tokens after a row's end are padding.
         eos = self.generation_config.eos_token_id
         eos_ids = torch.tensor([e for e in (eos if isinstance(eos, list) else [eos]) if e is not None], device=sequences.device)
-        answer_ids, slot_states, slot_logits, finished = [], [], [], []
-        for row in range(sequences.shape[0]):
-            answer = sequences[row, prompt_length:]
+        answers = sequences[:, prompt_length:].clone()
+        answer_ids, finished = [], []
+        for row, answer in enumerate(answers):
             ends = torch.nonzero(torch.isin(answer, eos_ids)).flatten()
             finished.append(bool(ends.numel()))
-            answer = answer[: int(ends[0])] if ends.numel() else answer
-            # The state that predicts answer token t sits at index t of `states` (position prompt_length - 1 + t).
-            chosen = states[row, torch.nonzero(torch.isin(answer, self._slot_ids(answer.device))).flatten()]
-            answer_ids.append(answer)
-            slot_states.append(chosen)
-            slot_logits.append(self.get_output_embeddings()(chosen))
-        flags = [answer[torch.isin(answer, self._slot_ids(answer.device))] == self.config.seg_token_id for answer in answer_ids]
+            if ends.numel():
+                answer[int(ends[0]) :] = eos_ids[0]
+                answer_ids.append(sequences[row, prompt_length : prompt_length + int(ends[0])])
+            else:
+                answer_ids.append(sequences[row, prompt_length:])
+        aligned = torch.cat([sequences[:, prompt_length - 1 : prompt_length], answers], dim=1)
+        slot_states, flags = self.gather_slot_states(states, aligned)
+        slot_logits = [self.get_output_embeddings()(chosen) for chosen in slot_states]
 
         def repeat(tensor):
             return None if tensor is None else tensor.repeat_interleave(copies, dim=0)
