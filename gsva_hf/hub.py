@@ -20,8 +20,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-CODE_FILES = ("configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py")
-AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoProcessor")
+CODE_FILES = ("configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py", "pipeline_gsva.py")
+AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor")
 PIPELINE_TAG = "image-text-to-text"
 TAGS = ("custom_code", "gsva", "referring-segmentation", "generalized-referring-segmentation", "llava", "sam")
 DEFAULT_SHARD_SIZE = "5GB"
