@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -458,8 +457,9 @@ def main(argv=None) -> int:
     for entry in skipped:
         print(f"note: {entry} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); skipped", file=sys.stderr)
 
-    from processing_gsva import load_image
     from tqdm.auto import tqdm
+
+    from processing_gsva import load_image
 
     options = {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold, "batch_size": args.batch_size}
     failed = []
@@ -481,7 +481,7 @@ def main(argv=None) -> int:
                 loaded.append((path, folder, load_image(path)))
             except ValueError as error:
                 report(path, folder, [str(error)])
-        results = segment_batch(model, processor, [picture for _, _, picture in loaded], query, options)
+        results = segment_batch(model, processor, [picture for _, _, picture in loaded], query, options) if loaded else []
         for (path, folder, picture), result in zip(loaded, results):
             if isinstance(result, Exception):
                 report(path, folder, [str(result)])
