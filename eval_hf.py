@@ -15,6 +15,7 @@ so no partial evaluation is computed and then lost. A model folder's own code ru
 
 import argparse
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -28,8 +29,8 @@ SHOWN_PROBLEMS = 20
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="saved GSVA folder")
-    parser.add_argument("--dataset_dir", required=True, type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/)")
-    parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"')
+    parser.add_argument("--dataset_dir", type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/); not needed for hf: specs")
+    parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"; "hf:PATH_OR_REPO|val" reads a datasets source')
     parser.add_argument(
         "--mode",
         choices=["teacher_forced", "targets", "generate"],
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def output_path(args: argparse.Namespace, spec: str) -> Path:
-    name = spec.replace("|", "_")
+    name = re.sub(r"[^\w.+-]+", "_", spec)
     if args.output is None:
         return args.model / f"eval_{name}_{args.mode}.json"
     if len(specs(args)) > 1:

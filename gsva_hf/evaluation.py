@@ -27,8 +27,9 @@ class EvaluationResult:
 
 
 def dataset_image_paths(dataset) -> list[str] | None:
-    """The image file of every sample, read from the reader's index (no image is decoded); None when unknown."""
-    if hasattr(dataset, "image_ids") and hasattr(getattr(dataset, "data", None), "images"):
+    """The image file of every sample, read from the reader's index (no image is decoded); None when the images
+    are not files (a datasets source embeds them) or the reader is unknown."""
+    if hasattr(dataset, "image_ids") and hasattr(getattr(dataset, "data", None), "image_dir"):
         return [dataset.data.images[image_id].path for image_id in dataset.image_ids]
     if isinstance(getattr(dataset, "images", None), list):
         return [str(path) for path in dataset.images]
