@@ -328,9 +328,10 @@ class OutputFolder:
         self.root = root
         self.summary = {**header, "images": [], "files": []}
 
-    def clear_previous(self) -> None:
+    def previous_files(self) -> list[Path]:
+        """The files an earlier run here wrote; raises when the folder holds anything else."""
         if not self.root.exists():
-            return
+            return []
         if not self.root.is_dir():
             raise ValueError(f"--out {self.root} is a file; give a folder")
         record, ours = self.root / SUMMARY, []
@@ -347,9 +348,12 @@ class OutputFolder:
             raise ValueError(
                 f"--out {self.root} holds files gsva-segment did not write ({shown}); give an empty or new folder"
             )
-        for path in ours:
+        return ours
+
+    def remove(self, files: list[Path]) -> None:
+        for path in files:
             path.unlink(missing_ok=True)
-        for folder in sorted({p.parent for p in ours}, key=lambda p: len(p.parts), reverse=True):
+        for folder in sorted({p.parent for p in files}, key=lambda p: len(p.parts), reverse=True):
             if folder != self.root and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
 
@@ -448,12 +452,13 @@ def main(argv=None) -> int:
         images, skipped = collect_images(args.image)
         folders = output_folders(images, args.out, single=not args.image.is_dir())
         out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)})
-        out.clear_previous()
+        previous = out.previous_files()
         model, processor = load_model(
             args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
         )
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    out.remove(previous)
     for entry in skipped:
         print(f"note: {entry} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); skipped", file=sys.stderr)
 
@@ -482,6 +487,8 @@ def main(argv=None) -> int:
             except ValueError as error:
                 report(path, folder, [str(error)])
         results = segment_batch(model, processor, [picture for _, _, picture in loaded], query, options) if loaded else []
+        if len(results) != len(loaded):
+            results = [ValueError(f"model.segment gave {len(results)} results for {len(loaded)} images")] * len(loaded)
         for (path, folder, picture), result in zip(loaded, results):
             if isinstance(result, Exception):
                 report(path, folder, [str(result)])
