@@ -200,9 +200,9 @@ def image_colours(image: Image.Image, cell: float = 20.0, share: float = 0.002) 
 def target_colours(image: Image.Image, result) -> list[tuple[int, int, int]]:
     """Per target the candidate colour whose tint (`TINT` over the mean colour under its mask) stands furthest
     apart, by the smallest CIE76 delta-E, from that mean colour, from the image's other colours (a tint never
-    looks like another object) and from the colours already taken. Rejected targets are grey."""
+    looks like another object) and from the colours and tints already taken. Rejected targets are grey."""
     pixels = np.asarray(image.convert("RGB"), np.float64)
-    scene, taken, colours = image_colours(image), [], []
+    scene, taken, colours = list(image_colours(image)), [], []
     for target in result.targets:
         mask = np.asarray(target.mask, bool)
         if target.rejected:
@@ -217,6 +217,7 @@ def target_colours(image: Image.Image, result) -> list[tuple[int, int, int]]:
             distance = np.minimum(distance, np.linalg.norm(CANDIDATES_LAB - lab, axis=-1))
         best = int(distance.argmax())
         taken.append(CANDIDATES_LAB[best])
+        scene.append(tint[best])  # later tints must not look like this one either
         colours.append(tuple(int(v) for v in CANDIDATES[best]))
     return colours
 

@@ -368,3 +368,13 @@ def test_disk_full_while_saving_leaves_no_checkpoint_and_says_so(tmp_path, monke
     monkeypatch.setattr(torch, "save", real_save)
     trainer._save_checkpoint(trainer.model, None)
     assert (tmp_path / "run" / "checkpoint-7" / "trainer_state.json").is_file()
+
+
+def test_eval_takes_the_loading_flags_in_its_flag_style(tmp_path):
+    import eval_hf
+
+    base = ["--model", str(tmp_path), "--dataset_dir", str(tmp_path)]
+    assert eval_hf.parse_args(base).trust_remote_code is False
+    for spelling in ("--trust_remote_code", "--trust-remote-code"):
+        args = eval_hf.parse_args(base + [spelling, "--revision", "abc123"])
+        assert args.trust_remote_code is True and args.revision == "abc123"
