@@ -22,6 +22,9 @@ setup(
         "evaluate>=0.4",
         "huggingface_hub>=1.0",
         "safetensors>=0.6",
+        # LLaVA v1 / Vicuna bases ship only a SentencePiece `tokenizer.model`; transformers reads it with both.
+        "sentencepiece>=0.2",
+        "protobuf>=4",
         "segment-anything>=1.0",
         "pycocotools>=2.0.8",
         "numpy>=1.26",

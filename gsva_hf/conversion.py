@@ -68,6 +68,8 @@ LLAMA_CONFIG_KEYS = (
 )
 SAM_VARIANTS = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# GSVA trains and evaluates with `--model_max_length 1024`, whatever the LLaVA base's tokenizer says (2048).
+GSVA_MODEL_MAX_LENGTH = 1024
 
 
 class ConversionError(ValueError):
@@ -623,7 +625,7 @@ def load_llava_base(path: str | Path) -> LlavaBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # the tokenizer is required for the ids: name the folder
-        raise ConversionError(f"LLaVA base {path}: cannot load its tokenizer: {error}") from error
+        raise ConversionError(f"LLaVA base {path}: cannot load its tokenizer: {_tokenizer_hint(path, error)}") from error
     if "text_config" in raw:
         config = AutoConfig.from_pretrained(str(path))
         layer = config.vision_feature_layer
@@ -653,6 +655,31 @@ def load_llava_base(path: str | Path) -> LlavaBase:
     return LlavaBase(
         path, "original", raw, text, raw.get("mm_vision_tower"), None, int(raw.get("mm_vision_select_layer", -2)),
         "default" if select == "patch" else "full", projector, tokenizer,
+    )
+
+
+def _tokenizer_hint(path: Path, error: Exception) -> str:
+    """The error, or what to install when a SentencePiece-only tokenizer meets a missing reader.
+
+    transformers turns `tokenizer.model` into a fast tokenizer with `sentencepiece` and `protobuf`; without
+    them it falls through to its tiktoken reader and reports that `tiktoken` is missing, which does not help.
+    """
+    import importlib
+
+    if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
+        return str(error)
+    missing = []
+    for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if not missing:
+        return str(error)
+    return (
+        f"it has only a SentencePiece tokenizer.model, which transformers reads with the packages sentencepiece "
+        f"and protobuf; {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+        f"pip install {' '.join(missing)} (both come with `pip install gsva-hf`) [transformers said: {error}]"
     )
 
 
@@ -815,9 +842,11 @@ def _conv_template(base: LlavaBase, conv_template: str | None) -> str:
 
 
 def build_processor(tokenizer, config: GSVAConfig, conv_template: str, image_token: str) -> GSVAProcessor:
-    """GSVA processor for a converted model: CLIP and SAM image processors at the model's input sizes."""
+    """GSVA processor for a converted model: CLIP and SAM image processors at the model's input sizes, and
+    GSVA's maximum length (the processor refuses longer conversations, naming the limit)."""
     from gsva_hf.presets import image_processors
 
+    tokenizer.model_max_length = GSVA_MODEL_MAX_LENGTH
     clip, sam = image_processors(config.vision_config.image_size, config.sam_config.vision_config.image_size)
     processor = GSVAProcessor(
         clip, sam, tokenizer, conv_template=conv_template, image_token=image_token,
@@ -1080,6 +1109,7 @@ processor = AutoProcessor.from_pretrained("path/to/this/folder", trust_remote_co
 ```
 
 Token ids: {ids}. Conversation template: `{processor.conv_template}`; {processor.num_image_tokens} image tokens per image.
+Maximum length: {processor.tokenizer.model_max_length} tokens (GSVA's `--model_max_length`); the processor raises on a longer conversation.
 Weights: {str(config.dtype or 'float32').replace('torch.', '')}.
 
 {chr(10).join(f'- {n}' for n in notes) if notes else ''}

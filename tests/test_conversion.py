@@ -9,6 +9,7 @@ independently: a plain `LlamaForCausalLM` with LoRA merged by hand (logits), a h
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -574,3 +575,84 @@ def test_tensor_store_reads_lazily_and_releases(tmp_path):
     torch.save({"w": torch.ones(1), "step": 3}, tmp_path / "bad.pt")
     with pytest.raises(ConversionError, match=r"step \(int\)"):
         TensorStore.open(tmp_path / "bad.pt")
+
+
+# ------------------------------------------------------------------------------------------------ SentencePiece bases
+def write_sentencepiece_llava_v1(folder: Path, clip_folder: Path) -> int:
+    """A LLaVA v1.1-style base that ships only a slow SentencePiece `tokenizer.model` (no tokenizer.json)."""
+    import io
+
+    import sentencepiece
+
+    lines = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=60, model_type="bpe", character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "model_max_length": 2048, "legacy": False}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    config = llama_config(60).to_dict()
+    config.update(
+        model_type="llava", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower=str(clip_folder),
+        mm_hidden_size=CLIP_WIDTH, mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_use_im_start_end=True,
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return 60
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_base(world) -> tuple[Path, int]:
+    folder = world.root / "llava-v1-sentencepiece"
+    return folder, write_sentencepiece_llava_v1(folder, world.clip_folder)
+
+
+def test_release_on_a_sentencepiece_only_base_converts_with_gsva_length(world, sentencepiece_base, tmp_path):
+    import sentencepiece
+
+    base, n = sentencepiece_base
+    assert not (base / "tokenizer.json").exists()
+    originals = make_originals(n + 4, world.clip_state, world.sam, seed=13)
+    release = write_release(world, originals.release(), "gsva-sentencepiece.bin")
+    out = tmp_path / "out"
+    code = main([
+        "--release", str(release), "--llava", str(base), "--lora-r", str(LORA_R), "--output", str(out),
+        "--sam-decoder-heads", str(DECODER_HEADS),
+    ])  # fmt: skip
+    assert code == 0
+    _, processor = check_against_reference(out, originals, n + 4)
+    assert processor.token_ids["seg_token_id"] == n and processor.token_ids["rej_token_id"] == n + 1
+    reader = sentencepiece.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    sentence = "what are a b in this image please"
+    assert processor.tokenizer.tokenize(sentence) == reader.encode(sentence, out_type=str)
+
+    # GSVA's 1024, not the base's 2048; past it the processor raises naming the limit instead of truncating.
+    reloaded = GSVAProcessor.from_pretrained(out)
+    assert reloaded.tokenizer.model_max_length == 1024
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    def length(repeats):
+        return reloaded(images=[image], text=[" ".join(["a b c"] * repeats)])["input_ids"].shape[1]
+
+    per_repeat = (length(20) - length(10)) // 10
+    fits = 10 + (1024 - length(10)) // per_repeat
+    assert length(fits) <= 1024 < length(fits) + per_repeat
+    with pytest.raises(ValueError, match=r"conversation 0 is \d+ tokens long .* more than the limit of 1024"):
+        length(fits + 1)
+
+
+def test_missing_sentencepiece_reader_names_the_packages(world, sentencepiece_base, tmp_path, monkeypatch):
+    """Without sentencepiece transformers blames tiktoken; the converter says what to install instead."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import sentencepiece` fails as if not installed
+    release = write_release(world, world.gsva.release(), "gsva-no-reader.bin")
+    with pytest.raises(ConversionError) as error:
+        convert_release(release, sentencepiece_base[0], tmp_path / "o", lora_r=LORA_R, decoder_heads=DECODER_HEADS)
+    message = str(error.value)
+    assert f"LLaVA base {sentencepiece_base[0]}: cannot load its tokenizer" in message
+    assert "sentencepiece is not installed: pip install sentencepiece" in message
