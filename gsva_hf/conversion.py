@@ -68,6 +68,10 @@ LLAMA_CONFIG_KEYS = (
 )
 SAM_VARIANTS = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+EXPECTED_FILE = "expected a torch.save file (.bin/.pt/.pth) or a .safetensors file of tensors"
 # GSVA trains and evaluates with `--model_max_length 1024`, whatever the LLaVA base's tokenizer says (2048).
 GSVA_MODEL_MAX_LENGTH = 1024
 
@@ -144,10 +148,15 @@ class TensorStore:
         raise ConversionError(f"{folder}: no *.safetensors, *.bin, *.pth or *.pt weight files")
 
     def _file_keys(self, file: Path) -> list[str]:
+        if file.stat().st_size == 0:
+            raise ConversionError(f"{file}: the file is empty (0 bytes); {EXPECTED_FILE} (was a download or copy cut short?)")
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
-            handle = safe_open(str(file), framework="pt")
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as error:  # SafetensorError and friends: name the file and what it should be
+                raise ConversionError(f"{file}: not a valid safetensors file ({error}); {EXPECTED_FILE}") from error
             self._safetensors[file] = handle
             return list(handle.keys())
         tensors = _load_torch_tensors(file)
@@ -167,6 +176,14 @@ class TensorStore:
             return tuple(self._safetensors[where].get_slice(key).get_shape())
         return tuple(self._torch[where][key].shape)
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype, read without loading the tensor: torch names (`float16`, `int64`)."""
+        where = self._where[key]
+        if where in self._safetensors:
+            name = self._safetensors[where].get_slice(key).get_dtype()
+            return SAFETENSORS_DTYPES.get(name, name)
+        return str(self._torch[where][key].dtype).removeprefix("torch.")
+
     def get(self, key: str) -> torch.Tensor:
         where = self._where[key]
         if where in self._safetensors:
@@ -183,16 +200,30 @@ class TensorStore:
 
 
 def _load_torch_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """`torch.load(weights_only=True)`, memory-mapped when the file allows it, unwrapped to a flat tensor dict."""
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error) and "zip" not in str(error):
-            raise ConversionError(f"{file}: torch.load failed: {error}") from error
+    """`torch.load(weights_only=True)`, memory-mapped when the file allows it, unwrapped to a flat tensor dict.
+
+    Files torch cannot read are reported by what they look like: a zip archive torch cannot open is truncated
+    or corrupt; anything that is neither a zip archive nor a pickle is not a PyTorch checkpoint at all.
+    """
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+    zipped = head.startswith(b"PK\x03\x04")
+    if not zipped and not head.startswith(b"\x80"):
+        raise ConversionError(f"{file}: not a PyTorch checkpoint (it starts with {head!r}); {EXPECTED_FILE}")
+    if not zipped:
         logger.warning("%s is not in the zip format that can be memory-mapped; loading it whole", file)
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only refuses pickled objects: say so with the file name
-        raise ConversionError(f"{file}: torch.load(weights_only=True) failed: {error}") from error
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as error:  # corrupt archives, cut pickles, pickled objects weights_only refuses
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if zipped and ("zip archive" in first or "central directory" in first or isinstance(error, EOFError)):
+            raise ConversionError(
+                f"{file}: truncated or corrupt (torch cannot read its zip archive: {first}); {EXPECTED_FILE} "
+                "(download it again)"
+            ) from error
+        if isinstance(error, EOFError):
+            raise ConversionError(f"{file}: truncated (the pickle ends early); {EXPECTED_FILE} (download it again)") from error
+        raise ConversionError(f"{file}: torch.load(weights_only=True) failed ({type(error).__name__}: {first}); {EXPECTED_FILE}") from error
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for wrapper in ("state_dict", "model", "module"):
             inner = obj.get(wrapper)
@@ -416,6 +447,14 @@ def sam_config_from_shapes(shapes: Mapping[str, Sequence[int]], decoder_heads: i
         initializer_range=0.02,
     )
     prompt_hidden = need("prompt_encoder.no_mask_embed.weight")[1]
+    for key in ("mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"):
+        shape = shapes.get(key)
+        if shape is not None and (len(shape) != 2 or shape[1] != prompt_hidden):
+            rows = shape[0] if len(shape) == 2 else "n"
+            raise ConversionError(
+                f"SAM tensor {key} has shape {_shape(shape)}, expected [{rows}, {prompt_hidden}] (the width of "
+                "prompt_encoder.no_mask_embed.weight: SAM's prompt encoder and mask decoder share it)"
+            )
     prompt = dict(
         hidden_size=prompt_hidden,
         image_size=grid * patch,
@@ -730,7 +769,10 @@ def _sam_store_and_config(sam: str | Path, decoder_heads: int) -> tuple[dict[str
         return items, config, f"SamModel folder {path}"
     store = TensorStore.open(path)
     shapes = {k: store.shape(k) for k in store.keys()}
-    config = sam_config_from_shapes(shapes, decoder_heads)
+    try:
+        config = sam_config_from_shapes(shapes, decoder_heads)
+    except ConversionError as error:
+        raise ConversionError(f"{path}: {error}") from error
     items = {}
     for key, targets in sam_rename_plan(store.keys()).items():
         for name in targets:
@@ -861,8 +903,11 @@ def _meta_model(config: GSVAConfig) -> GSVAForCausalLM:
     """The model with parameters on the meta device (no memory) and computed buffers on the CPU."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        return GSVAForCausalLM(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            return GSVAForCausalLM(config)
+    except (ValueError, RuntimeError) as error:  # shapes read off the checkpoints that no model can have
+        raise ConversionError(f"the checkpoints' shapes give a GSVA configuration that cannot be built: {error}") from error
 
 
 def _allowed(key: str, patterns: Sequence[str]) -> bool:
@@ -928,7 +973,8 @@ def _check(
     `allow_unexpected` patterns match source keys (as stored, or as GSVA keys), `allow_missing` GSVA keys;
     allowed missing tensors come from `fallback` (base checkpoints) when it has them, else a fresh init.
     """
-    plan, unexpected, mismatched = {}, [], []
+    plan, unexpected, mismatched, wrong_dtype = {}, [], [], []
+    floating = {k for k, v in list(model.named_parameters()) + list(model.named_buffers()) if v.is_floating_point()}
     for item in unmapped:
         if _allowed(item.key, allow_unexpected):
             report.dropped.append(f"{item.origin} (allowed unexpected)")
@@ -944,6 +990,12 @@ def _check(
             mismatched.append(f"{key}: {item.origin} has {_shape(item.shape)}, the model expects {_shape(expected[key])}")
         else:
             plan[key] = item
+            if key in floating:
+                for store, source in item.uses:
+                    if store.dtype(source) not in FLOAT_DTYPES:
+                        wrong_dtype.append(
+                            f"{key}: {store.name}:{source} holds {store.dtype(source)}, the model expects a floating-point tensor"
+                        )
     missing = []
     for key, shape in expected.items():
         if key in targets:
@@ -968,6 +1020,8 @@ def _check(
         )
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches:\n{_listing(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"{len(wrong_dtype)} tensors of the wrong kind:\n{_listing(wrong_dtype)}")
     if problems:
         raise ConversionError("cannot convert:\n" + "\n".join(problems))
     return plan
@@ -984,21 +1038,37 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-def _materialise(model: GSVAForCausalLM, plan: dict[str, _Item], dtype: torch.dtype, report: ConversionReport) -> None:
-    """Fill the meta model tensor by tensor, releasing each source tensor after its last use."""
+def _materialise(
+    model: GSVAForCausalLM, plan: dict[str, _Item], dtype: torch.dtype, report: ConversionReport, allow_non_finite: bool = False
+) -> None:
+    """Fill the meta model tensor by tensor, releasing each source tensor after its last use.
+
+    Tensors holding NaN or infinite values (also ones that overflow `dtype`) are listed and refused unless
+    `allow_non_finite`, when they become a note of the report.
+    """
     remaining = Counter(use for item in plan.values() for use in item.uses)
+    non_finite = []
     for key, item in plan.items():
         tensor = item.make()
         if tuple(tensor.shape) != item.shape:
             raise ConversionError(f"{item.origin}: read shape {_shape(tensor.shape)}, listed as {_shape(item.shape)}")
         if tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            non_finite.append(f"{key} ({item.origin}): {nan} NaN, {inf} inf of {tensor.numel()} values in {str(dtype).removeprefix('torch.')}")
         _assign(model, key, tensor.contiguous())
         report.loaded += bool(item.uses)
         for use in item.uses:
             remaining[use] -= 1
             if remaining[use] == 0:
                 use[0].release(use[1])
+    if non_finite:
+        message = f"{len(non_finite)} tensors hold NaN or infinite values"
+        if not allow_non_finite:
+            raise ConversionError(f"{message} (--allow-non-finite converts them anyway):\n{_listing(non_finite)}")
+        logger.warning("%s:\n%s", message, _listing(non_finite))
+        report.notes.append(f"{message}: " + "; ".join(non_finite[:10]))
     model.tie_weights()
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -1139,6 +1209,7 @@ def convert_release(
     decoder_heads: int = 8,
     seed: int = 0,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> ConversionReport:
     """A GSVA (`gsva-7b-*.bin`, ...) or LISA release → GSVA folder.
 
@@ -1157,7 +1228,10 @@ def convert_release(
     sam_shapes = {k[len("model.visual_model."):]: v.shape for k, v in items.items() if k.startswith("model.visual_model.")}
     if not sam_shapes:
         raise ConversionError(f"{checkpoint}: no SAM tensors (model.visual_model.*); is this a GSVA/LISA release?")
-    sam_config = sam_config_from_shapes(sam_shapes, decoder_heads)
+    try:
+        sam_config = sam_config_from_shapes(sam_shapes, decoder_heads)
+    except ConversionError as error:
+        raise ConversionError(f"{checkpoint} (model.visual_model.*): {error}") from error
     _check_sam_variant(sam, sam_config, decoder_heads)
     sam_plan = sam_rename_plan(sam_shapes)
     targets, unmapped = {}, []
@@ -1196,7 +1270,7 @@ def convert_release(
     if allow_missing:
         fallback = _base_fallback(base, vision_tower, sam, decoder_heads, report)
     plan = _check(targets, unmapped, expected, allow_missing, allow_unexpected, fallback, model, seed, report)
-    _materialise(model, plan, dtype, report)
+    _materialise(model, plan, dtype, report, allow_non_finite)
     return _save(model, processor, output_dir, max_shard_size, report, f"{Path(checkpoint).stem} (GSVA, transformers)")
 
 
@@ -1215,6 +1289,7 @@ def convert_bases(
     decoder_heads: int = 8,
     seed: int = 0,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> ConversionReport:
     """LLaVA (original layout or transformers Llava) + SAM (`.pth` or SamModel folder) → GSVA folder to train.
 
@@ -1269,7 +1344,7 @@ def convert_bases(
     report.fresh += list(fresh)
     expected = _expected_shapes(model)
     plan = _check(targets, unmapped, expected, allow_missing, allow_unexpected, {}, model, seed, report)
-    _materialise(model, plan, dtype, report)
+    _materialise(model, plan, dtype, report, allow_non_finite)
     return _save(model, processor, output_dir, max_shard_size, report, f"GSVA base from {Path(llava_base).name} + SAM")
 
 

@@ -656,3 +656,72 @@ def test_missing_sentencepiece_reader_names_the_packages(world, sentencepiece_ba
     message = str(error.value)
     assert f"LLaVA base {sentencepiece_base[0]}: cannot load its tokenizer" in message
     assert "sentencepiece is not installed: pip install sentencepiece" in message
+
+
+# ------------------------------------------------------------------------------------------------ broken files
+def convert_cli(world, release: Path, out: Path, capsys) -> str:
+    """Run the command line on a release; it must fail with one message and no traceback."""
+    code = main([
+        "--release", str(release), "--llava", str(world.base_7b), "--lora-r", str(LORA_R), "--output", str(out),
+        "--sam-decoder-heads", str(DECODER_HEADS),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and err.startswith("error: "), err
+    return err
+
+
+def test_unreadable_checkpoint_files_are_named(world, tmp_path, capsys):
+    good = write_release(world, world.gsva.release(), "gsva-good.bin")
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.bin"
+    text.write_text("these are my notes, not weights\n")
+    header = tmp_path / "bad.safetensors"
+    header.write_bytes((40).to_bytes(8, "little") + b"{this is not a safetensors header}      ")
+    cases = [
+        (truncated, "truncated or corrupt"),
+        (empty, "the file is empty (0 bytes)"),
+        (text, "not a PyTorch checkpoint"),
+        (header, "not a valid safetensors file"),
+    ]
+    for path, what in cases:
+        err = convert_cli(world, path, tmp_path / f"out-{path.stem}", capsys)
+        assert f"{path}: " in err and what in err, err
+        assert "expected a torch.save file (.bin/.pt/.pth) or a .safetensors file" in err or "safetensors" in err, err
+
+
+def test_wrong_dtype_and_impossible_shapes_are_named(world, tmp_path, capsys):
+    state = world.gsva.release()
+    key = PEFT + "model.layers.0.mlp.up_proj.weight"
+    state[key] = state[key].to(torch.int64)
+    release = write_release(world, state, "gsva-int.bin")
+    err = convert_cli(world, release, tmp_path / "o1", capsys)
+    assert f"{release}:{key} holds int64" in err and "a floating-point tensor" in err
+    assert "language_model.model.layers.0.mlp.up_proj.weight" in err
+
+    state = world.gsva.release()
+    iou = PEFT + "model.visual_model.mask_decoder.iou_token.weight"
+    state[iou] = torch.zeros(1, 15)
+    release = write_release(world, state, "gsva-iou.bin")
+    err = convert_cli(world, release, tmp_path / "o2", capsys)
+    assert "mask_decoder.iou_token.weight has shape [1, 15]" in err
+    assert f"{release} (model.visual_model.*): SAM tensor" in err and "expected [1, 16] (the width of prompt_encoder.no_mask_embed.weight" in err
+
+
+def test_non_finite_weights_are_named(world, tmp_path, capsys):
+    state = world.gsva.release()
+    nan_key, inf_key = PEFT + "model.norm.weight", PEFT + "model.text_hidden_fcs.0.2.bias"
+    state[nan_key] = state[nan_key].clone()
+    state[nan_key][3] = float("nan")
+    state[inf_key] = state[inf_key].clone()
+    state[inf_key][:2] = float("inf")
+    release = write_release(world, state, "gsva-nan.bin")
+    err = convert_cli(world, release, tmp_path / "o", capsys)
+    assert "2 tensors hold NaN or infinite values" in err
+    assert f"language_model.model.norm.weight ({release}:{nan_key}): 1 NaN, 0 inf of {WIDTH}" in err
+    assert f"text_hidden_fcs.0.2.bias ({release}:{inf_key}): 0 NaN, 2 inf" in err
+    assert "--allow-non-finite" in err
+    report = convert_release(release, world.base_7b, tmp_path / "o2", lora_r=LORA_R, decoder_heads=DECODER_HEADS, allow_non_finite=True)
+    assert any("NaN or infinite" in note for note in report.notes)
