@@ -725,3 +725,43 @@ def test_non_finite_weights_are_named(world, tmp_path, capsys):
     assert "--allow-non-finite" in err
     report = convert_release(release, world.base_7b, tmp_path / "o2", lora_r=LORA_R, decoder_heads=DECODER_HEADS, allow_non_finite=True)
     assert any("NaN or infinite" in note for note in report.notes)
+
+
+# ------------------------------------------------------------------------------------------------ token specialness
+def test_ordinary_seg_rej_tokens_of_the_base_become_special(world, tmp_path):
+    """GSVA's saved tokenizer holds [SEG]/[REJ] as ordinary added tokens; converted, typed text never becomes them."""
+    base = tmp_path / "llava-with-gsva-tokens"
+    write_llava_v1(base, ["<im_patch>", "<im_start>", "<im_end>"], world.clip_folder, None)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    tokenizer.add_tokens(["[SEG]", "[REJ]"])
+    tokenizer.save_pretrained(base)
+    assert tokenizer.encode("the [SEG] a", add_special_tokens=False, split_special_tokens=True)[1] == world.n_7b
+
+    release = write_release(world, world.gsva.release(), "gsva-ordinary-tokens.bin")
+    report = convert_release(release, base, tmp_path / "out", lora_r=LORA_R, decoder_heads=DECODER_HEADS)
+    assert (report.token_ids["seg_token_id"], report.token_ids["rej_token_id"]) == (world.n_7b, world.n_7b + 1)
+    assert not report.added_rows
+    _, processor = check_against_reference(tmp_path / "out", world.gsva, world.n_7b + 2)
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    batch = processor(images=[image], text=["what are a [SEG] b [REJ] in this image"], answers=["sure a [SEG] b [REJ]"])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    for token_id in (world.n_7b, world.n_7b + 1):
+        assert (ids == token_id).sum() == 1 and (labels == token_id).sum() == 1  # the answer's, not the question's
+
+
+def test_processor_refuses_ordinary_gsva_tokens_and_says_how_to_fix(tmp_path):
+    from gsva_hf.presets import image_processors
+
+    tokenizer = write_tokenizer(tmp_path, [])
+    tokenizer.add_tokens(["[SEG]", "[REJ]"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<im_start>", "<im_end>", "<image>"]})
+    tokenizer.pad_token = "<unk>"
+    clip, sam = image_processors(CLIP_IMAGE, 64)
+    with pytest.raises(ValueError, match=r"holds '\[SEG\]' \(id \d+\) as an ordinary added token, .*add_gsva_tokens"):
+        GSVAProcessor(clip, sam, tokenizer, image_token="<image>")
+    seg = tokenizer.convert_tokens_to_ids("[SEG]")
+    ids = GSVAProcessor.add_gsva_tokens(tokenizer, "<image>")
+    assert ids["[SEG]"] == seg
+    processor = GSVAProcessor(clip, sam, tokenizer, image_token="<image>")
+    batch = processor(images=[torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()], text=["the [SEG] thing"])
+    assert seg not in batch["input_ids"][0].tolist()
