@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import resource
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import partial
@@ -1129,6 +1130,7 @@ def _save(
     max_shard_size: str | int,
     report: ConversionReport,
     title: str,
+    training: str,
 ) -> ConversionReport:
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
@@ -1139,12 +1141,22 @@ def _save(
     report.output_dir = output_dir
     report.token_ids = dict(processor.token_ids)
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    _write_readme(output_dir, model.config, processor, report, title)
+    from gsva_hf.hub import CODE_DIR, CODE_FILES
+
+    for name in CODE_FILES:  # every remote-code file, not only the ones save_pretrained follows imports to
+        shutil.copyfile(CODE_DIR / name, output_dir / name)
+    _write_readme(output_dir, model.config, processor, report, title, sum(p.numel() for p in model.parameters()), training)
     logger.info("%s", report.summary())
     return report
 
 
-def _write_readme(output_dir: Path, config: GSVAConfig, processor: GSVAProcessor, report: ConversionReport, title: str) -> None:
+def _write_readme(
+    output_dir: Path, config: GSVAConfig, processor: GSVAProcessor, report: ConversionReport, title: str, parameters: int,
+    training: str,
+) -> None:
+    """The folder's card: what it is (size, training), where it came from, how to load and publish it."""
+    from gsva_hf.hub import size_words
+
     ids = ", ".join(f"`{k}`={v}" for k, v in report.token_ids.items())
     sources = "\n".join(f"- {s}" for s in report.sources) or "- random initialisation"
     notes = []
@@ -1167,6 +1179,8 @@ tags:
 
 GSVA (CVPR 2024, generalized referring segmentation): LLaVA (CLIP vision tower + `{config.projector_type}` projector +
 {config.text_config.model_type} language model) with a SAM mask decoder driven by `[SEG]` tokens; `[REJ]` marks absent targets.
+{size_words(parameters)} parameters ({parameters:,}). Training: {training}.
+
 Converted by `gsva_hf.convert_gsva_to_hf` from:
 
 {sources}
@@ -1185,6 +1199,7 @@ Weights: {str(config.dtype or 'float32').replace('torch.', '')}.
 {chr(10).join(f'- {n}' for n in notes) if notes else ''}
 
 The weights keep the licences of their sources (LLaMA/Vicuna, LLaVA, CLIP, SAM, GSVA/LISA); check them before sharing.
+Evaluate with `eval_hf.py --model THIS_FOLDER`, then publish with `gsva-push THIS_FOLDER NAMESPACE/NAME --eval-json ...`.
 """
     (output_dir / "README.md").write_text(text)
 
@@ -1271,7 +1286,12 @@ def convert_release(
         fallback = _base_fallback(base, vision_tower, sam, decoder_heads, report)
     plan = _check(targets, unmapped, expected, allow_missing, allow_unexpected, fallback, model, seed, report)
     _materialise(model, plan, dtype, report, allow_non_finite)
-    return _save(model, processor, output_dir, max_shard_size, report, f"{Path(checkpoint).stem} (GSVA, transformers)")
+    training = (
+        f"as released in {Path(checkpoint).name} ({kind.upper()}, trained by its authors: see "
+        + ("https://github.com/LeapLabTHU/GSVA" if kind == "gsva" else "https://github.com/dvlab-research/LISA")
+        + "); this folder converts it and trains nothing"
+    )
+    return _save(model, processor, output_dir, max_shard_size, report, f"{Path(checkpoint).stem} (GSVA, transformers)", training)
 
 
 def convert_bases(
@@ -1345,7 +1365,8 @@ def convert_bases(
     expected = _expected_shapes(model)
     plan = _check(targets, unmapped, expected, allow_missing, allow_unexpected, {}, model, seed, report)
     _materialise(model, plan, dtype, report, allow_non_finite)
-    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA base from {Path(llava_base).name} + SAM")
+    training = "none for segmentation yet: pretrained LLaVA and SAM weights, `text_hidden_fcs` freshly initialised (train with train_hf.py)"
+    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA base from {Path(llava_base).name} + SAM", training)
 
 
 def write_random(
@@ -1365,7 +1386,7 @@ def write_random(
         model = GSVAForCausalLM(config).eval()
     report = ConversionReport(sources=[f"random init, preset {preset}, seed {seed}"])
     report.notes.append("every weight is randomly initialised")
-    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA {preset} (random)")
+    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA {preset} (random)", "none: random weights")
 
 
 # ======================================================================================================== helpers

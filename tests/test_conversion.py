@@ -307,6 +307,17 @@ def test_gsva_release_reproduces_the_original_model(world, tmp_path, base_layer_
     readme = (out / "README.md").read_text()
     assert f"LoRA (r={LORA_R}, alpha={LORA_ALPHA})" in readme
 
+    from huggingface_hub import ModelCard
+
+    from gsva_hf.hub import CODE_DIR, CODE_FILES
+
+    card = ModelCard.load(out / "README.md")
+    assert "gsva" in card.data.tags and not card.data.eval_results
+    parameters = sum(p.numel() for p in model.parameters())
+    assert f"parameters ({parameters:,}). Training: as released in {release.name} (GSVA, trained by its authors" in readme
+    assert "Maximum length: 1024 tokens" in readme
+    assert all((out / name).read_bytes() == (CODE_DIR / name).read_bytes() for name in CODE_FILES)
+
 
 def test_lisa_release_gets_a_rej_row(world, tmp_path):
     """LISA on a 32000-token base: [SEG], <im_start>, <im_end> from the checkpoint; [REJ] and <image> are new rows."""
