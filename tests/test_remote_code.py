@@ -39,7 +39,7 @@ def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tiny_model, tiny
     tiny_processor.save_pretrained(folder)
     assert {"configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py", "tokenizer.json"} <= set(os.listdir(folder))
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoProcessor"}
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor"}
 
     images = [np.full((20, 30, 3), 90, np.uint8), np.full((17, 11, 3), 200, np.uint8)]
     text, answers = ["what is the red circle?", "and this?"], ["It is [SEG].", "Sure, a:[SEG], b:[REJ]."]
