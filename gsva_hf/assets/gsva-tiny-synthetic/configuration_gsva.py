@@ -33,8 +33,6 @@ class GSVAConfig(PreTrainedConfig):
     seg_rej_ce_weight (`float`, defaults to 1.0):
         Extra weight of `[SEG]`/`[REJ]` answer tokens in the CE loss. 1.0 is the original loss; larger values
         are an option that teaches rejection faster on small data.
-    train_sam_vision_encoder (`bool`, defaults to False):
-        When False the SAM image encoder runs under `no_grad`, as in GSVA.
     """
 
     model_type = "gsva"
@@ -72,7 +70,6 @@ class GSVAConfig(PreTrainedConfig):
     bce_loss_weight: float = 2.0
     dice_loss_weight: float = 0.5
     seg_rej_ce_weight: float = 1.0
-    train_sam_vision_encoder: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 try:
     from .configuration_gsva import GSVAConfig
@@ -195,17 +195,15 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.sam = AutoModel.from_config(config.sam_config)
         self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
-        # device_map="auto" must not split the blocks of whichever sub-models the config chose.
-        self._no_split_modules = sorted(
-            {name for part in (self.vision_tower, self.language_model, self.sam) for name in part._no_split_modules or []}
-        )
         self.post_init()
         self._init_like_original()
 
     def _init_like_original(self):
         """SAM and `text_hidden_fcs` start as in GSVA: PyTorch's default layer init (segment-anything's modules,
-        Fourier features with std 1) instead of transformers' normal(0.02) and std hidden/2, which trains the mask
-        path of a from-scratch model much more slowly. Loaded checkpoints overwrite all of it."""
+        Fourier features with std 1) instead of transformers' normal(0.02), which trains the mask path of a
+        from-scratch model much more slowly. SAM is a sub-model whose init transformers dispatches to SAM's own
+        `_init_weights`, so this runs after `post_init`; on the meta device (from_pretrained) it is skipped and the
+        checkpoint's weights are loaded instead."""
         if self.text_hidden_fcs[0][0].weight.device.type == "meta":
             return
         with torch.no_grad():
@@ -255,7 +253,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """SAM image-encoder embeddings `[B, 256, 64, 64]`; under `no_grad` unless the encoder is trained."""
         encoder = self.sam.vision_encoder
         pixel_values = sam_pixel_values.to(encoder.dtype)
-        if self.config.train_sam_vision_encoder:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
             return encoder(pixel_values).last_hidden_state
         with torch.no_grad():
             return encoder(pixel_values).last_hidden_state
@@ -402,6 +400,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         return self.config.bce_loss_weight * bce / denominator, self.config.dice_loss_weight * dice / denominator
 
     # ----------------------------------------------------------------- forward
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -419,7 +418,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> GSVAOutput:
@@ -431,7 +429,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         gt_masks: per row, `[num_slots, H, W]` ground truth at the original size, one per `[SEG]`/`[REJ]` slot;
             with `labels` it adds the BCE and Dice losses.
         """
-        kwargs.pop("num_items_in_batch", None)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
