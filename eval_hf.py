@@ -12,6 +12,7 @@ JSON file with the metrics and per-sample results.
 """
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -22,8 +23,8 @@ from gsva_hf.segment import DTYPES
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="saved GSVA folder")
-    parser.add_argument("--dataset_dir", required=True, type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/)")
-    parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"')
+    parser.add_argument("--dataset_dir", type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/); not needed for hf: specs")
+    parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"; "hf:PATH_OR_REPO|val" reads a datasets source')
     parser.add_argument(
         "--mode",
         choices=["teacher_forced", "targets", "generate"],
@@ -72,9 +73,10 @@ def main(argv=None) -> dict:
         all_metrics[spec] = result.metrics
         if accelerator.is_main_process:
             print(result.log_line, flush=True)
-            output = args.output or args.model / f"eval_{spec.replace('|', '_')}_{args.mode}.json"
+            stem = re.sub(r"[^\w.+-]+", "_", spec)
+            output = args.output or args.model / f"eval_{stem}_{args.mode}.json"
             if args.output and len(args.val_dataset.split("||")) > 1:
-                output = args.output.with_name(f"{args.output.stem}_{spec.replace('|', '_')}{args.output.suffix}")
+                output = args.output.with_name(f"{args.output.stem}_{stem}{args.output.suffix}")
             result.accumulator.write_json(
                 output,
                 val_dataset=spec,
