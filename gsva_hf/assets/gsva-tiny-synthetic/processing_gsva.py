@@ -112,8 +112,9 @@ def eval_answer(sentences: list[str], rejected: list[bool]) -> str:
 
 
 def clean_sentence(sentence: str) -> str:
-    """GSVA's sentence normalisation for evaluation: strip, lower-case, drop full stops."""
-    return sentence.strip().lower().replace(".", "")
+    """GSVA's sentence normalisation for evaluation: strip, lower-case, then drop full stops at either end (a "."
+    inside the sentence stays)."""
+    return sentence.strip().lower().strip(".")
 
 
 @dataclass(frozen=True)
