@@ -9,9 +9,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
-
-
 @strict
 class GSVAConfig(PreTrainedConfig):
     r"""
@@ -74,8 +71,6 @@ class GSVAConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"GSVAConfig.projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
         if self.out_dim != self.sam_config.prompt_encoder_config.hidden_size:
             raise ValueError(
                 f"GSVAConfig.out_dim ({self.out_dim}) must equal sam_config.prompt_encoder_config.hidden_size "

@@ -47,13 +47,29 @@ DICE_EPS = 1e-6
 
 @dataclass
 class GSVAOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.forward`.
+    r"""
+    Output of `GSVAForCausalLM.forward`.
 
-    loss: `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
-    pred_masks: per row, mask logits `[num_targets, H, W]` at the original image size, one per `[SEG]`/`[REJ]`
-        slot in text order. `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
-    target_is_seg: per row, a bool tensor telling which slots are `[SEG]` (True) or `[REJ]` (False).
-    iou_scores: per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+            `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
+        ce_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted next-token cross-entropy, mean over answer tokens.
+        mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*, with `gt_masks`):
+            Weighted mask losses, normalised by the number of slots (`[REJ]` included).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language-model logits.
+        cache (`Cache`, *optional*, returned when `use_cache=True`):
+            The decoder's key/value cache.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The decoder's, when `output_hidden_states` / `output_attentions` are set.
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`, *optional*, with SAM inputs):
+            Per row, mask logits at the original image size, one per `[SEG]`/`[REJ]` slot in text order;
+            `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`, *optional*):
+            Per row, which slots are `[SEG]` (True) or `[REJ]` (False).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`, *optional*):
+            Per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
     """
 
     loss: torch.Tensor | None = None
@@ -71,12 +87,17 @@ class GSVAOutput(ModelOutput):
 
 @dataclass
 class GSVATeacherForcedOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
+    r"""
+    Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
 
-    predicted_rejected: per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model
-        predicts `[REJ]` there (read from the logits one position earlier).
-    pred_masks: per row, mask logits `[num_slots, H, W]` at the original size (every slot with `reeval`).
-    gt_is_seg: per row, the ground-truth slot types.
+    Args:
+        predicted_rejected (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model rejects it
+            (`slot_decisions` with the ground truth, read one position earlier).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Per row, mask logits at the original size (every slot with `reeval`).
+        gt_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, the ground-truth slot types.
     """
 
     predicted_rejected: list[torch.Tensor] | None = None
@@ -86,14 +107,25 @@ class GSVATeacherForcedOutput(ModelOutput):
 
 @dataclass
 class GSVAGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate(..., return_dict_in_generate=True)` with SAM inputs: the usual fields plus, per row,
+    r"""
+    `generate(..., return_dict_in_generate=True)` with SAM inputs: `GenerateDecoderOnlyOutput`'s fields
+    (`sequences`, ...; `cache` is dropped) plus, per returned sequence:
 
-    answer_ids: the generated answer up to (not including) its end-of-sequence token.
-    finished: whether the row ended with end-of-sequence (False: cut at `max_new_tokens`).
-    target_is_seg / slot_scores / pred_masks / iou_scores: per `[SEG]`/`[REJ]` slot of the answer, in order:
-        whether it is `[SEG]`, the probability of that choice between the two tokens, mask logits at the
-        original size (zeros for `[REJ]`), SAM's predicted IoU.
-    original_sizes: `[B, 2]` image sizes (height, width).
+    Args:
+        answer_ids (`list[torch.LongTensor]`):
+            The generated answer up to (not including) its end-of-sequence token.
+        finished (`list[bool]`):
+            Whether the row ended with end-of-sequence (False: cut at `max_new_tokens`).
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per `[SEG]`/`[REJ]` slot of the answer, in order, whether it is `[SEG]`.
+        slot_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            The probability of that choice between the two tokens (softmax over their two logits).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Mask logits at the original size (zeros for `[REJ]`).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            SAM's predicted IoU (0 for `[REJ]`).
+        original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
+            Image sizes (height, width).
     """
 
     answer_ids: list[torch.LongTensor] | None = None
@@ -107,10 +139,14 @@ class GSVAGenerateOutput(GenerateDecoderOnlyOutput):
 
 @dataclass
 class GSVATargetsOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.decide_targets`: one decided slot per asked phrase, in order.
+    r"""
+    Output of `GSVAForCausalLM.decide_targets`: one decided slot per asked phrase, in order.
 
-    sequences: per row, the input tokens (padding removed) with each slot set to the decided token.
-    target_is_seg / slot_scores / pred_masks / iou_scores / original_sizes: as in `GSVAGenerateOutput`.
+    Args:
+        sequences (`list[torch.LongTensor]`):
+            Per row, the input tokens (padding removed) with each slot set to the decided token.
+        target_is_seg, slot_scores, pred_masks, iou_scores, original_sizes:
+            As in `GSVAGenerateOutput`.
     """
 
     sequences: list[torch.LongTensor] | None = None
@@ -345,16 +381,16 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         logits = F.interpolate(logits, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
         return logits[:, 0]
 
-    def gather_seg_hidden_states(
+    def gather_slot_states(
         self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per row, the states that predict each `[SEG]` (position - 1) and the row's slot flags."""
+        """The one `[SEG]` gather: per row, the states that predict each `[SEG]`/`[REJ]` of `input_ids` (position
+        - 1; `last_hidden_state[:, j]` belongs to `input_ids[:, j]`) and the row's slot flags (True for `[SEG]`)."""
         states, flags = [], []
         for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
-            seg_positions = positions[is_seg]
-            if (seg_positions == 0).any():
-                raise ValueError(f"row {row}: a [SEG] token at position 0 has no preceding state")
-            states.append(last_hidden_state[row, seg_positions - 1])
+            if (positions == 0).any():
+                raise ValueError(f"row {row}: a [SEG]/[REJ] token at position 0 has no preceding state")
+            states.append(last_hidden_state[row, positions - 1])
             flags.append(is_seg)
         return states, flags
 
@@ -459,9 +495,12 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 raise ValueError("mask prediction needs original_sizes and resized_sizes (from GSVAProcessor)")
             if sam_image_embeddings is None:
                 sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-            seg_states, target_is_seg = self.gather_seg_hidden_states(last_hidden_state, input_ids)
+            slot_states, target_is_seg = self.gather_slot_states(last_hidden_state, input_ids)
             seg_masks, seg_scores = self.masks_from_hidden_states(
-                seg_states, sam_image_embeddings, resized_sizes, original_sizes
+                [states[is_seg] for states, is_seg in zip(slot_states, target_is_seg)],
+                sam_image_embeddings,
+                resized_sizes,
+                original_sizes,
             )
             pred_masks = self.scatter_to_slots(seg_masks, target_is_seg)
             iou_scores = self.scatter_to_slots(seg_scores, target_is_seg)
@@ -634,20 +673,22 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         ).last_hidden_state
         out.cache = None
 
+        # `states[:, j]` belongs to `sequences[:, prompt_length - 1 + j]`; tokens after a row's end are padding.
         eos = self.generation_config.eos_token_id
         eos_ids = torch.tensor([e for e in (eos if isinstance(eos, list) else [eos]) if e is not None], device=sequences.device)
-        answer_ids, slot_states, slot_logits, finished = [], [], [], []
-        for row in range(sequences.shape[0]):
-            answer = sequences[row, prompt_length:]
+        answers = sequences[:, prompt_length:].clone()
+        answer_ids, finished = [], []
+        for row, answer in enumerate(answers):
             ends = torch.nonzero(torch.isin(answer, eos_ids)).flatten()
             finished.append(bool(ends.numel()))
-            answer = answer[: int(ends[0])] if ends.numel() else answer
-            # The state that predicts answer token t sits at index t of `states` (position prompt_length - 1 + t).
-            chosen = states[row, torch.nonzero(torch.isin(answer, self._slot_ids(answer.device))).flatten()]
-            answer_ids.append(answer)
-            slot_states.append(chosen)
-            slot_logits.append(self.get_output_embeddings()(chosen))
-        flags = [answer[torch.isin(answer, self._slot_ids(answer.device))] == self.config.seg_token_id for answer in answer_ids]
+            if ends.numel():
+                answer[int(ends[0]) :] = eos_ids[0]
+                answer_ids.append(sequences[row, prompt_length : prompt_length + int(ends[0])])
+            else:
+                answer_ids.append(sequences[row, prompt_length:])
+        aligned = torch.cat([sequences[:, prompt_length - 1 : prompt_length], answers], dim=1)
+        slot_states, flags = self.gather_slot_states(states, aligned)
+        slot_logits = [self.get_output_embeddings()(chosen) for chosen in slot_states]
 
         def repeat(tensor):
             return None if tensor is None else tensor.repeat_interleave(copies, dim=0)
@@ -673,8 +714,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         resized_sizes: torch.Tensor,
         sam_pixel_values: torch.Tensor | None = None,
         sam_image_embeddings: torch.Tensor | None = None,
-        **unused,
-    ) -> "GSVATargetsOutput":
+    ) -> GSVATargetsOutput:
         """Target mode: the answer is fixed up to its slots; the model decides only `[SEG]` or `[REJ]` at each.
 
         Takes `**processor(images=..., targets=[...])`: each row holds GSVA's answer template with one slot per
