@@ -328,14 +328,26 @@ class GSVAProcessor(ProcessorMixin):
 
         Order follows GSVA (`[SEG]`, `[REJ]`, then `<im_start>`, `<im_end>`), so ids match the released models
         when the base tokenizer is the same; tokens that already exist keep their ids. All are added as special
-        tokens so that text a user types is never turned into them. A pad token is set to `unk` when missing.
+        tokens so that text a user types is never turned into them; ones a tokenizer holds as ordinary added tokens
+        (GSVA's own saved tokenizer has `[SEG]`/`[REJ]` so) are made special, keeping their ids. A pad token is
+        set to `unk` when missing.
         """
+        from transformers import AddedToken
+
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         vocab = tokenizer.get_vocab()
-        missing = [t for t in (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN, image_token) if t not in vocab]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokens = (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN, image_token)
+        missing = [t for t in tokens if t not in vocab]
+        ordinary = [
+            AddedToken(t, special=True, normalized=False)
+            for t in tokens
+            if t in vocab and tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) == [vocab[t]]
+        ]
+        if missing or ordinary:
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": missing + ordinary}, replace_extra_special_tokens=False
+            )
         return {t: tokenizer.convert_tokens_to_ids(t) for t in (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN, image_token)}
 
     def _check_special_tokens(self) -> dict[str, int]:
@@ -353,6 +365,12 @@ class GSVAProcessor(ProcessorMixin):
                 raise ValueError(
                     f"tokenizer encodes {token!r} to {encoded} instead of one id; add the GSVA tokens with "
                     "GSVAProcessor.add_gsva_tokens(tokenizer) before building the processor"
+                )
+            if self.tokenizer.encode(token, add_special_tokens=False, split_special_tokens=True) == encoded:
+                raise ValueError(
+                    f"tokenizer holds {token!r} (id {encoded[0]}) as an ordinary added token, so text a user types "
+                    f"would become it; make the GSVA tokens special with GSVAProcessor.add_gsva_tokens(tokenizer) "
+                    "(their ids stay the same) and save the tokenizer again"
                 )
             ids[name] = encoded[0]
         if self.tokenizer.pad_token_id is None:
