@@ -18,11 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .hub import CODE_FILES
+from .loading import DTYPES, load_gsva
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"}
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUMMARY = "summary.json"
 REJECTED_COLOUR = (150, 150, 150)
 TINT = 0.5  # weight of the target colour over the image inside a mask
@@ -42,26 +41,6 @@ class _DropPilFallbackNote(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_DropPilFallbackNote())
 
 
-def resolve_model(name: str | Path, revision: str | None = None) -> Path:
-    """A local folder as is; anything shaped NAMESPACE/NAME is a Hub repo id, downloaded (or read from the cache)."""
-    path = Path(name)
-    if path.is_dir():
-        if revision is not None:
-            raise ValueError(f"--revision {revision}: --model {name} is a local folder, which has no revisions")
-        return path
-    if path == DEFAULT_MODEL:
-        raise FileNotFoundError(f"the bundled model {DEFAULT_MODEL} is missing; pass --model FOLDER_OR_REPO_ID")
-    text = str(name)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"--model {name}: not a model folder and not a Hub repo id (NAMESPACE/NAME)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, revision=revision))
-    except OSError as error:
-        raise FileNotFoundError(f"--model {name}: not in the local cache and not downloadable ({error})") from error
-
-
 def load_model(
     model_dir: str | Path,
     dtype: str = "fp32",
@@ -70,48 +49,11 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ):
-    """Model and processor from a saved folder or Hub repo id; `load_in` "4bit"/"8bit" quantizes only the LLM.
-
-    The installed project classes load every folder. A folder's own code files run only with
-    `trust_remote_code=True` (through the Auto classes); without it they are ignored, with a note on stderr. A Hub
-    repo id with remote code needs a pinned `revision`, so the code that runs is the code that was read.
-    """
+    """`load_gsva` for the commands (installed classes unless `trust_remote_code`; strict weights), and a Hub
+    repo's remote code only at a pinned `revision`, so the code that runs is the code that was read."""
     if trust_remote_code and revision is None and not Path(model_dir).is_dir():
         raise ValueError(f"--trust-remote-code with the Hub repo {model_dir}: pin the code with --revision COMMIT")
-    model_dir = resolve_model(model_dir, revision)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_dir}: no config.json there; give a folder saved by GSVA")
-    shipped = [name for name in CODE_FILES if (model_dir / name).is_file()]
-    kwargs = {"dtype": DTYPES[dtype]}
-    if trust_remote_code and "modeling_gsva.py" in shipped:
-        from transformers import AutoModelForCausalLM as model_class
-        from transformers import AutoProcessor as processor_class
-
-        kwargs["trust_remote_code"] = True
-    else:
-        from modeling_gsva import GSVAForCausalLM as model_class
-        from processing_gsva import GSVAProcessor as processor_class
-
-        if shipped:
-            print(
-                f"note: {model_dir} ships {', '.join(shipped)}; that code is ignored and the installed GSVA classes "
-                "are used (pass --trust-remote-code to run it)",
-                file=sys.stderr,
-            )
-    if load_in is not None:
-        from transformers import BitsAndBytesConfig
-
-        keep = ["sam", "vision_tower", "multi_modal_projector", "text_hidden_fcs", "lm_head"]
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=load_in == "4bit", load_in_8bit=load_in == "8bit", llm_int8_skip_modules=keep
-        )
-        kwargs["device_map"] = device
-    model = model_class.from_pretrained(model_dir, **kwargs).eval()
-    if load_in is None:
-        model = model.to(device)
-    processor = processor_class.from_pretrained(model_dir, trust_remote_code=bool(kwargs.get("trust_remote_code")))
-    processor.check_config(model.config)
-    return model, processor
+    return load_gsva(model_dir, dtype, device, load_in, trust_remote_code=trust_remote_code, revision=revision)
 
 
 def add_loading_arguments(parser: argparse.ArgumentParser, underscores: bool = False) -> None:

@@ -51,7 +51,7 @@ def test_folder_code_runs_only_with_trust_remote_code(model_dir, tmp_path, capsy
     image = noise_image(tmp_path / "a.png")
     code, err = run(capsys, image, "--targets", PHRASES, "--model", model_dir, "--out", tmp_path / "out")
     assert code == 0 and not marker.exists()
-    assert "modeling_gsva.py" in err and "ignored" in err and "--trust-remote-code" in err
+    assert "modeling_gsva.py" in err and "installed" in err and "--trust-remote-code" in err
 
     import transformers.dynamic_module_utils as dynamic
 
