@@ -154,7 +154,9 @@ def check_gt_mask(gt_mask: MaskLike) -> np.ndarray:
     array = _to_numpy(gt_mask, "gt_mask")
     _check_2d(array, "gt_mask")
     if array.dtype == np.bool_:
-        return array.astype(np.uint8)
+        return array.view(np.uint8)
+    if array.dtype == np.uint8 and (array.size == 0 or array.max() <= 1):
+        return array  # the common 0/1 mask: one pass, no copy
     valid = (array == 0) | (array == 1) | (array == IGNORE_INDEX)
     if not valid.all():
         found = np.unique(array[~valid])[:5].tolist()
@@ -174,9 +176,11 @@ def intersection_and_union(
     """
     _check_same_shape(pred_mask, gt_mask)
     target = gt_mask == 1
-    pred = pred_mask if ignore_index is None else pred_mask & (gt_mask != ignore_index)
+    pred = pred_mask
+    if ignore_index is not None and (gt_mask.dtype != np.uint8 or gt_mask.size and gt_mask.max() >= ignore_index):
+        pred = pred_mask & (gt_mask != ignore_index)
     intersection = int(np.count_nonzero(pred & target))
-    union = int(np.count_nonzero(pred | target))
+    union = int(np.count_nonzero(pred)) + int(np.count_nonzero(target)) - intersection
     return intersection, union
 
 
@@ -227,7 +231,7 @@ def resize_gt_mask(gt_mask: MaskLike, size: Size = RELA_EVAL_SIZE) -> np.ndarray
     height, width = _size_hw(size)
     rows = _nearest_indices(gt.shape[0], height)
     cols = _nearest_indices(gt.shape[1], width)
-    return gt[rows[:, None], cols[None, :]]
+    return gt.take(rows, axis=0).take(cols, axis=1)
 
 
 def resize_pred_mask(pred_mask: MaskLike, size: Size = RELA_EVAL_SIZE) -> np.ndarray:
@@ -247,7 +251,7 @@ def resize_pred_mask(pred_mask: MaskLike, size: Size = RELA_EVAL_SIZE) -> np.nda
     binary = binarize(array)
     rows = _nearest_indices(binary.shape[0], height)
     cols = _nearest_indices(binary.shape[1], width)
-    return binary[rows[:, None], cols[None, :]]
+    return binary.take(rows, axis=0).take(cols, axis=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -592,7 +596,7 @@ class RefSegAccumulator(_Accumulator):
         pred = _to_numpy(pred_mask, "pred_mask")
         _check_2d(pred, "pred_mask")
         _check_same_shape(pred, gt)
-        if self.ignore_mode == "gsva":
+        if self.ignore_mode == "gsva" and gt.size and gt.max() == IGNORE_INDEX:
             gt = np.where(gt == IGNORE_INDEX, 1, gt).astype(np.uint8)
         binary = binarize(pred, self.threshold, inclusive=False)
         inter, union = intersection_and_union(binary, gt)

@@ -1,0 +1,333 @@
+"""Teacher-forced evaluation speed and peak memory: `score_teacher_forced` against the two-full-pass reference.
+
+Evaluation loop (default): `gsva_hf.evaluation.evaluate_dataset` over a synthetic gRefCOCO-layout split, each
+variant in its own process (alternating, `--repeats` times) so that peak RSS is the whole process's; the variants'
+metrics and decisions are checked to agree. `--stages` prints where one run's seconds go.
+
+    python benchmarks/bench_eval.py                              # bundled tiny model, 40 images, 1 thread
+    python benchmarks/bench_eval.py --stages                     # the per-stage table of one run
+    python benchmarks/bench_eval.py --worker reference           # one process, one variant (for outside timers)
+
+Prepared batches (`--prepared`): a preset with random weights, random images with `--targets` expressions each
+(a quarter `[REJ]`), `score_teacher_forced` images/s and peak memory per batch size, attention and variant, and
+`--target-mode` also times `segment(processor, images, targets=...)`:
+
+    python benchmarks/bench_eval.py --prepared --preset configs/gsva-7b --device cuda --dtype bf16 \
+        --image-size 480 --targets 10 --batch-sizes 1,8,16 --attn sdpa,flash_attention_2 --target-mode
+"""
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import preset_processor, timed  # noqa: E402
+from benchmarks.reference_eval import reference_evaluation  # noqa: E402
+
+VARIANTS = ("current", "reference")
+
+
+def variant_context(variant: str):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return reference_evaluation() if variant == "reference" else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------- evaluation loop
+def stage_timers(model) -> tuple[dict, Counter, list]:
+    """Wrap the loop's stages (data, collation, CLIP, LLM, SAM encoder/decoder, post-processing, metrics)."""
+    from gsva_hf.data.collator import GSVACollator
+    from gsva_hf.data.refer_seg import ReferSegValDataset
+    from gsva_hf.metrics import GresAccumulator
+    from modeling_gsva import GSVAForCausalLM
+
+    seconds, calls, restore = defaultdict(float), Counter(), []
+
+    def wrap(owner, name, label, static=False):
+        original = owner.__dict__[name]
+        function = original.__func__ if static else original
+
+        @functools.wraps(function)
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+                calls[label] += 1
+
+        setattr(owner, name, staticmethod(timed_call) if static else timed_call)
+        restore.append((owner, name, original))
+
+    wrap(ReferSegValDataset, "__getitem__", "data: read and decode")
+    wrap(GSVACollator, "__call__", "collate: CLIP/SAM pre-processing, tokenising")
+    wrap(GSVAForCausalLM, "get_image_features", "CLIP tower + projector")
+    wrap(type(model.get_decoder()), "forward", "LLM decoder (all passes)")
+    wrap(GSVAForCausalLM, "get_sam_image_embeddings", "SAM image encoder")
+    wrap(type(model.sam.mask_decoder), "forward", "SAM mask decoder")
+    wrap(GSVAForCausalLM, "postprocess_masks", "mask post-processing", static=True)
+    wrap(GresAccumulator, "add", "metric accumulation")
+    return seconds, calls, restore
+
+
+def run_worker(args) -> dict:
+    """One variant, one evaluation loop in this process; returns seconds, peak RSS and the results."""
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.segment import load_model
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model, dtype=args.dtype, device="cpu")
+    dataset = build_val_dataset(args.data, args.val_dataset)
+    rss_before = psutil.Process().memory_info().rss / 2**20
+    timers = stage_timers(model) if args.stages else None
+    with variant_context(args.worker):
+        start = time.perf_counter()
+        result = evaluate_dataset(model, processor, dataset, batch_size=args.batch_size, progress=False)
+        seconds = time.perf_counter() - start
+    row = {
+        "variant": args.worker,
+        "loop_s": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_loop_mib": rss_before,
+        "images": len(dataset),
+        "targets": result.metrics["count"],
+        "metrics": result.metrics,
+        "decisions": [record["pred_rejected"] for record in result.records],
+    }
+    if timers is not None:
+        stage_seconds, calls, restore = timers
+        for owner, name, original in restore:
+            setattr(owner, name, original)
+        row["stages"] = {label: {"s": s, "calls": calls[label]} for label, s in stage_seconds.items()}
+    return row
+
+
+def worker_command(args, variant: str) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", str(args.model)]
+    command += ["--data", str(args.data), "--val-dataset", args.val_dataset, "--batch-size", str(args.batch_size)]
+    command += ["--threads", str(args.threads), "--dtype", args.dtype]
+    return command + (["--stages"] if args.stages else [])
+
+
+def spawn(args, variant: str) -> dict:
+    env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        worker_command(args, variant), capture_output=True, text=True, env={**os.environ, **env}, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} worker failed (rc {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_stages(row: dict) -> None:
+    total = row["loop_s"]
+    print(f"\n{row['variant']}: {row['images']} images, {row['targets']} targets, loop {total:.3f} s")
+    print("| stage | s | share of the loop | calls |")
+    print("|---|---|---|---|")
+    for label, stage in row["stages"].items():
+        print(f"| {label} | {stage['s']:.3f} | {100 * stage['s'] / total:.1f}% | {stage['calls']} |")
+    inside = sum(stage["s"] for stage in row["stages"].values())
+    print(f"| rest (Python glue, batching, tensors to lists) | {total - inside:.3f} | {100 * (total - inside) / total:.1f}% | |")
+
+
+def loop_benchmark(args) -> list[dict]:
+    if args.data is None:
+        from gsva_hf.data.synthetic import write_synthetic_grefcoco
+
+        args.data = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+        write_synthetic_grefcoco(args.data, num_images={"train": 0, "val": args.val_images, "testA": 0, "testB": 0}, seed=0)
+    runs = defaultdict(list)
+    for _ in range(args.repeats):
+        for variant in args.variants.split(","):
+            runs[variant].append(spawn(args, variant))
+    first = {variant: rows[0] for variant, rows in runs.items()}
+    if len(first) == 2:
+        current, reference = first["current"], first["reference"]
+        if current["decisions"] != reference["decisions"]:
+            raise AssertionError("the variants' [REJ] decisions differ")
+        worst = max(abs(current["metrics"][k] - reference["metrics"][k]) for k in current["metrics"])
+        if worst > 1e-6:
+            raise AssertionError(f"the variants' metrics differ by {worst}: {current['metrics']} vs {reference['metrics']}")
+    summary = []
+    for variant, rows in runs.items():
+        summary.append(
+            {
+                "variant": variant,
+                "loop_s_median": statistics.median(r["loop_s"] for r in rows),
+                "loop_s_all": [round(r["loop_s"], 3) for r in rows],
+                "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in rows),
+                "rss_before_loop_mib_median": statistics.median(r["rss_before_loop_mib"] for r in rows),
+                "images": rows[0]["images"],
+                "targets": rows[0]["targets"],
+                "metrics": rows[0]["metrics"],
+            }
+        )
+    print(f"{summary[0]['images']} images, {summary[0]['targets']} targets, batch {args.batch_size}, {args.threads} thread(s)")
+    print("| variant | evaluation loop s (median) | runs | peak RSS MiB | RSS before loop MiB |")
+    print("|---|---|---|---|---|")
+    for row in summary:
+        print(
+            f"| {row['variant']} | {row['loop_s_median']:.3f} | {row['loop_s_all']} | {row['peak_rss_mib_median']:.0f} | "
+            f"{row['rss_before_loop_mib_median']:.0f} |"
+        )
+    if len(summary) == 2:
+        print(f"speed-up (reference / current, medians): {summary[1]['loop_s_median'] / summary[0]['loop_s_median']:.2f}x; "
+              "metrics equal within 1e-6, decisions identical")  # fmt: skip
+    if args.stages:
+        for variant, rows in runs.items():
+            print_stages(rows[0])
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- prepared batches
+def prepared_inputs(processor, batch: int, targets: int, image_size: int, device: str, dtype) -> tuple[dict, list]:
+    """`batch` random images (image_size x 4/3 of it) with `targets` expressions each, every fourth one `[REJ]`."""
+    from processing_gsva import eval_answer, eval_question
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
+    names = [f"the shape number {i}" for i in range(targets)]
+    rejected = [i % 4 == 1 for i in range(targets)]
+    inputs = processor(images=images, text=[eval_question(names)] * batch, answers=[eval_answer(names, rejected)] * batch)
+    inputs = {k: v.to(device) for k, v in inputs.items() if k != "labels"}
+    for key in ("pixel_values", "sam_pixel_values"):
+        inputs[key] = inputs[key].to(dtype)
+    return inputs, images, names
+
+
+@contextlib.contextmanager
+def peak_memory(device: str):
+    """Peak CUDA memory allocated in the block (MiB), or this process's peak RSS so far on CPU."""
+    box = {}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield box
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            box["mib"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            box["mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepared_benchmark(args) -> list[dict]:
+    from configuration_gsva import GSVAConfig
+    from gsva_hf.segment import DTYPES
+    from modeling_gsva import GSVAForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    config = GSVAConfig.from_pretrained(args.preset)
+    processor = preset_processor(args.preset, config)
+    rows = []
+    print("| attn | batch | variant | images/s | s/batch | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for attn in args.attn.split(","):
+        try:
+            torch.manual_seed(0)
+            with torch.device(args.device):
+                model = GSVAForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).eval()
+        except (ImportError, ValueError) as error:
+            print(f"| {attn} | - | - | unavailable: {str(error).splitlines()[0][:100]} | | |", flush=True)
+            continue
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            inputs, images, names = prepared_inputs(processor, batch, args.targets, args.image_size, args.device, dtype)
+            outputs = {}
+            for variant in args.variants.split(","):
+                with variant_context(variant), torch.no_grad(), peak_memory(args.device) as memory:
+                    seconds = timed(lambda: model.score_teacher_forced(**inputs), args.repeats, args.device)
+                    outputs[variant] = model.score_teacher_forced(**inputs)
+                rows.append(_row(attn, batch, variant, seconds, memory["mib"]))
+            if len(outputs) == 2:
+                _check_agree(outputs["current"], outputs["reference"])
+            if args.target_mode:
+                rows.append(_target_mode(model, processor, images, names, attn, batch, args))
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _row(attn, batch, variant, seconds, mib) -> dict:
+    row = {"attn": attn, "batch": batch, "variant": variant, "images_per_s": batch / seconds, "s_per_batch": seconds, "peak_mib": mib}
+    print(f"| {attn} | {batch} | {variant} | {batch / seconds:.2f} | {seconds:.3f} | {mib:.0f} |", flush=True)
+    return row
+
+
+def _check_agree(current, reference) -> None:
+    """Decisions identical; masks within bf16 noise of the reference (printed, not asserted: random weights)."""
+    same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(current.predicted_rejected, reference.predicted_rejected))
+    worst = max(
+        (float(((a.float() - b.float()).abs() / (1 + b.float().abs())).max()) for a, b in zip(current.pred_masks, reference.pred_masks) if a.numel()),
+        default=0.0,
+    )  # fmt: skip
+    print(f"|  |  | agreement | decisions identical: {same} | max relative mask difference {worst:.2e} | |", flush=True)
+
+
+def _target_mode(model, processor, images, names, attn, batch, args) -> dict:
+    """`segment(..., targets=...)`: guarded, the call may not exist in this build or may fail."""
+    try:
+        with torch.no_grad(), peak_memory(args.device) as memory:
+            call = functools.partial(model.segment, processor, images, targets=[names] * batch, batch_size=batch)
+            seconds = timed(call, args.repeats, args.device)
+        return _row(attn, batch, "target mode", seconds, memory["mib"])
+    except Exception as error:  # noqa: BLE001 - a benchmark row that names the failure instead of stopping the run
+        message = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+        print(f"| {attn} | {batch} | target mode | failed: {message} | | |", flush=True)
+        return {"attn": attn, "batch": batch, "variant": "target mode", "error": message}
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "gsva_hf" / "assets" / "gsva-tiny-synthetic")
+    parser.add_argument("--data", type=Path, help="GSVA data root holding the split (default: a synthetic one)")
+    parser.add_argument("--val-dataset", default="grefcoco|unc|val")
+    parser.add_argument("--val-images", type=int, default=40, help="images of the synthetic split written when no --data")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default="current,reference")
+    parser.add_argument("--stages", action="store_true", help="also time the loop's stages (one table per variant)")
+    parser.add_argument("--worker", choices=VARIANTS, help="run one variant in this process and print its JSON row")
+    parser.add_argument("--prepared", action="store_true", help="time score_teacher_forced on prepared batches")
+    parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--targets", type=int, default=10, help="expressions per image (prepared batches)")
+    parser.add_argument("--image-size", type=int, default=120, help="image height, width 4/3 of it (prepared batches)")
+    parser.add_argument("--target-mode", action="store_true", help="also time segment(targets=...) (prepared batches)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    rows = prepared_benchmark(args) if args.prepared else loop_benchmark(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
