@@ -14,6 +14,11 @@ Prepared batches (`--prepared`): a preset with random weights, random images wit
 
     python benchmarks/bench_eval.py --prepared --preset configs/gsva-7b --device cuda --dtype bf16 \
         --image-size 480 --targets 10 --batch-sizes 1,8,16 --attn sdpa,flash_attention_2 --target-mode
+
+Saved and reloaded (`--load-ins`): the same timing after `load_model`, e.g. with the LLM in 4-bit (bitsandbytes):
+
+    python benchmarks/bench_eval.py --load-ins 4bit,none --preset configs/gsva-7b --device cuda --dtype bf16 \
+        --image-size 480 --targets 10 --batch-sizes 1,8
 """
 
 import argparse
@@ -22,6 +27,7 @@ import functools
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,7 +150,9 @@ def print_stages(row: dict) -> None:
     for label, stage in row["stages"].items():
         print(f"| {label} | {stage['s']:.3f} | {100 * stage['s'] / total:.1f}% | {stage['calls']} |")
     inside = sum(stage["s"] for stage in row["stages"].values())
-    print(f"| rest (Python glue, batching, tensors to lists) | {total - inside:.3f} | {100 * (total - inside) / total:.1f}% | |")
+    print(
+        f"| rest (Python glue, batching, tensors to lists) | {total - inside:.3f} | {100 * (total - inside) / total:.1f}% | |"
+    )
 
 
 def loop_benchmark(args) -> list[dict]:
@@ -152,7 +160,9 @@ def loop_benchmark(args) -> list[dict]:
         from gsva_hf.data.synthetic import write_synthetic_grefcoco
 
         args.data = Path(tempfile.mkdtemp(prefix="bench_eval_"))
-        write_synthetic_grefcoco(args.data, num_images={"train": 0, "val": args.val_images, "testA": 0, "testB": 0}, seed=0)
+        write_synthetic_grefcoco(
+            args.data, num_images={"train": 0, "val": args.val_images, "testA": 0, "testB": 0}, seed=0
+        )
     runs = defaultdict(list)
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
@@ -164,7 +174,9 @@ def loop_benchmark(args) -> list[dict]:
             raise AssertionError("the variants' [REJ] decisions differ")
         worst = max(abs(current["metrics"][k] - reference["metrics"][k]) for k in current["metrics"])
         if worst > 1e-6:
-            raise AssertionError(f"the variants' metrics differ by {worst}: {current['metrics']} vs {reference['metrics']}")
+            raise AssertionError(
+                f"the variants' metrics differ by {worst}: {current['metrics']} vs {reference['metrics']}"
+            )
     summary = []
     for variant, rows in runs.items():
         summary.append(
@@ -179,7 +191,9 @@ def loop_benchmark(args) -> list[dict]:
                 "metrics": rows[0]["metrics"],
             }
         )
-    print(f"{summary[0]['images']} images, {summary[0]['targets']} targets, batch {args.batch_size}, {args.threads} thread(s)")
+    print(
+        f"{summary[0]['images']} images, {summary[0]['targets']} targets, batch {args.batch_size}, {args.threads} thread(s)"
+    )
     print("| variant | evaluation loop s (median) | runs | peak RSS MiB | RSS before loop MiB |")
     print("|---|---|---|---|---|")
     for row in summary:
@@ -205,7 +219,9 @@ def prepared_inputs(processor, batch: int, targets: int, image_size: int, device
     images = [rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
     names = [f"the shape number {i}" for i in range(targets)]
     rejected = [i % 4 == 1 for i in range(targets)]
-    inputs = processor(images=images, text=[eval_question(names)] * batch, answers=[eval_answer(names, rejected)] * batch)
+    inputs = processor(
+        images=images, text=[eval_question(names)] * batch, answers=[eval_answer(names, rejected)] * batch
+    )
     inputs = {k: v.to(device) for k, v in inputs.items() if k != "labels"}
     for key in ("pixel_values", "sam_pixel_values"):
         inputs[key] = inputs[key].to(dtype)
@@ -262,14 +278,21 @@ def prepared_benchmark(args) -> list[dict]:
                 _check_agree(outputs["current"], outputs["reference"])
             if args.target_mode:
                 rows.append(_target_mode(model, processor, images, names, attn, batch, args))
-        del model
+        model = None  # frees the weights before the next build
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
 
 
 def _row(attn, batch, variant, seconds, mib) -> dict:
-    row = {"attn": attn, "batch": batch, "variant": variant, "images_per_s": batch / seconds, "s_per_batch": seconds, "peak_mib": mib}
+    row = {
+        "attn": attn,
+        "batch": batch,
+        "variant": variant,
+        "images_per_s": batch / seconds,
+        "s_per_batch": seconds,
+        "peak_mib": mib,
+    }
     print(f"| {attn} | {batch} | {variant} | {batch / seconds:.2f} | {seconds:.3f} | {mib:.0f} |", flush=True)
     return row
 
@@ -297,13 +320,70 @@ def _target_mode(model, processor, images, names, attn, batch, args) -> dict:
         return {"attn": attn, "batch": batch, "variant": "target mode", "error": message}
 
 
+def saved_model_benchmark(args) -> list[dict]:
+    """A random model saved and loaded back through `load_model` once per `--load-ins` entry ("4bit", "8bit": the
+    LLM quantized, the rest in `--dtype`; "none"): weight memory, then images/s and peak memory per batch size."""
+    from benchmarks.write_bench_preset import write_bench_preset
+    from configuration_gsva import GSVAConfig
+    from gsva_hf.segment import DTYPES
+    from modeling_gsva import GSVAForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="bench_eval_model_"))
+    start = time.perf_counter()
+    write_bench_preset(args.preset, folder)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(folder), dtype=DTYPES[args.dtype])
+    model.save_pretrained(folder)
+    del model
+    print(f"random model written to {folder} in {time.perf_counter() - start:.0f} s", flush=True)
+    try:
+        return _time_loaded(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _time_loaded(args, folder: Path) -> list[dict]:
+    from gsva_hf.segment import DTYPES, load_model
+
+    rows = []
+    print("| LLM weights | batch | weights MiB | images/s | s/batch | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for load_in in args.load_ins.split(","):
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        model, processor = load_model(
+            folder, dtype=args.dtype, device=args.device, load_in=None if load_in == "none" else load_in
+        )
+        weights = model.get_memory_footprint() / 2**20
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            inputs, _, _ = prepared_inputs(
+                processor, batch, args.targets, args.image_size, args.device, DTYPES[args.dtype]
+            )
+            with torch.no_grad(), peak_memory(args.device) as memory:
+                seconds = timed(lambda: model.score_teacher_forced(**inputs), args.repeats, args.device)
+            row = {"load_in": load_in, "batch": batch, "weights_mib": weights, "images_per_s": batch / seconds,
+                   "s_per_batch": seconds, "peak_mib": memory["mib"]}  # fmt: skip
+            rows.append(row)
+            print(
+                f"| {load_in} | {batch} | {weights:.0f} | {batch / seconds:.2f} | {seconds:.3f} | {memory['mib']:.0f} |",
+                flush=True,
+            )
+        model = None  # frees the weights before the next build
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- entry point
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "gsva_hf" / "assets" / "gsva-tiny-synthetic")
     parser.add_argument("--data", type=Path, help="GSVA data root holding the split (default: a synthetic one)")
     parser.add_argument("--val-dataset", default="grefcoco|unc|val")
-    parser.add_argument("--val-images", type=int, default=40, help="images of the synthetic split written when no --data")
+    parser.add_argument(
+        "--val-images", type=int, default=40, help="images of the synthetic split written when no --data"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="fp32")
@@ -319,12 +399,19 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", type=int, default=10, help="expressions per image (prepared batches)")
     parser.add_argument("--image-size", type=int, default=120, help="image height, width 4/3 of it (prepared batches)")
     parser.add_argument("--target-mode", action="store_true", help="also time segment(targets=...) (prepared batches)")
+    parser.add_argument(
+        "--load-ins",
+        help='save a random model and time it loaded per entry, e.g. "4bit,none" (the LLM in 4-bit, then not)',
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args)))
         return
-    rows = prepared_benchmark(args) if args.prepared else loop_benchmark(args)
+    if args.load_ins:
+        rows = saved_model_benchmark(args)
+    else:
+        rows = prepared_benchmark(args) if args.prepared else loop_benchmark(args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -22,7 +22,15 @@ def full_upsample_postprocess(low_res: torch.Tensor, resized_size, original_size
 
 @torch.no_grad()
 def two_pass_score_teacher_forced(
-    model, input_ids, attention_mask, pixel_values, sam_pixel_values, original_sizes, resized_sizes, reeval=True, **unused
+    model,
+    input_ids,
+    attention_mask,
+    pixel_values,
+    sam_pixel_values,
+    original_sizes,
+    resized_sizes,
+    reeval=True,
+    **unused,
 ) -> GSVATeacherForcedOutput:
     """Decisions from the logits of one full pass; masks from a second full pass with every `[REJ]` as `[SEG]`."""
     first = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False)
@@ -30,7 +38,9 @@ def two_pass_score_teacher_forced(
     rejected, gt_is_seg = [], []
     for row, (positions, is_seg) in enumerate(model.target_slots(input_ids)):
         predicted = predictions[row, positions - 1]
-        rejected.append(torch.where(is_seg, predicted != model.config.seg_token_id, predicted == model.config.rej_token_id))
+        rejected.append(
+            torch.where(is_seg, predicted != model.config.seg_token_id, predicted == model.config.rej_token_id)
+        )
         gt_is_seg.append(is_seg)
     mask_ids = input_ids
     if reeval:

@@ -76,7 +76,10 @@ def test_rerun_feeds_only_the_rows_and_tokens_after_the_first_rej(tiny_model, ti
     """The second decoder call gets the rows with a slot after a [REJ], from the earliest first [REJ] on."""
     batch = batch_of(tiny_processor, MIXED)
     config = tiny_model.config
-    slots = [torch.nonzero((row == config.seg_token_id) | (row == config.rej_token_id)).flatten() for row in batch["input_ids"]]
+    slots = [
+        torch.nonzero((row == config.seg_token_id) | (row == config.rej_token_id)).flatten()
+        for row in batch["input_ids"]
+    ]
     rej = [torch.nonzero(row == config.rej_token_id).flatten() for row in batch["input_ids"]]
     end = max(int(s[-1]) for s in slots)
     redo = [i for i in range(len(MIXED)) if len(rej[i]) and int(slots[i][-1]) > int(rej[i][0])]
@@ -84,7 +87,9 @@ def test_rerun_feeds_only_the_rows_and_tokens_after_the_first_rej(tiny_model, ti
     assert redo == [0, 2, 4]
     shapes = []
     decoder = tiny_model.get_decoder()
-    hook = decoder.register_forward_hook(lambda module, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    hook = decoder.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
     try:
         tiny_model.score_teacher_forced(**batch)
     finally:
