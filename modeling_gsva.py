@@ -480,7 +480,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
     def score_teacher_forced(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor,
         sam_pixel_values: torch.Tensor,
         original_sizes: torch.Tensor,
@@ -499,6 +499,8 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         rerun from the earliest such `[REJ]` on, on the first pass's KV cache of the shared prefix; SAM's mask
         decoder runs once for all slots.
         """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         slots = self.target_slots(input_ids)
         for row, (positions, _) in enumerate(slots):
             if positions.numel() and int(positions[0]) == 0:

@@ -453,6 +453,13 @@ class GresAccumulator(_Accumulator):
             config["eval_size"] = tuple(config["eval_size"])
         return super().from_state_dict({**state, "config": config})
 
+    def scored_form(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` in the form `add` scores them, computed where they live: the bool mask `add` would threshold
+        (so no float map needs to travel or be copied), or the logits themselves when the protocol resizes first."""
+        if self.eval_size is not None:
+            return logits
+        return logits >= self.threshold if self.protocol == "gsva" else logits > self.threshold
+
     def add(
         self, pred_mask: MaskLike, gt_mask: MaskLike, pred_rejected: Any, sample_id: str | int | None = None
     ) -> SampleResult:
@@ -589,6 +596,10 @@ class RefSegAccumulator(_Accumulator):
 
     def config(self) -> dict[str, Any]:
         return {"ignore_mode": self.ignore_mode, "threshold": self.threshold, "keep_samples": self.keep_samples}
+
+    def scored_form(self, logits: torch.Tensor) -> torch.Tensor:
+        """The bool mask `add` would threshold from `logits`, computed where they live."""
+        return logits > self.threshold
 
     def add(self, pred_mask: MaskLike, gt_mask: MaskLike, sample_id: str | int | None = None) -> SampleResult:
         """Score one target: (H, W) prediction (bool / 0-1 / float logits) against an (H, W) 0/1/255 GT."""

@@ -421,3 +421,20 @@ def test_intersection_and_union_equal_plain_counts_for_every_gt_dtype(dtype):
     inter = sum(1 for p, g, c in zip(pred.flat, labels.flat, counted.flat) if c and p and g == 1)
     union = sum(1 for p, g, c in zip(pred.flat, labels.flat, counted.flat) if c and (p or g == 1))
     assert intersection_and_union(pred, gt) == (inter, union)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: GresAccumulator(), lambda: GresAccumulator("rela", eval_size=6), lambda: RefSegAccumulator()]
+)
+def test_scored_form_scores_like_the_logits(make):
+    """What evaluation hands over (a bool mask, or the logits for ReLA) gives the sums the logits give."""
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.choice([-1.0, 0.0, 0.5], size=(2, 9, 7)).astype(np.float32))  # exact zeros
+    gts = [rng.integers(0, 2, (9, 7)).astype(np.uint8), np.zeros((9, 7), np.uint8)]
+    direct, handed = make(), make()
+    for pred, gt in zip(logits, gts):
+        flag = () if isinstance(direct, RefSegAccumulator) else (False,)
+        direct.add(pred, gt, *flag)
+        handed.add(make().scored_form(pred), gt, *flag)
+    assert handed.sums == direct.sums
+    assert make().scored_form(logits).dtype == (torch.float32 if getattr(direct, "eval_size", None) else torch.bool)
