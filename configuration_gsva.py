@@ -9,9 +9,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
-
-
 @strict
 class GSVAConfig(PreTrainedConfig):
     r"""
@@ -33,8 +30,6 @@ class GSVAConfig(PreTrainedConfig):
     seg_rej_ce_weight (`float`, defaults to 1.0):
         Extra weight of `[SEG]`/`[REJ]` answer tokens in the CE loss. 1.0 is the original loss; larger values
         are an option that teaches rejection faster on small data.
-    train_sam_vision_encoder (`bool`, defaults to False):
-        When False the SAM image encoder runs under `no_grad`, as in GSVA.
     """
 
     model_type = "gsva"
@@ -72,13 +67,10 @@ class GSVAConfig(PreTrainedConfig):
     bce_loss_weight: float = 2.0
     dice_loss_weight: float = 0.5
     seg_rej_ce_weight: float = 1.0
-    train_sam_vision_encoder: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"GSVAConfig.projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
         if self.out_dim != self.sam_config.prompt_encoder_config.hidden_size:
             raise ValueError(
                 f"GSVAConfig.out_dim ({self.out_dim}) must equal sam_config.prompt_encoder_config.hidden_size "

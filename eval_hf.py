@@ -1,7 +1,8 @@
 """Evaluate a GSVA folder with the original protocol (teacher forced) or with generated answers.
 
     python eval_hf.py --model DIR --val_dataset "grefcoco|unc|val" --dataset_dir DATA
-    python eval_hf.py ... --mode generate                     # the model's own [SEG]/[REJ] decisions
+    python eval_hf.py ... --mode targets                      # the user path: segment(targets=expressions)
+    python eval_hf.py ... --mode generate                     # the model's own answer, free generation
     python eval_hf.py ... --protocol rela                     # ReLA's definitions (480x480, FP I=0)
     torchrun --nproc_per_node 2 eval_hf.py ...                # several processes (CPU: gloo), each sample once
     accelerate launch --multi_gpu --num_processes 8 eval_hf.py ...
@@ -11,6 +12,7 @@ JSON file with the metrics and per-sample results.
 """
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -21,9 +23,15 @@ from gsva_hf.segment import DTYPES
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="saved GSVA folder")
-    parser.add_argument("--dataset_dir", required=True, type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/)")
-    parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"')
-    parser.add_argument("--mode", choices=["teacher_forced", "generate"], default="teacher_forced")
+    parser.add_argument("--dataset_dir", type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/); not needed for hf: specs")
+    parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"; "hf:PATH_OR_REPO|val" reads a datasets source')
+    parser.add_argument(
+        "--mode",
+        choices=["teacher_forced", "targets", "generate"],
+        default="teacher_forced",
+        help="teacher_forced: GSVA's protocol; targets: segment(targets=expressions), the model decides each slot; "
+        "generate: the model writes its own answer",
+    )
     parser.add_argument("--protocol", choices=["gsva", "rela"], default="gsva", help="gRefCOCO metric definitions")
     parser.add_argument("--ignore_mode", choices=["gsva", "lisa"], default="gsva", help='ReasonSeg "ignore" pixels: foreground (gsva) or excluded (lisa)')
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -65,9 +73,10 @@ def main(argv=None) -> dict:
         all_metrics[spec] = result.metrics
         if accelerator.is_main_process:
             print(result.log_line, flush=True)
-            output = args.output or args.model / f"eval_{spec.replace('|', '_')}_{args.mode}.json"
+            stem = re.sub(r"[^\w.+-]+", "_", spec)
+            output = args.output or args.model / f"eval_{stem}_{args.mode}.json"
             if args.output and len(args.val_dataset.split("||")) > 1:
-                output = args.output.with_name(f"{args.output.stem}_{spec.replace('|', '_')}{args.output.suffix}")
+                output = args.output.with_name(f"{args.output.stem}_{stem}{args.output.suffix}")
             result.accumulator.write_json(
                 output,
                 val_dataset=spec,

@@ -8,13 +8,16 @@ Shipped with a Hub repository for ``trust_remote_code``: imports only torch, tra
 """
 
 import itertools
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 try:
     from .configuration_gsva import GSVAConfig
@@ -26,7 +29,17 @@ AUTO_MAP = {
     "AutoConfig": "configuration_gsva.GSVAConfig",
     "AutoModel": "modeling_gsva.GSVAForCausalLM",
     "AutoModelForCausalLM": "modeling_gsva.GSVAForCausalLM",
+    "AutoModelForImageTextToText": "modeling_gsva.GSVAForCausalLM",
     "AutoProcessor": "processing_gsva.GSVAProcessor",
+}
+PIPELINE_FILE = "pipeline_gsva.py"
+CUSTOM_PIPELINES = {
+    "gsva-segmentation": {
+        "impl": "pipeline_gsva.GSVASegmentationPipeline",
+        "pt": ["AutoModelForCausalLM"],
+        "tf": [],
+        "type": "multimodal",
+    }
 }
 DICE_SCALE = 1000.0
 DICE_EPS = 1e-6
@@ -34,13 +47,29 @@ DICE_EPS = 1e-6
 
 @dataclass
 class GSVAOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.forward`.
+    r"""
+    Output of `GSVAForCausalLM.forward`.
 
-    loss: `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
-    pred_masks: per row, mask logits `[num_targets, H, W]` at the original image size, one per `[SEG]`/`[REJ]`
-        slot in text order. `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
-    target_is_seg: per row, a bool tensor telling which slots are `[SEG]` (True) or `[REJ]` (False).
-    iou_scores: per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+            `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
+        ce_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted next-token cross-entropy, mean over answer tokens.
+        mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*, with `gt_masks`):
+            Weighted mask losses, normalised by the number of slots (`[REJ]` included).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language-model logits.
+        cache (`Cache`, *optional*, returned when `use_cache=True`):
+            The decoder's key/value cache.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The decoder's, when `output_hidden_states` / `output_attentions` are set.
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`, *optional*, with SAM inputs):
+            Per row, mask logits at the original image size, one per `[SEG]`/`[REJ]` slot in text order;
+            `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`, *optional*):
+            Per row, which slots are `[SEG]` (True) or `[REJ]` (False).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`, *optional*):
+            Per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
     """
 
     loss: torch.Tensor | None = None
@@ -58,12 +87,17 @@ class GSVAOutput(ModelOutput):
 
 @dataclass
 class GSVATeacherForcedOutput(ModelOutput):
-    """Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
+    r"""
+    Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
 
-    predicted_rejected: per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model
-        predicts `[REJ]` there (read from the logits one position earlier).
-    pred_masks: per row, mask logits `[num_slots, H, W]` at the original size (every slot with `reeval`).
-    gt_is_seg: per row, the ground-truth slot types.
+    Args:
+        predicted_rejected (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model rejects it
+            (`slot_decisions` with the ground truth, read one position earlier).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Per row, mask logits at the original size (every slot with `reeval`).
+        gt_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, the ground-truth slot types.
     """
 
     predicted_rejected: list[torch.Tensor] | None = None
@@ -72,27 +106,55 @@ class GSVATeacherForcedOutput(ModelOutput):
 
 
 @dataclass
-class SegmentedTarget:
-    """One `[SEG]`/`[REJ]` slot of a generated answer.
+class GSVAGenerateOutput(GenerateDecoderOnlyOutput):
+    r"""
+    `generate(..., return_dict_in_generate=True)` with SAM inputs: `GenerateDecoderOnlyOutput`'s fields
+    (`sequences`, ...; `cache` is dropped) plus, per returned sequence:
 
-    mask: bool `[H, W]` at the original image size (all False when rejected).
-    score: probability the model gave its own choice (`[SEG]` or `[REJ]`) at this slot.
-    mask_score: mean foreground probability inside the mask (0 when rejected or empty).
+    Args:
+        answer_ids (`list[torch.LongTensor]`):
+            The generated answer up to (not including) its end-of-sequence token.
+        finished (`list[bool]`):
+            Whether the row ended with end-of-sequence (False: cut at `max_new_tokens`).
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per `[SEG]`/`[REJ]` slot of the answer, in order, whether it is `[SEG]`.
+        slot_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            The probability of that choice between the two tokens (softmax over their two logits).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Mask logits at the original size (zeros for `[REJ]`).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            SAM's predicted IoU (0 for `[REJ]`).
+        original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
+            Image sizes (height, width).
     """
 
-    phrase: str
-    rejected: bool
-    mask: torch.Tensor
-    score: float
-    mask_score: float
+    answer_ids: list[torch.LongTensor] | None = None
+    finished: list[bool] | None = None
+    target_is_seg: list[torch.Tensor] | None = None
+    slot_scores: list[torch.Tensor] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    iou_scores: list[torch.Tensor] | None = None
+    original_sizes: torch.Tensor | None = None
 
 
 @dataclass
-class SegmentationResult:
-    """What `GSVAForCausalLM.segment` returns per image: the generated answer and one entry per target slot."""
+class GSVATargetsOutput(ModelOutput):
+    r"""
+    Output of `GSVAForCausalLM.decide_targets`: one decided slot per asked phrase, in order.
 
-    answer: str
-    targets: list[SegmentedTarget]
+    Args:
+        sequences (`list[torch.LongTensor]`):
+            Per row, the input tokens (padding removed) with each slot set to the decided token.
+        target_is_seg, slot_scores, pred_masks, iou_scores, original_sizes:
+            As in `GSVAGenerateOutput`.
+    """
+
+    sequences: list[torch.LongTensor] | None = None
+    target_is_seg: list[torch.Tensor] | None = None
+    slot_scores: list[torch.Tensor] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    iou_scores: list[torch.Tensor] | None = None
+    original_sizes: torch.Tensor | None = None
 
 
 class GSVAMultiModalProjector(nn.Module):
@@ -169,17 +231,15 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.sam = AutoModel.from_config(config.sam_config)
         self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
-        # device_map="auto" must not split the blocks of whichever sub-models the config chose.
-        self._no_split_modules = sorted(
-            {name for part in (self.vision_tower, self.language_model, self.sam) for name in part._no_split_modules or []}
-        )
         self.post_init()
         self._init_like_original()
 
     def _init_like_original(self):
         """SAM and `text_hidden_fcs` start as in GSVA: PyTorch's default layer init (segment-anything's modules,
-        Fourier features with std 1) instead of transformers' normal(0.02) and std hidden/2, which trains the mask
-        path of a from-scratch model much more slowly. Loaded checkpoints overwrite all of it."""
+        Fourier features with std 1) instead of transformers' normal(0.02), which trains the mask path of a
+        from-scratch model much more slowly. SAM is a sub-model whose init transformers dispatches to SAM's own
+        `_init_weights`, so this runs after `post_init`; on the meta device (from_pretrained) it is skipped and the
+        checkpoint's weights are loaded instead."""
         if self.text_hidden_fcs[0][0].weight.device.type == "meta":
             return
         with torch.no_grad():
@@ -189,9 +249,16 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             self.sam.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write an `auto_map` naming this class for AutoModel too, so both Auto classes load the folder."""
+        """Write an `auto_map` for every Auto class that loads GSVA and, next to the code, the pipeline file with
+        its `custom_pipelines` entry, so `pipeline(model=folder, trust_remote_code=True)` needs no task."""
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        pipeline_source = Path(__file__).with_name(PIPELINE_FILE)
+        if pipeline_source.is_file():
+            self.config.custom_pipelines = CUSTOM_PIPELINES
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if pipeline_source.is_file():
+            shutil.copyfile(pipeline_source, Path(save_directory) / PIPELINE_FILE)
+        return result
 
     # ----------------------------------------------------------------- embeddings (needed by resize, peft, generate)
     def get_input_embeddings(self) -> nn.Module:
@@ -222,7 +289,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """SAM image-encoder embeddings `[B, 256, 64, 64]`; under `no_grad` unless the encoder is trained."""
         encoder = self.sam.vision_encoder
         pixel_values = sam_pixel_values.to(encoder.dtype)
-        if self.config.train_sam_vision_encoder:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
             return encoder(pixel_values).last_hidden_state
         with torch.no_grad():
             return encoder(pixel_values).last_hidden_state
@@ -329,16 +396,16 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             logits = F.interpolate(logits, original, mode="bilinear", align_corners=False)
         return logits[:, 0]
 
-    def gather_seg_hidden_states(
+    def gather_slot_states(
         self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per row, the states that predict each `[SEG]` (position - 1) and the row's slot flags."""
+        """The one `[SEG]` gather: per row, the states that predict each `[SEG]`/`[REJ]` of `input_ids` (position
+        - 1; `last_hidden_state[:, j]` belongs to `input_ids[:, j]`) and the row's slot flags (True for `[SEG]`)."""
         states, flags = [], []
         for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
-            seg_positions = positions[is_seg]
-            if (seg_positions == 0).any():
-                raise ValueError(f"row {row}: a [SEG] token at position 0 has no preceding state")
-            states.append(last_hidden_state[row, seg_positions - 1])
+            if (positions == 0).any():
+                raise ValueError(f"row {row}: a [SEG]/[REJ] token at position 0 has no preceding state")
+            states.append(last_hidden_state[row, positions - 1])
             flags.append(is_seg)
         return states, flags
 
@@ -384,6 +451,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         return self.config.bce_loss_weight * bce / denominator, self.config.dice_loss_weight * dice / denominator
 
     # ----------------------------------------------------------------- forward
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -401,7 +469,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> GSVAOutput:
@@ -413,7 +480,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         gt_masks: per row, `[num_slots, H, W]` ground truth at the original size, one per `[SEG]`/`[REJ]` slot;
             with `labels` it adds the BCE and Dice losses.
         """
-        kwargs.pop("num_items_in_batch", None)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
@@ -444,9 +510,12 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 raise ValueError("mask prediction needs original_sizes and resized_sizes (from GSVAProcessor)")
             if sam_image_embeddings is None:
                 sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-            seg_states, target_is_seg = self.gather_seg_hidden_states(last_hidden_state, input_ids)
+            slot_states, target_is_seg = self.gather_slot_states(last_hidden_state, input_ids)
             seg_masks, seg_scores = self.masks_from_hidden_states(
-                seg_states, sam_image_embeddings, resized_sizes, original_sizes
+                [states[is_seg] for states, is_seg in zip(slot_states, target_is_seg)],
+                sam_image_embeddings,
+                resized_sizes,
+                original_sizes,
             )
             pred_masks = self.scatter_to_slots(seg_masks, target_is_seg)
             iou_scores = self.scatter_to_slots(seg_scores, target_is_seg)
@@ -475,6 +544,26 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             iou_scores=iou_scores,
         )
 
+    # ----------------------------------------------------------------- [REJ] rule
+    def slot_decisions(self, slot_logits: torch.Tensor, gt_is_seg: torch.Tensor | None = None) -> torch.Tensor:
+        """The one place that turns the logits one position before each slot into `[REJ]` decisions (`[n]` bool).
+
+        slot_logits: `[n, vocab]`. With `gt_is_seg` (GSVA's teacher-forced protocol) the full-vocabulary argmax
+        decides: a ground-truth `[SEG]` slot is kept only if `[SEG]` is the argmax, a `[REJ]` slot rejected only
+        if `[REJ]` is. Without it (the model decides) the larger of the two logits wins, ties keeping `[SEG]`.
+        """
+        seg_id, rej_id = self.config.seg_token_id, self.config.rej_token_id
+        if gt_is_seg is None:
+            return slot_logits[:, rej_id] > slot_logits[:, seg_id]
+        predicted = slot_logits.argmax(-1)
+        gt_is_seg = gt_is_seg.to(predicted.device)
+        return torch.where(gt_is_seg, predicted != seg_id, predicted == rej_id)
+
+    def slot_scores(self, slot_logits: torch.Tensor, is_seg: torch.Tensor) -> torch.Tensor:
+        """Probability of the chosen slot token between `[SEG]` and `[REJ]` (softmax over the two logits)."""
+        pair = slot_logits[:, [self.config.seg_token_id, self.config.rej_token_id]].float().softmax(-1)
+        return torch.where(is_seg.to(pair.device), pair[:, 0], pair[:, 1])
+
     # ----------------------------------------------------------------- evaluation and inference
     @torch.no_grad()
     def score_teacher_forced(
@@ -490,9 +579,9 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
     ) -> GSVATeacherForcedOutput:
         """GSVA's evaluation forward over ground-truth conversations.
 
-        At each ground-truth `[SEG]`/`[REJ]` slot the decision is the argmax one position earlier: a `[SEG]` slot
-        counts as kept only if `[SEG]` is predicted, a `[REJ]` slot as rejected only if `[REJ]` is predicted.
-        With `reeval` every `[REJ]` is rewritten to `[SEG]` and the model runs again so every slot gets a mask.
+        At each ground-truth `[SEG]`/`[REJ]` slot the decision is `slot_decisions` with the ground truth, read one
+        position earlier. With `reeval` every `[REJ]` is rewritten to `[SEG]` and the model runs again so every
+        slot gets a mask.
 
         Same numbers as two full passes with less work: one pass up to the last slot gives the decisions (LM head
         at the slots only) and every state before its first `[REJ]`; the rows with a slot after their first `[REJ]`
@@ -502,10 +591,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         slots = self.target_slots(input_ids)
-        for row, (positions, _) in enumerate(slots):
-            if positions.numel() and int(positions[0]) == 0:
-                raise ValueError(f"row {row}: a [SEG]/[REJ] token at position 0 has no preceding state")
-        masked = [positions if reeval else positions[is_seg] for positions, is_seg in slots]
         # A row's states before its first [REJ] are the same in both passes: only rows with a slot after it rerun,
         # from the earliest such first [REJ] on.
         first_rej = {
@@ -514,41 +599,26 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         redo = [row for row, position in first_rej.items() if int(slots[row][0][-1]) > position]
         end = max((int(positions[-1]) for positions, _ in slots if positions.numel()), default=1)
         embeddings = self.embed_inputs(input_ids, pixel_values)[:, :end]
-        decoder = self.get_decoder()
-        first = decoder(
+        first = self.get_decoder()(
             inputs_embeds=embeddings, attention_mask=attention_mask[:, :end], use_cache=bool(redo), return_dict=True
         )
-        states = first.last_hidden_state
-
-        decided = self._states_before(states, [positions for positions, _ in slots])
-        predictions = self.get_output_embeddings()(decided).argmax(-1).split([len(p) for p, _ in slots])
-        rejected, gt_is_seg = [], []
-        for predicted, (_, is_seg) in zip(predictions, slots):
-            rejected.append(torch.where(is_seg, predicted != self.config.seg_token_id, predicted == self.config.rej_token_id))
-            gt_is_seg.append(is_seg)
-
-        mask_states = list(self._states_before(states, masked).split([len(p) for p in masked]))
+        slot_states, gt_is_seg = self.gather_slot_states(first.last_hidden_state, input_ids)
+        slot_logits = self.get_output_embeddings()(torch.cat(slot_states)).split([len(s) for s in slot_states])
+        rejected = [self.slot_decisions(logits, is_seg) for logits, is_seg in zip(slot_logits, gt_is_seg)]
         if redo:
             start = min(first_rej[row] for row in redo)
             rerun = self._rerun_from(start, first.cache, embeddings, input_ids, attention_mask, redo)
             for k, row in enumerate(redo):
-                before = masked[row].to(states.device) - 1
+                before = slots[row][0].to(rerun.device) - 1
                 late = before >= start
-                mask_states[row][late] = rerun[k, before[late] - start]
+                slot_states[row][late] = rerun[k, before[late] - start]
         del first
+        mask_states = slot_states if reeval else [s[is_seg.to(s.device)] for s, is_seg in zip(slot_states, gt_is_seg)]
         sam_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
         masks, _ = self.masks_from_hidden_states(mask_states, sam_embeddings, resized_sizes, original_sizes)
         if not reeval:
             masks = self.scatter_to_slots(masks, gt_is_seg)
         return GSVATeacherForcedOutput(predicted_rejected=rejected, pred_masks=masks, gt_is_seg=gt_is_seg)
-
-    @staticmethod
-    def _states_before(states: torch.Tensor, positions: list[torch.Tensor]) -> torch.Tensor:
-        """The states one position before each given token, all rows' in one `[sum n_i, d]` tensor."""
-        counts = torch.tensor([len(p) for p in positions], device=states.device, dtype=torch.long)
-        rows = torch.repeat_interleave(torch.arange(len(positions), device=states.device), counts)
-        flat = torch.cat(positions).to(states.device) if positions else counts
-        return states[rows, flat - 1]
 
     def _rerun_from(self, start: int, cache, embeddings, input_ids, attention_mask, redo: list[int]) -> torch.Tensor:
         """Last-layer states `[len(redo), end - start, d]` of the rows `redo` from `start` on, every `[REJ]` read
@@ -571,6 +641,201 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         )
         return rerun.last_hidden_state
 
+    def _special_suppressed(self, kwargs: dict) -> dict:
+        """Image and image-boundary tokens are never generated (unless the caller sets `suppress_tokens`)."""
+        if kwargs.get("suppress_tokens") is None and getattr(self.generation_config, "suppress_tokens", None) is None:
+            kwargs["suppress_tokens"] = [self.config.image_token_id, self.config.im_start_token_id, self.config.im_end_token_id]
+        return kwargs
+
+    def _slot_outputs(
+        self,
+        slot_states: list[torch.Tensor],
+        slot_logits: list[torch.Tensor],
+        flags: list[torch.Tensor],
+        sam_pixel_values: torch.Tensor | None,
+        sam_image_embeddings: torch.Tensor | None,
+        resized_sizes: torch.Tensor,
+        original_sizes: torch.Tensor,
+    ) -> dict:
+        """Scores and masks for decided slots (generated or target mode); SAM's image encoder runs once per image."""
+        if sam_image_embeddings is None:
+            sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
+        seg_states = [states[is_seg.to(states.device)] for states, is_seg in zip(slot_states, flags)]
+        masks, iou = self.masks_from_hidden_states(seg_states, sam_image_embeddings, resized_sizes, original_sizes)
+        return {
+            "target_is_seg": flags,
+            "slot_scores": [self.slot_scores(logits, is_seg) for logits, is_seg in zip(slot_logits, flags)],
+            "pred_masks": self.scatter_to_slots(masks, flags),
+            "iou_scores": self.scatter_to_slots(iou, flags),
+            "original_sizes": original_sizes,
+        }
+
+    def _slot_ids(self, device) -> torch.Tensor:
+        return torch.tensor([self.config.seg_token_id, self.config.rej_token_id], device=device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
+        original_sizes: torch.Tensor | None = None,
+        resized_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate`, plus masks for the generated `[SEG]`s.
+
+        Takes `**processor(images=..., text=...)` as is. The SAM inputs never reach the decoding steps. With
+        `return_dict_in_generate=True` (and the SAM inputs) the result is a `GSVAGenerateOutput`: the usual fields
+        plus per row the answer ids, slot flags, scores and mask logits (`processor.post_process_instance_segmentation`
+        reads it); SAM's encoder runs once per image after decoding, and the `[SEG]` states come from one pass over
+        the answer on top of the decoding cache. Without it, `generate` returns token ids like any causal LM.
+        """
+        kwargs = self._special_suppressed(kwargs)
+        input_ids = kwargs.pop("input_ids", inputs)
+        wants_masks = bool(kwargs.get("return_dict_in_generate")) and (
+            sam_pixel_values is not None or sam_image_embeddings is not None
+        )
+        if not wants_masks:
+            return super().generate(input_ids, **kwargs)
+        if original_sizes is None or resized_sizes is None:
+            raise ValueError("masks from generate need original_sizes and resized_sizes (from GSVAProcessor)")
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) != 1:
+            raise ValueError("masks from generate need num_beams=1 (greedy or sampling)")
+        copies = int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = super().generate(input_ids, **{**kwargs, "use_cache": True})
+        sequences, prompt_length = out.sequences, input_ids.shape[1]
+        attention_mask = attention_mask.repeat_interleave(copies, dim=0)
+
+        # One pass over the answer on top of the cache of the prompt gives the last-layer state at every answer
+        # position, exactly as decoding saw it.
+        cache = out.cache
+        cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))
+        feed = sequences[:, prompt_length - 1 : -1]
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones((sequences.shape[0], feed.shape[1] - 1))], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)[:, prompt_length - 1 :]
+        states = self.get_decoder()(
+            inputs_embeds=self.embed_inputs(feed, None),
+            attention_mask=full_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
+        out.cache = None
+
+        # `states[:, j]` belongs to `sequences[:, prompt_length - 1 + j]`; tokens after a row's end are padding.
+        eos = self.generation_config.eos_token_id
+        eos_ids = torch.tensor([e for e in (eos if isinstance(eos, list) else [eos]) if e is not None], device=sequences.device)
+        answers = sequences[:, prompt_length:].clone()
+        answer_ids, finished = [], []
+        for row, answer in enumerate(answers):
+            ends = torch.nonzero(torch.isin(answer, eos_ids)).flatten()
+            finished.append(bool(ends.numel()))
+            if ends.numel():
+                answer[int(ends[0]) :] = eos_ids[0]
+                answer_ids.append(sequences[row, prompt_length : prompt_length + int(ends[0])])
+            else:
+                answer_ids.append(sequences[row, prompt_length:])
+        aligned = torch.cat([sequences[:, prompt_length - 1 : prompt_length], answers], dim=1)
+        slot_states, flags = self.gather_slot_states(states, aligned)
+        slot_logits = [self.get_output_embeddings()(chosen) for chosen in slot_states]
+
+        def repeat(tensor):
+            return None if tensor is None else tensor.repeat_interleave(copies, dim=0)
+
+        slots = self._slot_outputs(
+            slot_states,
+            slot_logits,
+            flags,
+            repeat(sam_pixel_values),
+            repeat(sam_image_embeddings),
+            repeat(resized_sizes),
+            repeat(original_sizes),
+        )
+        return GSVAGenerateOutput(**dict(out.items()), **slots, answer_ids=answer_ids, finished=finished)
+
+    @torch.no_grad()
+    def decide_targets(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        original_sizes: torch.Tensor,
+        resized_sizes: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
+    ) -> GSVATargetsOutput:
+        """Target mode: the answer is fixed up to its slots; the model decides only `[SEG]` or `[REJ]` at each.
+
+        Takes `**processor(images=..., targets=[...])`: each row holds GSVA's answer template with one slot per
+        asked phrase. One pass reads the image, the question and the answer up to the first slot; then, per slot,
+        the decided slot token and the text up to the next slot are fed on the same KV cache. The decision is
+        `slot_decisions` (larger of the two logits, conditioned on the earlier decisions) and the `[SEG]` state is
+        the last state of that pass. Every asked phrase gets exactly one decision, in order.
+        """
+        slot_ids = self._slot_ids(input_ids.device)
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+        slots = [torch.nonzero(torch.isin(ids, slot_ids)).flatten() for ids in rows]
+        for row, positions in enumerate(slots):
+            if positions.numel() == 0:
+                raise ValueError(f"row {row} has no [SEG]/[REJ] slot; build target-mode inputs with processor(targets=...)")
+            if int(positions[0]) == 0:
+                raise ValueError(f"row {row}: a slot at position 0 has no preceding state")
+        count = max(len(positions) for positions in slots)
+        decided = [ids.clone() for ids in rows]
+        # Chunk k of a row: the text before its first slot (k = 0), else its slot k-1 token and the text up to slot k.
+        bounds = [[0, *positions.tolist()] for positions in slots]
+        seen = torch.zeros(len(rows), dtype=torch.long, device=input_ids.device)
+        full_mask = input_ids.new_zeros((len(rows), 0))
+        cache = None
+        slot_states = [[] for _ in rows]
+        slot_logits = [[] for _ in rows]
+        for step in range(count):
+            chunks = [
+                decided[row][bounds[row][step] : bounds[row][step + 1]] if step < len(slots[row]) else decided[row][:0]
+                for row in range(len(rows))
+            ]
+            width = max(len(chunk) for chunk in chunks)
+            ids = input_ids.new_zeros((len(rows), width))
+            mask = input_ids.new_zeros((len(rows), width))
+            for row, chunk in enumerate(chunks):
+                # Left-aligned padding inside the chunk: every row's deciding state is the last position.
+                ids[row, width - len(chunk) :] = chunk
+                mask[row, width - len(chunk) :] = 1
+            positions = (seen[:, None] + mask.cumsum(-1) - 1).clamp_min(0)
+            full_mask = torch.cat([full_mask, mask], dim=1)
+            output = self.get_decoder()(
+                inputs_embeds=self.embed_inputs(ids, pixel_values if step == 0 else None),
+                attention_mask=full_mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            )
+            cache, seen = output.cache, seen + mask.sum(-1)
+            last = output.last_hidden_state[:, -1]
+            logits = self.get_output_embeddings()(last)
+            rejected = self.slot_decisions(logits)
+            for row in range(len(rows)):
+                if step < len(slots[row]):
+                    position = int(slots[row][step])
+                    decided[row][position] = self.config.rej_token_id if rejected[row] else self.config.seg_token_id
+                    slot_states[row].append(last[row])
+                    slot_logits[row].append(logits[row])
+        outputs = self._slot_outputs(
+            [torch.stack(states) for states in slot_states],
+            [torch.stack(logits) for logits in slot_logits],
+            [ids[positions] == self.config.seg_token_id for ids, positions in zip(decided, slots)],
+            sam_pixel_values,
+            sam_image_embeddings,
+            resized_sizes,
+            original_sizes,
+        )
+        return GSVATargetsOutput(sequences=decided, **outputs)
+
     @torch.no_grad()
     def segment(
         self,
@@ -583,104 +848,32 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         threshold: float = 0.0,
         batch_size: int = 8,
         **generate_kwargs,
-    ) -> list[SegmentationResult]:
-        """Image(s) + a question or target phrases in, per image the answer and one mask per target out.
+    ) -> list:
+        """Image(s) + a question or target phrases in, per image one `SegmentationResult` out.
 
-        text: a question per image, used as typed (e.g. "What are the man on the left and the red car in this
-            image?"). targets: instead, phrases per image; the question is GSVA's multi-target template.
-        The answer is generated (KV cache, greedy by default, left-padded batches); the `[SEG]` states are the
-        generated sequence's last-layer states just before each `[SEG]`; SAM's image encoder runs once per image
-        and the mask decoder once after generation. Rejected targets get an all-False mask.
+        targets: phrases per image (target mode, `decide_targets`): exactly one result per phrase, in order.
+        text: a question per image (free generation, `generate`): the model's own answer decides the targets.
+        A thin processor -> model -> processor loop over batches of `batch_size` images.
         """
-        questions, given_phrases = self._segment_questions(processor, images, text, targets)
-        image_list = images if isinstance(images, (list, tuple)) else [images]
-        results: list[SegmentationResult] = []
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        queries = processor.segmentation_queries(len(image_list), text=text, targets=targets)
+        results = []
         for start in range(0, len(image_list), batch_size):
             chunk = slice(start, start + batch_size)
-            batch = processor(images=list(image_list[chunk]), text=questions[chunk]).to(self.device)
-            results += self._segment_batch(
-                processor, batch, given_phrases[chunk], max_new_tokens, do_sample, threshold, generate_kwargs
+            if targets is not None:
+                inputs = processor(images=image_list[chunk], targets=queries[chunk]).to(self.device)
+                outputs = self.decide_targets(**inputs)
+            else:
+                inputs = processor(images=image_list[chunk], text=queries[chunk]).to(self.device)
+                outputs = self.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, return_dict_in_generate=True, **generate_kwargs
+                )
+            results += processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, targets=queries[chunk] if targets is not None else None
             )
-        return results
-
-    @staticmethod
-    def _segment_questions(processor, images, text, targets) -> tuple[list[str], list[list[str] | None]]:
-        count = len(images) if isinstance(images, (list, tuple)) else 1
-        if (text is None) == (targets is None):
-            raise ValueError("segment() takes either `text` (a question per image) or `targets` (phrases per image)")
-        if text is not None:
-            questions = [text] * count if isinstance(text, str) else list(text)
-            if len(questions) != count:
-                raise ValueError(f"got {count} images but {len(questions)} texts")
-            return questions, [None] * count
-        per_image = [targets] if targets and isinstance(targets[0], str) else list(targets)
-        if len(per_image) == 1 and count > 1:
-            per_image = per_image * count
-        if len(per_image) != count:
-            raise ValueError(f"got {count} images but {len(per_image)} target lists")
-        return [processor.targets_question(phrases) for phrases in per_image], per_image
-
-    def _segment_batch(self, processor, batch, given_phrases, max_new_tokens, do_sample, threshold, generate_kwargs):
-        special = [self.config.image_token_id, self.config.im_start_token_id, self.config.im_end_token_id]
-        generated = self.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            output_hidden_states=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-            suppress_tokens=special,
-            **generate_kwargs,
-        )
-        sequences = generated.sequences
-        prompt_length = batch["input_ids"].shape[1]
-        states = torch.cat([step[-1] for step in generated.hidden_states], dim=1)
-        answer_ids = sequences[:, prompt_length:]
-        eos = self.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        answers = []
-        for row in answer_ids:
-            ends = [i for i, t in enumerate(row.tolist()) if t in eos_ids]
-            answers.append(row[: ends[0]] if ends else row)
-        seg_states, flags, slot_scores = [], [], []
-        for row, answer in enumerate(answers):
-            slot_offsets = torch.nonzero(
-                (answer == self.config.seg_token_id) | (answer == self.config.rej_token_id)
-            ).flatten()
-            is_seg = answer[slot_offsets] == self.config.seg_token_id
-            seg_states.append(states[row, prompt_length + slot_offsets[is_seg] - 1])
-            flags.append(is_seg)
-            probabilities = [
-                generated.logits[int(step)][row].float().softmax(-1)[int(answer[int(step)])].item() for step in slot_offsets
-            ]
-            slot_scores.append(probabilities)
-        sam_embeddings = self.get_sam_image_embeddings(batch["sam_pixel_values"])
-        masks, _ = self.masks_from_hidden_states(seg_states, sam_embeddings, batch["resized_sizes"], batch["original_sizes"])
-        results = []
-        for row in range(sequences.shape[0]):
-            answer_text = processor.decode_answer(answers[row].tolist())
-            phrases = processor.answer_phrases(answer_text)
-            if given_phrases[row] is not None and len(given_phrases[row]) == len(flags[row]):
-                phrases = list(given_phrases[row])
-            height, width = (int(v) for v in batch["original_sizes"][row])
-            seg_masks = iter(masks[row])
-            targets = []
-            for slot, is_seg in enumerate(flags[row].tolist()):
-                if is_seg:
-                    logits = next(seg_masks)
-                    mask = (logits > threshold).cpu()
-                    inside = logits.sigmoid()[mask.to(logits.device)]
-                    mask_score = float(inside.mean()) if inside.numel() else 0.0
-                else:
-                    mask, mask_score = torch.zeros((height, width), dtype=torch.bool), 0.0
-                phrase = phrases[slot] if slot < len(phrases) else ""
-                targets.append(SegmentedTarget(phrase, not is_seg, mask, slot_scores[row][slot], mask_score))
-            results.append(SegmentationResult(answer=answer_text, targets=targets))
         return results
 
 
 GSVAForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["GSVAForCausalLM", "GSVAPreTrainedModel", "GSVAOutput"]
+__all__ = ["GSVAForCausalLM", "GSVAPreTrainedModel", "GSVAOutput", "GSVAGenerateOutput", "GSVATargetsOutput"]

@@ -112,8 +112,9 @@ def eval_answer(sentences: list[str], rejected: list[bool]) -> str:
 
 
 def clean_sentence(sentence: str) -> str:
-    """GSVA's sentence normalisation for evaluation: strip, lower-case, drop full stops."""
-    return sentence.strip().lower().replace(".", "")
+    """GSVA's sentence normalisation for evaluation: strip, lower-case, then drop full stops at either end (a "."
+    inside the sentence stays)."""
+    return sentence.strip().lower().strip(".")
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,44 @@ CONVERSATION_TEMPLATES = {
         style="llama_2",
     ),
 }
+
+
+@dataclass
+class SegmentedTarget:
+    """One asked or generated target.
+
+    mask: bool `[H, W]` at the original image size (all False when rejected).
+    score: probability of the model's choice (`[SEG]` or `[REJ]`) between the two tokens at this slot.
+    mask_score: mean foreground probability inside the mask (0 when rejected or empty).
+    rle: COCO RLE of the mask (uncompressed counts, column-major) when asked for.
+    """
+
+    phrase: str
+    rejected: bool
+    mask: torch.Tensor
+    score: float
+    mask_score: float
+    rle: dict | None = None
+
+
+@dataclass
+class SegmentationResult:
+    """Per image: the answer, one entry per `[SEG]`/`[REJ]` slot, and anything that could not be matched."""
+
+    answer: str
+    targets: list[SegmentedTarget]
+    warnings: list[str]
+
+
+def mask_to_rle(mask: torch.Tensor) -> dict:
+    """COCO RLE (uncompressed: `counts` is a list, column-major, starting with a run of zeros)."""
+    flat = mask.detach().cpu().bool().t().reshape(-1)
+    changes = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
+    edges = torch.cat([torch.tensor([0]), changes, torch.tensor([flat.numel()])])
+    counts = (edges[1:] - edges[:-1]).tolist()
+    if flat.numel() and bool(flat[0]):
+        counts = [0] + counts
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -237,14 +276,26 @@ class GSVAProcessor(ProcessorMixin):
 
         Order follows GSVA (`[SEG]`, `[REJ]`, then `<im_start>`, `<im_end>`), so ids match the released models
         when the base tokenizer is the same; tokens that already exist keep their ids. All are added as special
-        tokens so that text a user types is never turned into them. A pad token is set to `unk` when missing.
+        tokens so that text a user types is never turned into them; ones a tokenizer holds as ordinary added tokens
+        (GSVA's own saved tokenizer has `[SEG]`/`[REJ]` so) are made special, keeping their ids. A pad token is
+        set to `unk` when missing.
         """
+        from transformers import AddedToken
+
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         vocab = tokenizer.get_vocab()
-        missing = [t for t in (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN, image_token) if t not in vocab]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokens = (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN, image_token)
+        missing = [t for t in tokens if t not in vocab]
+        ordinary = [
+            AddedToken(t, special=True, normalized=False)
+            for t in tokens
+            if t in vocab and tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) == [vocab[t]]
+        ]
+        if missing or ordinary:
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": missing + ordinary}, replace_extra_special_tokens=False
+            )
         return {t: tokenizer.convert_tokens_to_ids(t) for t in (SEG_TOKEN, REJ_TOKEN, IM_START_TOKEN, IM_END_TOKEN, image_token)}
 
     def _check_special_tokens(self) -> dict[str, int]:
@@ -262,6 +313,12 @@ class GSVAProcessor(ProcessorMixin):
                 raise ValueError(
                     f"tokenizer encodes {token!r} to {encoded} instead of one id; add the GSVA tokens with "
                     "GSVAProcessor.add_gsva_tokens(tokenizer) before building the processor"
+                )
+            if self.tokenizer.encode(token, add_special_tokens=False, split_special_tokens=True) == encoded:
+                raise ValueError(
+                    f"tokenizer holds {token!r} (id {encoded[0]}) as an ordinary added token, so text a user types "
+                    f"would become it; make the GSVA tokens special with GSVAProcessor.add_gsva_tokens(tokenizer) "
+                    "(their ids stay the same) and save the tokenizer again"
                 )
             ids[name] = encoded[0]
         if self.tokenizer.pad_token_id is None:
@@ -394,6 +451,7 @@ class GSVAProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         answers: str | list[str] | None = None,
         conversations: list[list[tuple[str, str | None]]] | None = None,
+        targets: list[str] | list[list[str]] | None = None,
         return_tensors: str = "pt",
         padding_side: str | None = None,
         max_length: int | None = None,
@@ -404,10 +462,17 @@ class GSVAProcessor(ProcessorMixin):
         text / answers: one question (and optionally its answer) per image. Without answers the prompt ends
         where the assistant starts (for `generate`), left-padded; with answers `labels` are returned and rows are
         right-padded. `conversations` gives several (question, answer) rounds per image instead.
+        targets: phrases per image instead (target mode, for `model.decide_targets`): GSVA's question and answer
+            template with one slot per phrase; no labels.
         max_length: raise (never truncate) when a row is longer.
         """
         if kwargs:
             raise TypeError(f"GSVAProcessor got unexpected arguments: {sorted(kwargs)}")
+        if targets is not None:
+            if text is not None or answers is not None or conversations is not None:
+                raise ValueError("give `targets` alone, not with `text`, `answers` or `conversations`")
+            count = len(images) if isinstance(images, (list, tuple)) else 1
+            conversations = [[self.targets_conversation(p)] for p in self.segmentation_queries(count, targets=targets)]
         if conversations is None:
             if text is None:
                 raise ValueError("give `text` (one question per image) or `conversations`")
@@ -451,7 +516,7 @@ class GSVAProcessor(ProcessorMixin):
             labels[row, span] = torch.tensor(row_labels, dtype=torch.long)
 
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if with_labels:
+        if with_labels and targets is None:
             data["labels"] = labels
         data["pixel_values"] = self.image_processor(pil_images, return_tensors="pt")["pixel_values"]
         sam = self.sam_image_processor(pil_images, return_tensors="pt")
@@ -470,10 +535,38 @@ class GSVAProcessor(ProcessorMixin):
 
     @staticmethod
     def targets_question(phrases: list[str]) -> str:
-        """The question `segment()` asks for a list of phrases: GSVA's "What are ... in this image?" template."""
-        if not phrases or any(not isinstance(p, str) or not p.strip() for p in phrases):
-            raise ValueError(f"targets must be a non-empty list of non-empty phrases, got {phrases!r}")
-        return multi_target_question([p.strip() for p in phrases], style=3)
+        """A question over several phrases for free generation: GSVA's "What are ... in this image?" template."""
+        return multi_target_question(_checked_phrases(phrases), style=3)
+
+    @staticmethod
+    def targets_conversation(phrases: list[str]) -> tuple[str, str]:
+        """Target mode's (question, answer template): GSVA's evaluation prompt verbatim, one `[SEG]` slot per
+        phrase (the model then decides each slot). Phrases are normalised as GSVA's evaluation does."""
+        cleaned = [clean_sentence(p) for p in _checked_phrases(phrases)]
+        if not all(cleaned):
+            raise ValueError(f"targets must hold more than full stops and spaces, got {phrases!r}")
+        return eval_question(cleaned), eval_answer(cleaned, [False] * len(cleaned))
+
+    @staticmethod
+    def segmentation_queries(count: int, text=None, targets=None) -> list:
+        """Per image, the question (`text`) or the phrase list (`targets`); one of the two, broadcast when single."""
+        if (text is None) == (targets is None):
+            raise ValueError("give either `text` (a question per image) or `targets` (phrases per image)")
+        if text is not None:
+            questions = [text] * count if isinstance(text, str) else list(text)
+            if len(questions) != count:
+                raise ValueError(f"got {count} images but {len(questions)} texts")
+            return questions
+        if isinstance(targets, str):
+            raise ValueError("targets must be a list of phrases (or one list per image), not a string")
+        per_image = [list(targets)] if targets and all(isinstance(t, str) for t in targets) else [list(t) for t in targets]
+        if len(per_image) == 1 and count > 1:
+            per_image = per_image * count
+        if len(per_image) != count:
+            raise ValueError(f"got {count} images but {len(per_image)} target lists")
+        for phrases in per_image:
+            _checked_phrases(phrases)
+        return per_image
 
     @staticmethod
     def answer_phrases(answer: str) -> list[str]:
@@ -487,10 +580,62 @@ class GSVAProcessor(ProcessorMixin):
                 previous = part
         return phrases
 
-    @staticmethod
-    def post_process_masks(mask_logits: list[torch.Tensor], threshold: float = 0.0) -> list[torch.Tensor]:
-        """Binary masks from the model's per-target logits (already at each image's original size)."""
-        return [logits > threshold for logits in mask_logits]
+    def post_process_instance_segmentation(
+        self, outputs, threshold: float = 0.0, targets: list[list[str]] | None = None, return_rle: bool = False
+    ) -> list[SegmentationResult]:
+        """Per image: the answer and, per slot in order, phrase, rejected, bool mask at the original size, score.
+
+        outputs: `model.generate(..., return_dict_in_generate=True)` with the SAM inputs (phrases are read from
+            the generated answer; a slot whose phrase cannot be read, or an answer cut at `max_new_tokens`, is
+            named in `warnings`), or `model.decide_targets(...)` with `targets`, the phrases asked per image.
+        threshold: mask logit threshold (GSVA: 0). return_rle: add each mask's COCO RLE.
+        """
+        from_targets = outputs.get("answer_ids") is None
+        if from_targets and targets is None:
+            raise ValueError("target-mode outputs need `targets`, the phrases asked per image")
+        results = []
+        fields = zip(outputs["target_is_seg"], outputs["slot_scores"], outputs["pred_masks"])
+        for row, (flags, scores, logits) in enumerate(fields):
+            flags, scores = flags.tolist(), scores.tolist()
+            warnings = []
+            if from_targets:
+                phrases = list(targets[row])
+                if len(phrases) != len(flags):
+                    raise ValueError(f"image {row}: {len(phrases)} phrases asked but the outputs hold {len(flags)} slots")
+                cleaned = [clean_sentence(p) for p in phrases]
+                answer = eval_answer(cleaned, [not f for f in flags])
+            else:
+                answer = self.decode_answer(outputs["answer_ids"][row].tolist())
+                phrases = self.answer_phrases(answer)
+                if len(phrases) != len(flags):
+                    warnings.append(f"the answer has {len(flags)} slots but {len(phrases)} phrases could be read")
+                    phrases = (phrases + [""] * len(flags))[: len(flags)]
+                for slot, phrase in enumerate(phrases):
+                    if not phrase:
+                        warnings.append(f"slot {slot} has no phrase in the answer")
+                if not outputs["finished"][row]:
+                    warnings.append("the answer was cut at max_new_tokens: targets after it are missing")
+            height, width = (int(v) for v in outputs["original_sizes"][row])
+            entries = []
+            for slot, (is_seg, phrase) in enumerate(zip(flags, phrases)):
+                if is_seg:
+                    probabilities = logits[slot].float().sigmoid()
+                    mask = logits[slot] > threshold
+                    inside = probabilities[mask]
+                    mask_score = float(inside.mean()) if inside.numel() else 0.0
+                    mask = mask.cpu()
+                else:
+                    mask, mask_score = torch.zeros((height, width), dtype=torch.bool), 0.0
+                rle = mask_to_rle(mask) if return_rle else None
+                entries.append(SegmentedTarget(phrase, not is_seg, mask, float(scores[slot]), mask_score, rle))
+            results.append(SegmentationResult(answer=answer, targets=entries, warnings=warnings))
+        return results
+
+
+def _checked_phrases(phrases) -> list[str]:
+    if isinstance(phrases, str) or not phrases or any(not isinstance(p, str) or not p.strip() for p in phrases):
+        raise ValueError(f"targets must be a non-empty list of non-empty phrases, got {phrases!r}")
+    return [p.strip() for p in phrases]
 
 
 def _split_answer(answer: str) -> list[str]:
@@ -538,4 +683,4 @@ def _previous_is_answer(labels: list[int]) -> bool:
 
 GSVAProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["GSVAProcessor"]
+__all__ = ["GSVAProcessor", "SegmentationResult", "SegmentedTarget", "mask_to_rle"]

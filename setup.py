@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -8,7 +10,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    py_modules=["configuration_gsva", "modeling_gsva", "processing_gsva", "train_hf", "eval_hf"],
+    py_modules=[
+        name
+        for name in ("configuration_gsva", "modeling_gsva", "processing_gsva", "pipeline_gsva", "train_hf", "eval_hf")
+        if Path(__file__).with_name(f"{name}.py").is_file()
+    ],
     packages=find_packages(include=["gsva_hf", "gsva_hf.*"]),
     include_package_data=True,
     package_data={"gsva_hf.data": ["literals/*"], "gsva_hf": ["assets/*/*", "assets/*"]},
@@ -22,6 +28,9 @@ setup(
         "evaluate>=0.4",
         "huggingface_hub>=1.0",
         "safetensors>=0.6",
+        # LLaVA v1 / Vicuna bases ship only a SentencePiece `tokenizer.model`; transformers reads it with both.
+        "sentencepiece>=0.2",
+        "protobuf>=4",
         "segment-anything>=1.0",
         "pycocotools>=2.0.8",
         "numpy>=1.26",

@@ -15,7 +15,7 @@ Prepared batches (`--prepared`): a preset with random weights, random images wit
     python benchmarks/bench_eval.py --prepared --preset configs/gsva-7b --device cuda --dtype bf16 \
         --image-size 480 --targets 10 --batch-sizes 1,8,16 --attn sdpa,flash_attention_2 --target-mode
 
-Saved and reloaded (`--load-ins`): the same timing after `load_model`, e.g. with the LLM in 4-bit (bitsandbytes):
+Saved and reloaded (`--load-ins`): the same timing after `load_gsva`, e.g. with the LLM in 4-bit (bitsandbytes):
 
     python benchmarks/bench_eval.py --load-ins 4bit,none --preset configs/gsva-7b --device cuda --dtype bf16 \
         --image-size 480 --targets 10 --batch-sizes 1,8
@@ -96,10 +96,10 @@ def run_worker(args) -> dict:
     """One variant, one evaluation loop in this process; returns seconds, peak RSS and the results."""
     from gsva_hf.data.mixed import build_val_dataset
     from gsva_hf.evaluation import evaluate_dataset
-    from gsva_hf.segment import load_model
+    from gsva_hf.loading import load_gsva
 
     torch.set_num_threads(args.threads)
-    model, processor = load_model(args.model, dtype=args.dtype, device="cpu")
+    model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
     dataset = build_val_dataset(args.data, args.val_dataset)
     rss_before = psutil.Process().memory_info().rss / 2**20
     timers = stage_timers(model) if args.stages else None
@@ -325,7 +325,7 @@ def _target_mode(model, processor, images, names, attn, batch, args) -> dict:
 
 
 def saved_model_benchmark(args) -> list[dict]:
-    """A random model saved and loaded back through `load_model` once per `--load-ins` entry ("4bit", "8bit": the
+    """A random model saved and loaded back through `load_gsva` once per `--load-ins` entry ("4bit", "8bit": the
     LLM quantized, the rest in `--dtype`; "none"): weight memory, then images/s and peak memory per batch size."""
     from benchmarks.write_bench_preset import write_bench_preset
     from configuration_gsva import GSVAConfig
@@ -350,7 +350,7 @@ def saved_model_benchmark(args) -> list[dict]:
 
 
 def _time_loaded(args, folder: Path) -> list[dict]:
-    from gsva_hf.segment import DTYPES, load_model
+    from gsva_hf.loading import DTYPES, load_gsva
 
     rows = []
     print("| LLM weights | batch | weights MiB | images/s | s/batch | peak MiB |")
@@ -358,7 +358,7 @@ def _time_loaded(args, folder: Path) -> list[dict]:
     for load_in in args.load_ins.split(","):
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        model, processor = load_model(
+        model, processor = load_gsva(
             folder, dtype=args.dtype, device=args.device, load_in=None if load_in == "none" else load_in
         )
         weights = model.get_memory_footprint() / 2**20

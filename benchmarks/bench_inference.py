@@ -1,8 +1,10 @@
-"""Inference throughput and peak memory of `GSVAForCausalLM.segment` (random weights, forced answers).
+"""Inference throughput and peak memory of `GSVAForCausalLM.segment` (random weights).
 
-Answers are forced (`ForceAnswers`) so every run generates the same tokens and the number of targets is
-controlled. Reports images/s end to end, and the mask stage alone (SAM encoder once per image + mask decoder
-for all targets) per image, for each attention implementation, batch size and target count.
+Two modes: `targets` (`segment(targets=phrases)`: the answer template is fixed, the model decides each slot) and
+`generate` (free generation of the same answer, forced with `ForceAnswers` so every run generates the same tokens
+and the number of targets is controlled). Reports images/s end to end, and the mask stage alone (SAM encoder
+once per image + mask decoder for all targets) per image, for each mode, attention implementation, batch size
+and target count.
 
 CPU, tiny preset:      python benchmarks/bench_inference.py
 GPU, GSVA-7B shapes:   python benchmarks/bench_inference.py --preset configs/gsva-7b --device cuda --dtype bf16 \
@@ -42,7 +44,7 @@ def build(preset: Path, attn: str, device: str, dtype: torch.dtype, mask_stage_o
     return model, preset_processor(preset, config)
 
 
-def run_case(model, processor, batch: int, targets: int, image_size: int, repeats: int, device: str) -> dict:
+def run_case(model, processor, mode: str, batch: int, targets: int, image_size: int, repeats: int, device: str) -> dict:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
     names = [f"the shape number {i}" for i in range(targets)]
@@ -53,6 +55,8 @@ def run_case(model, processor, batch: int, targets: int, image_size: int, repeat
     forced = LogitsProcessorList([ForceAnswers(forced_ids, prompt_length, model.generation_config.eos_token_id)])
 
     def segment():
+        if mode == "targets":
+            return model.segment(processor, images, targets=names, batch_size=batch)
         return model.segment(processor, images, text=question, logits_processor=forced, max_new_tokens=len(forced_ids[0]) + 2, batch_size=batch)
 
     with PeakMemory(device) as memory:
@@ -113,6 +117,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--attn", default="eager,sdpa")
+    parser.add_argument("--modes", default="targets,generate", help="segment(targets=...) and/or forced free generation")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--targets", default="1,3,5")
     parser.add_argument("--image-size", type=int, default=240, help="image height (width is 4/3 of it)")
@@ -142,22 +147,24 @@ def main(argv=None) -> None:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return
-    print("| attn | batch | targets | images/s | s/batch | mask stage ms/image | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | attn | batch | targets | images/s | s/batch | mask stage ms/image | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for attn in args.attn.split(","):
         model, processor = build(args.preset, attn, args.device, DTYPES[args.dtype])
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
-            for targets in (int(t) for t in args.targets.split(",")):
-                row = {
-                    "attn": attn,
-                    **run_case(model, processor, batch, targets, args.image_size, args.repeats, args.device),
-                }
-                rows.append(row)
-                print(
-                    f"| {attn} | {batch} | {targets} | {row['images_per_s']:.2f} | {row['seconds_per_batch']:.3f} | "
-                    f"{row['mask_stage_ms_per_image']:.1f} | {row['peak_mib']:.0f} |",
-                    flush=True,
-                )
+        for mode in args.modes.split(","):
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                for targets in (int(t) for t in args.targets.split(",")):
+                    row = {
+                        "mode": mode,
+                        "attn": attn,
+                        **run_case(model, processor, mode, batch, targets, args.image_size, args.repeats, args.device),
+                    }
+                    rows.append(row)
+                    print(
+                        f"| {mode} | {attn} | {batch} | {targets} | {row['images_per_s']:.2f} | "
+                        f"{row['seconds_per_batch']:.3f} | {row['mask_stage_ms_per_image']:.1f} | {row['peak_mib']:.0f} |",
+                        flush=True,
+                    )
         del model
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

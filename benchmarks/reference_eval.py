@@ -34,13 +34,9 @@ def two_pass_score_teacher_forced(
 ) -> GSVATeacherForcedOutput:
     """Decisions from the logits of one full pass; masks from a second full pass with every `[REJ]` as `[SEG]`."""
     first = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False)
-    predictions = first.logits.argmax(-1)
     rejected, gt_is_seg = [], []
     for row, (positions, is_seg) in enumerate(model.target_slots(input_ids)):
-        predicted = predictions[row, positions - 1]
-        rejected.append(
-            torch.where(is_seg, predicted != model.config.seg_token_id, predicted == model.config.rej_token_id)
-        )
+        rejected.append(model.slot_decisions(first.logits[row, positions - 1], is_seg))
         gt_is_seg.append(is_seg)
     mask_ids = input_ids
     if reeval:

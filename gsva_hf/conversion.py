@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import resource
+import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,6 +69,12 @@ LLAMA_CONFIG_KEYS = (
 )
 SAM_VARIANTS = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+EXPECTED_FILE = "expected a torch.save file (.bin/.pt/.pth) or a .safetensors file of tensors"
+# GSVA trains and evaluates with `--model_max_length 1024`, whatever the LLaVA base's tokenizer says (2048).
+GSVA_MODEL_MAX_LENGTH = 1024
 
 
 class ConversionError(ValueError):
@@ -142,10 +149,15 @@ class TensorStore:
         raise ConversionError(f"{folder}: no *.safetensors, *.bin, *.pth or *.pt weight files")
 
     def _file_keys(self, file: Path) -> list[str]:
+        if file.stat().st_size == 0:
+            raise ConversionError(f"{file}: the file is empty (0 bytes); {EXPECTED_FILE} (was a download or copy cut short?)")
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
-            handle = safe_open(str(file), framework="pt")
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as error:  # SafetensorError and friends: name the file and what it should be
+                raise ConversionError(f"{file}: not a valid safetensors file ({error}); {EXPECTED_FILE}") from error
             self._safetensors[file] = handle
             return list(handle.keys())
         tensors = _load_torch_tensors(file)
@@ -165,6 +177,14 @@ class TensorStore:
             return tuple(self._safetensors[where].get_slice(key).get_shape())
         return tuple(self._torch[where][key].shape)
 
+    def dtype(self, key: str) -> str:
+        """The stored dtype, read without loading the tensor: torch names (`float16`, `int64`)."""
+        where = self._where[key]
+        if where in self._safetensors:
+            name = self._safetensors[where].get_slice(key).get_dtype()
+            return SAFETENSORS_DTYPES.get(name, name)
+        return str(self._torch[where][key].dtype).removeprefix("torch.")
+
     def get(self, key: str) -> torch.Tensor:
         where = self._where[key]
         if where in self._safetensors:
@@ -181,16 +201,30 @@ class TensorStore:
 
 
 def _load_torch_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """`torch.load(weights_only=True)`, memory-mapped when the file allows it, unwrapped to a flat tensor dict."""
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error) and "zip" not in str(error):
-            raise ConversionError(f"{file}: torch.load failed: {error}") from error
+    """`torch.load(weights_only=True)`, memory-mapped when the file allows it, unwrapped to a flat tensor dict.
+
+    Files torch cannot read are reported by what they look like: a zip archive torch cannot open is truncated
+    or corrupt; anything that is neither a zip archive nor a pickle is not a PyTorch checkpoint at all.
+    """
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+    zipped = head.startswith(b"PK\x03\x04")
+    if not zipped and not head.startswith(b"\x80"):
+        raise ConversionError(f"{file}: not a PyTorch checkpoint (it starts with {head!r}); {EXPECTED_FILE}")
+    if not zipped:
         logger.warning("%s is not in the zip format that can be memory-mapped; loading it whole", file)
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only refuses pickled objects: say so with the file name
-        raise ConversionError(f"{file}: torch.load(weights_only=True) failed: {error}") from error
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as error:  # corrupt archives, cut pickles, pickled objects weights_only refuses
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if zipped and ("zip archive" in first or "central directory" in first or isinstance(error, EOFError)):
+            raise ConversionError(
+                f"{file}: truncated or corrupt (torch cannot read its zip archive: {first}); {EXPECTED_FILE} "
+                "(download it again)"
+            ) from error
+        if isinstance(error, EOFError):
+            raise ConversionError(f"{file}: truncated (the pickle ends early); {EXPECTED_FILE} (download it again)") from error
+        raise ConversionError(f"{file}: torch.load(weights_only=True) failed ({type(error).__name__}: {first}); {EXPECTED_FILE}") from error
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for wrapper in ("state_dict", "model", "module"):
             inner = obj.get(wrapper)
@@ -414,6 +448,14 @@ def sam_config_from_shapes(shapes: Mapping[str, Sequence[int]], decoder_heads: i
         initializer_range=0.02,
     )
     prompt_hidden = need("prompt_encoder.no_mask_embed.weight")[1]
+    for key in ("mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight"):
+        shape = shapes.get(key)
+        if shape is not None and (len(shape) != 2 or shape[1] != prompt_hidden):
+            rows = shape[0] if len(shape) == 2 else "n"
+            raise ConversionError(
+                f"SAM tensor {key} has shape {_shape(shape)}, expected [{rows}, {prompt_hidden}] (the width of "
+                "prompt_encoder.no_mask_embed.weight: SAM's prompt encoder and mask decoder share it)"
+            )
     prompt = dict(
         hidden_size=prompt_hidden,
         image_size=grid * patch,
@@ -623,7 +665,7 @@ def load_llava_base(path: str | Path) -> LlavaBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # the tokenizer is required for the ids: name the folder
-        raise ConversionError(f"LLaVA base {path}: cannot load its tokenizer: {error}") from error
+        raise ConversionError(f"LLaVA base {path}: cannot load its tokenizer: {_tokenizer_hint(path, error)}") from error
     if "text_config" in raw:
         config = AutoConfig.from_pretrained(str(path))
         layer = config.vision_feature_layer
@@ -653,6 +695,31 @@ def load_llava_base(path: str | Path) -> LlavaBase:
     return LlavaBase(
         path, "original", raw, text, raw.get("mm_vision_tower"), None, int(raw.get("mm_vision_select_layer", -2)),
         "default" if select == "patch" else "full", projector, tokenizer,
+    )
+
+
+def _tokenizer_hint(path: Path, error: Exception) -> str:
+    """The error, or what to install when a SentencePiece-only tokenizer meets a missing reader.
+
+    transformers turns `tokenizer.model` into a fast tokenizer with `sentencepiece` and `protobuf`; without
+    them it falls through to its tiktoken reader and reports that `tiktoken` is missing, which does not help.
+    """
+    import importlib
+
+    if (path / "tokenizer.json").is_file() or not (path / "tokenizer.model").is_file():
+        return str(error)
+    missing = []
+    for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if not missing:
+        return str(error)
+    return (
+        f"it has only a SentencePiece tokenizer.model, which transformers reads with the packages sentencepiece "
+        f"and protobuf; {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+        f"pip install {' '.join(missing)} (both come with `pip install gsva-hf`) [transformers said: {error}]"
     )
 
 
@@ -703,7 +770,10 @@ def _sam_store_and_config(sam: str | Path, decoder_heads: int) -> tuple[dict[str
         return items, config, f"SamModel folder {path}"
     store = TensorStore.open(path)
     shapes = {k: store.shape(k) for k in store.keys()}
-    config = sam_config_from_shapes(shapes, decoder_heads)
+    try:
+        config = sam_config_from_shapes(shapes, decoder_heads)
+    except ConversionError as error:
+        raise ConversionError(f"{path}: {error}") from error
     items = {}
     for key, targets in sam_rename_plan(store.keys()).items():
         for name in targets:
@@ -815,9 +885,11 @@ def _conv_template(base: LlavaBase, conv_template: str | None) -> str:
 
 
 def build_processor(tokenizer, config: GSVAConfig, conv_template: str, image_token: str) -> GSVAProcessor:
-    """GSVA processor for a converted model: CLIP and SAM image processors at the model's input sizes."""
+    """GSVA processor for a converted model: CLIP and SAM image processors at the model's input sizes, and
+    GSVA's maximum length (the processor refuses longer conversations, naming the limit)."""
     from gsva_hf.presets import image_processors
 
+    tokenizer.model_max_length = GSVA_MODEL_MAX_LENGTH
     clip, sam = image_processors(config.vision_config.image_size, config.sam_config.vision_config.image_size)
     processor = GSVAProcessor(
         clip, sam, tokenizer, conv_template=conv_template, image_token=image_token,
@@ -832,8 +904,11 @@ def _meta_model(config: GSVAConfig) -> GSVAForCausalLM:
     """The model with parameters on the meta device (no memory) and computed buffers on the CPU."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
-        return GSVAForCausalLM(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            return GSVAForCausalLM(config)
+    except (ValueError, RuntimeError) as error:  # shapes read off the checkpoints that no model can have
+        raise ConversionError(f"the checkpoints' shapes give a GSVA configuration that cannot be built: {error}") from error
 
 
 def _allowed(key: str, patterns: Sequence[str]) -> bool:
@@ -899,7 +974,8 @@ def _check(
     `allow_unexpected` patterns match source keys (as stored, or as GSVA keys), `allow_missing` GSVA keys;
     allowed missing tensors come from `fallback` (base checkpoints) when it has them, else a fresh init.
     """
-    plan, unexpected, mismatched = {}, [], []
+    plan, unexpected, mismatched, wrong_dtype = {}, [], [], []
+    floating = {k for k, v in list(model.named_parameters()) + list(model.named_buffers()) if v.is_floating_point()}
     for item in unmapped:
         if _allowed(item.key, allow_unexpected):
             report.dropped.append(f"{item.origin} (allowed unexpected)")
@@ -915,6 +991,12 @@ def _check(
             mismatched.append(f"{key}: {item.origin} has {_shape(item.shape)}, the model expects {_shape(expected[key])}")
         else:
             plan[key] = item
+            if key in floating:
+                for store, source in item.uses:
+                    if store.dtype(source) not in FLOAT_DTYPES:
+                        wrong_dtype.append(
+                            f"{key}: {store.name}:{source} holds {store.dtype(source)}, the model expects a floating-point tensor"
+                        )
     missing = []
     for key, shape in expected.items():
         if key in targets:
@@ -939,6 +1021,8 @@ def _check(
         )
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches:\n{_listing(mismatched)}")
+    if wrong_dtype:
+        problems.append(f"{len(wrong_dtype)} tensors of the wrong kind:\n{_listing(wrong_dtype)}")
     if problems:
         raise ConversionError("cannot convert:\n" + "\n".join(problems))
     return plan
@@ -955,21 +1039,37 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         raise KeyError(key)
 
 
-def _materialise(model: GSVAForCausalLM, plan: dict[str, _Item], dtype: torch.dtype, report: ConversionReport) -> None:
-    """Fill the meta model tensor by tensor, releasing each source tensor after its last use."""
+def _materialise(
+    model: GSVAForCausalLM, plan: dict[str, _Item], dtype: torch.dtype, report: ConversionReport, allow_non_finite: bool = False
+) -> None:
+    """Fill the meta model tensor by tensor, releasing each source tensor after its last use.
+
+    Tensors holding NaN or infinite values (also ones that overflow `dtype`) are listed and refused unless
+    `allow_non_finite`, when they become a note of the report.
+    """
     remaining = Counter(use for item in plan.values() for use in item.uses)
+    non_finite = []
     for key, item in plan.items():
         tensor = item.make()
         if tuple(tensor.shape) != item.shape:
             raise ConversionError(f"{item.origin}: read shape {_shape(tensor.shape)}, listed as {_shape(item.shape)}")
         if tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            non_finite.append(f"{key} ({item.origin}): {nan} NaN, {inf} inf of {tensor.numel()} values in {str(dtype).removeprefix('torch.')}")
         _assign(model, key, tensor.contiguous())
         report.loaded += bool(item.uses)
         for use in item.uses:
             remaining[use] -= 1
             if remaining[use] == 0:
                 use[0].release(use[1])
+    if non_finite:
+        message = f"{len(non_finite)} tensors hold NaN or infinite values"
+        if not allow_non_finite:
+            raise ConversionError(f"{message} (--allow-non-finite converts them anyway):\n{_listing(non_finite)}")
+        logger.warning("%s:\n%s", message, _listing(non_finite))
+        report.notes.append(f"{message}: " + "; ".join(non_finite[:10]))
     model.tie_weights()
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -1030,6 +1130,7 @@ def _save(
     max_shard_size: str | int,
     report: ConversionReport,
     title: str,
+    training: str,
 ) -> ConversionReport:
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
@@ -1040,12 +1141,22 @@ def _save(
     report.output_dir = output_dir
     report.token_ids = dict(processor.token_ids)
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    _write_readme(output_dir, model.config, processor, report, title)
+    from gsva_hf.hub import CODE_DIR, CODE_FILES
+
+    for name in CODE_FILES:  # every remote-code file, not only the ones save_pretrained follows imports to
+        shutil.copyfile(CODE_DIR / name, output_dir / name)
+    _write_readme(output_dir, model.config, processor, report, title, sum(p.numel() for p in model.parameters()), training)
     logger.info("%s", report.summary())
     return report
 
 
-def _write_readme(output_dir: Path, config: GSVAConfig, processor: GSVAProcessor, report: ConversionReport, title: str) -> None:
+def _write_readme(
+    output_dir: Path, config: GSVAConfig, processor: GSVAProcessor, report: ConversionReport, title: str, parameters: int,
+    training: str,
+) -> None:
+    """The folder's card: what it is (size, training), where it came from, how to load and publish it."""
+    from gsva_hf.hub import size_words
+
     ids = ", ".join(f"`{k}`={v}" for k, v in report.token_ids.items())
     sources = "\n".join(f"- {s}" for s in report.sources) or "- random initialisation"
     notes = []
@@ -1068,6 +1179,8 @@ tags:
 
 GSVA (CVPR 2024, generalized referring segmentation): LLaVA (CLIP vision tower + `{config.projector_type}` projector +
 {config.text_config.model_type} language model) with a SAM mask decoder driven by `[SEG]` tokens; `[REJ]` marks absent targets.
+{size_words(parameters)} parameters ({parameters:,}). Training: {training}.
+
 Converted by `gsva_hf.convert_gsva_to_hf` from:
 
 {sources}
@@ -1080,11 +1193,13 @@ processor = AutoProcessor.from_pretrained("path/to/this/folder", trust_remote_co
 ```
 
 Token ids: {ids}. Conversation template: `{processor.conv_template}`; {processor.num_image_tokens} image tokens per image.
+Maximum length: {processor.tokenizer.model_max_length} tokens (GSVA's `--model_max_length`); the processor raises on a longer conversation.
 Weights: {str(config.dtype or 'float32').replace('torch.', '')}.
 
 {chr(10).join(f'- {n}' for n in notes) if notes else ''}
 
 The weights keep the licences of their sources (LLaMA/Vicuna, LLaVA, CLIP, SAM, GSVA/LISA); check them before sharing.
+Evaluate with `eval_hf.py --model THIS_FOLDER`, then publish with `gsva-push THIS_FOLDER NAMESPACE/NAME --eval-json ...`.
 """
     (output_dir / "README.md").write_text(text)
 
@@ -1109,6 +1224,7 @@ def convert_release(
     decoder_heads: int = 8,
     seed: int = 0,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> ConversionReport:
     """A GSVA (`gsva-7b-*.bin`, ...) or LISA release → GSVA folder.
 
@@ -1127,7 +1243,10 @@ def convert_release(
     sam_shapes = {k[len("model.visual_model."):]: v.shape for k, v in items.items() if k.startswith("model.visual_model.")}
     if not sam_shapes:
         raise ConversionError(f"{checkpoint}: no SAM tensors (model.visual_model.*); is this a GSVA/LISA release?")
-    sam_config = sam_config_from_shapes(sam_shapes, decoder_heads)
+    try:
+        sam_config = sam_config_from_shapes(sam_shapes, decoder_heads)
+    except ConversionError as error:
+        raise ConversionError(f"{checkpoint} (model.visual_model.*): {error}") from error
     _check_sam_variant(sam, sam_config, decoder_heads)
     sam_plan = sam_rename_plan(sam_shapes)
     targets, unmapped = {}, []
@@ -1166,8 +1285,13 @@ def convert_release(
     if allow_missing:
         fallback = _base_fallback(base, vision_tower, sam, decoder_heads, report)
     plan = _check(targets, unmapped, expected, allow_missing, allow_unexpected, fallback, model, seed, report)
-    _materialise(model, plan, dtype, report)
-    return _save(model, processor, output_dir, max_shard_size, report, f"{Path(checkpoint).stem} (GSVA, transformers)")
+    _materialise(model, plan, dtype, report, allow_non_finite)
+    training = (
+        f"as released in {Path(checkpoint).name} ({kind.upper()}, trained by its authors: see "
+        + ("https://github.com/LeapLabTHU/GSVA" if kind == "gsva" else "https://github.com/dvlab-research/LISA")
+        + "); this folder converts it and trains nothing"
+    )
+    return _save(model, processor, output_dir, max_shard_size, report, f"{Path(checkpoint).stem} (GSVA, transformers)", training)
 
 
 def convert_bases(
@@ -1185,6 +1309,7 @@ def convert_bases(
     decoder_heads: int = 8,
     seed: int = 0,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> ConversionReport:
     """LLaVA (original layout or transformers Llava) + SAM (`.pth` or SamModel folder) → GSVA folder to train.
 
@@ -1239,8 +1364,9 @@ def convert_bases(
     report.fresh += list(fresh)
     expected = _expected_shapes(model)
     plan = _check(targets, unmapped, expected, allow_missing, allow_unexpected, {}, model, seed, report)
-    _materialise(model, plan, dtype, report)
-    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA base from {Path(llava_base).name} + SAM")
+    _materialise(model, plan, dtype, report, allow_non_finite)
+    training = "none for segmentation yet: pretrained LLaVA and SAM weights, `text_hidden_fcs` freshly initialised (train with train_hf.py)"
+    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA base from {Path(llava_base).name} + SAM", training)
 
 
 def write_random(
@@ -1260,7 +1386,7 @@ def write_random(
         model = GSVAForCausalLM(config).eval()
     report = ConversionReport(sources=[f"random init, preset {preset}, seed {seed}"])
     report.notes.append("every weight is randomly initialised")
-    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA {preset} (random)")
+    return _save(model, processor, output_dir, max_shard_size, report, f"GSVA {preset} (random)", "none: random weights")
 
 
 # ======================================================================================================== helpers

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 5GB, 500MB)")
     parser.add_argument("--allow-missing", action="append", default=[], metavar="GLOB", help="GSVA keys that may be absent (filled from base checkpoints or fresh); repeatable")
     parser.add_argument("--allow-unexpected", action="append", default=[], metavar="GLOB", help="checkpoint keys that may be dropped; repeatable")
+    parser.add_argument("--allow-non-finite", action="store_true", help="convert tensors holding NaN/inf anyway (they are listed)")
     parser.add_argument("--sam-decoder-heads", type=int, default=8, help="attention heads of SAM's mask decoder (8 in every official SAM)")
     parser.add_argument("--seed", type=int, default=0, help="seed for freshly initialised tensors")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     convert = dict(
         image_token=args.image_token, conv_template=args.conv_template, dtype=DTYPES[args.dtype],
         allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
-        decoder_heads=args.sam_decoder_heads, seed=args.seed, vision_tower=args.vision_tower, **common,
+        decoder_heads=args.sam_decoder_heads, seed=args.seed, vision_tower=args.vision_tower,
+        allow_non_finite=args.allow_non_finite, **common,
     )
     try:
         if args.random:
@@ -78,6 +80,9 @@ def main(argv=None) -> int:
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # unreadable or unwritable paths: the message names them
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ from .data.collator import GSVACollator
 from .metrics import GresAccumulator, RefSegAccumulator
 
 GRES_DATASETS = ("grefcoco", "refzom")
+MODES = ("teacher_forced", "targets", "generate")
 
 
 @dataclass
@@ -52,12 +53,14 @@ def evaluate_dataset(
     """Score `dataset` (a validation reader yielding `Sample`s) with GSVA's metrics.
 
     mode "teacher_forced": the ground-truth answer is fed; `[SEG]`/`[REJ]` decided one position earlier, every
-    target masked after re-evaluation (gRefCOCO) — reproduces the published numbers. mode "generate": the model
-    answers the same question itself; slots pair with targets in order, a missing slot counts as `[REJ]` with an
-    empty mask, extra slots are ignored (both counted in the records).
+    target masked after re-evaluation (gRefCOCO) — reproduces the published numbers. mode "targets": the
+    ground-truth expressions go through the user path, `segment(targets=...)`: the model decides each slot itself,
+    exactly one result per expression. mode "generate": the model answers the same question itself; slots pair
+    with targets in order, a missing slot counts as `[REJ]` with an empty mask, extra slots are ignored (both
+    counted in the records).
     """
-    if mode not in ("teacher_forced", "generate"):
-        raise ValueError(f"mode must be 'teacher_forced' or 'generate', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     name = dataset_name(dataset)
     is_gres = name in GRES_DATASETS
     indices = list(range(len(dataset)))
@@ -87,6 +90,9 @@ def evaluate_dataset(
                 (scorer.scored_form(out.pred_masks[row]).cpu(), out.predicted_rejected[row].cpu().tolist(), None)
                 for row in range(len(samples))
             ]
+        elif mode == "targets":
+            results = model.segment(processor, [s.image for s in samples], targets=[list(s.targets) for s in samples], batch_size=batch_size)
+            predictions = [_pair_generated(result, sample) for result, sample in zip(results, samples)]
         else:
             questions = [sample.rounds[0][0] for sample in samples]
             results = model.segment(processor, [s.image for s in samples], text=questions, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -3,7 +3,9 @@
 The folder is re-saved by the project's own classes, so the repository always holds what `trust_remote_code`
 needs: safetensors shards of an explicit size (plus their index), `config.json` with `auto_map` for
 AutoConfig/AutoModel/AutoModelForCausalLM/AutoProcessor, the processor and tokenizer files (`tokenizer.json`
-included), the three code files, and a model card whose metadata `huggingface_hub` writes.
+included), the code files (`REMOTE_CODE_FILES`), and a model card whose metadata `huggingface_hub` writes. A
+model of the synthetic shapes task is detected from its files and labelled as such, never as gRefCOCO.
+`python -m gsva_hf.hub refresh-bundled` rewrites the bundled model's non-weight files the same way.
 
 `pipeline_tag` is `image-text-to-text`: the model reads an image and a question and answers in text (the answer
 decides which targets exist). No transformers pipeline returns GSVA's masks, so `image-segmentation` or
@@ -12,6 +14,7 @@ decides which targets exist). No transformers pipeline returns GSVA's masks, so 
 """
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -20,12 +23,29 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-CODE_FILES = ("configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py")
-AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoProcessor")
+# The top-level files a Hub repository ships for `trust_remote_code`; the ones present next to `modeling_gsva.py`
+# are copied into every layout (adding a file here is all a new one needs).
+REMOTE_CODE_FILES = ("configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py", "pipeline_gsva.py")
+CODE_DIR = Path(importlib.util.find_spec("modeling_gsva").origin).parent
+CODE_FILES = tuple(name for name in REMOTE_CODE_FILES if (CODE_DIR / name).is_file())
+# Written into every folder gsva-push lays out; only such a folder is ever replaced by --overwrite.
+PUSH_MARKER = ".gsva-push"
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
+BUNDLED_MODEL_ID = "gsva_hf/assets/gsva-tiny-synthetic"  # the card's model_id: the folder, from a clone's root
+AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor")
 PIPELINE_TAG = "image-text-to-text"
 TAGS = ("custom_code", "gsva", "referring-segmentation", "generalized-referring-segmentation", "llava", "sam")
 DEFAULT_SHARD_SIZE = "5GB"
-DEFAULT_TARGETS = ("the red circle", "the blue square", "the green star")
+SYNTHETIC_TARGETS = ("the red circle", "the blue square", "the green star")
+REAL_TARGETS = ("the man on the left", "the dog")
+SYNTHETIC_TAG = "synthetic-data"
+SYNTHETIC_DATASET_TYPE = "gsva-synthetic-shapes"
+SYNTHETIC_DATASET_NAME = "GSVA synthetic shapes"
+SYNTHETIC_DESCRIPTION = (
+    "the synthetic coloured-shapes task of `gsva_hf.data.synthetic` (written in the gRefCOCO file layout, but "
+    "not gRefCOCO: coloured circles, squares, triangles and stars on grey, described by colour, shape and relative "
+    "position)"
+)
 EXAMPLE_NAME = "example.png"
 BUNDLED_EXAMPLE = Path(__file__).resolve().parent / "assets" / EXAMPLE_NAME
 METRICS = (("giou", "gIoU"), ("ciou", "cIoU"), ("n_acc", "N-acc"), ("t_acc", "T-acc"))
@@ -138,11 +158,16 @@ def eval_table(evals: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def eval_results(evals: list[tuple[str, dict]]) -> list[EvalResult]:
-    """model-index entries; the mode and protocol go into the metric name and config so rows stay distinct."""
+def eval_results(evals: list[tuple[str, dict]], synthetic: bool = False) -> list[EvalResult]:
+    """model-index entries; the mode and protocol go into the metric name and config so rows stay distinct.
+
+    Results on the synthetic task carry its own dataset type, so the Hub never lists them as gRefCOCO results.
+    """
     results = []
     for name, payload in evals:
         dataset, config, split = dataset_parts(payload["val_dataset"])
+        if synthetic:
+            dataset, config = SYNTHETIC_DATASET_TYPE, None
         for key, label in METRICS:
             value = percent(payload["metrics"].get(key))
             if value is None:
@@ -164,23 +189,28 @@ def eval_results(evals: list[tuple[str, dict]]) -> list[EvalResult]:
     return results
 
 
-def usage_snippet(repo_id: str, targets: list[str], with_example: bool) -> str:
-    """Python that runs as written against the repository (or a local copy: set `model_id` to its path)."""
+def usage_snippet(repo_id: str, targets: list[str], with_example: bool, synthetic: bool = True) -> str:
+    """Python that runs as written against the repository (or a local copy: set `model_id` to its path).
+
+    Without a shipped example the synthetic model draws shapes of its task; a real model opens the user's photo.
+    """
+    imports = []
     if with_example:
         imports = ["from transformers.utils import cached_file"]
         image_lines = ['image = Image.open(cached_file(model_id, "example.png", revision=revision)).convert("RGB")']
-    else:
-        imports = []
+    elif synthetic:
         image_lines = [
             'image = Image.new("RGB", (320, 240), (128, 128, 128))  # or Image.open("your.jpg").convert("RGB")',
             "draw = ImageDraw.Draw(image)",
             "draw.ellipse([40, 60, 140, 160], fill=(220, 40, 40))",
             "draw.rectangle([190, 70, 280, 160], fill=(40, 80, 230))",
         ]
+    else:
+        image_lines = ['image = Image.open("your_photo.jpg").convert("RGB")']
     return "\n".join(
         [
             "import torch",
-            "from PIL import Image" + ("" if with_example else ", ImageDraw"),
+            "from PIL import Image" + (", ImageDraw" if synthetic and not with_example else ""),
             "from transformers import AutoModelForCausalLM, AutoProcessor",
             *imports,
             "",
@@ -204,11 +234,20 @@ def usage_snippet(repo_id: str, targets: list[str], with_example: bool) -> str:
     )
 
 
-def model_details(config: dict, parameters: int, dtype: str) -> str:
+def size_words(parameters: int) -> str:
+    """7,063,085,061 -> "7.06B"; 1,631,048 -> "1.63M"."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            return f"{parameters / scale:.2f}{unit}"
+    return str(parameters)
+
+
+def model_details(config: dict, parameters: int, dtype: str, training_data: str = "not stated") -> str:
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     sam_vision = config.get("sam_config", {}).get("vision_config", {})
     rows = [
-        ("Parameters", f"{parameters:,}"),
+        ("Parameters", f"{parameters:,} ({size_words(parameters)})"),
+        ("Training data", training_data),
         ("Weights dtype", dtype),
         (
             "Language model",
@@ -247,14 +286,35 @@ def build_card(
     targets: list[str],
     with_example: bool,
     model_index: bool,
+    synthetic: bool = False,
+    training_data: str | None = None,
 ) -> ModelCard:
-    """Model card: metadata through `ModelCardData` (the Hub's schema), body in plain Markdown."""
+    """Model card: metadata through `ModelCardData` (the Hub's schema), body in plain Markdown.
+
+    The card opens with what the model is (size, training data); a model of the synthetic task is tagged and
+    its results carry the synthetic dataset type, so nobody reads them as gRefCOCO results.
+    """
     model_name = repo_id.split("/")[-1]
-    results = eval_results(evals) if model_index else []
+    results = eval_results(evals, synthetic) if model_index else []
+    if training_data is None:
+        if synthetic:
+            training_data = f"trained from scratch on {SYNTHETIC_DESCRIPTION}"
+        elif datasets:
+            training_data = ", ".join(f"`{name}`" for name in datasets)
+        else:
+            training_data = "not stated (gsva-push --training-data TEXT)"
+    if synthetic:
+        about = (
+            f"**A toy model, not a gRefCOCO model.** {size_words(parameters)} parameters, {training_data}. It "
+            "knows that task's words and nothing else; any numbers below are on that task and are not comparable "
+            "with results on gRefCOCO or any real benchmark. It exists to test and demonstrate the code."
+        )
+    else:
+        about = f"{size_words(parameters)} parameters. Training data: {training_data}."
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=PIPELINE_TAG,
-        tags=list(dict.fromkeys([*TAGS, *extra_tags])),
+        tags=list(dict.fromkeys([*TAGS, *([SYNTHETIC_TAG] if synthetic else []), *extra_tags])),
         license=license,
         license_name=license_name,
         license_link=license_link,
@@ -267,6 +327,7 @@ def build_card(
     )
     sections = [
         f"# {model_name}",
+        about,
         "GSVA ([CVPR 2024](https://openaccess.thecvf.com/content/CVPR2024/html/Xia_GSVA_Generalized_Segmentation_via_"
         "Multimodal_Large_Language_Models_CVPR_2024_paper.html), [original code](https://github.com/LeapLabTHU/GSVA)) "
         "segments what a sentence describes. LLaVA reads the image and the question and answers with one `[SEG]` "
@@ -276,17 +337,18 @@ def build_card(
         "This repository is a transformers-native port: it loads with `AutoModelForCausalLM` / `AutoProcessor` and "
         "`trust_remote_code=True`, and `model.segment(...)` generates the answer and returns one mask per target.",
         "## Model details",
-        model_details(config, parameters, dtype),
+        model_details(config, parameters, dtype, training_data),
         "## Usage",
-        "```python\n" + usage_snippet(repo_id, targets, with_example) + "\n```",
+        "```python\n" + usage_snippet(repo_id, targets, with_example, synthetic) + "\n```",
         "`model.segment(processor, images, text=... | targets=[...])` returns, per image, the generated `answer` and "
         "`targets`, each with `phrase`, `rejected`, `mask` (bool, original image size; all False when rejected), "
         "`score` (probability of the model's own `[SEG]`/`[REJ]` choice) and `mask_score`. `text` is a question used "
         "as typed; `targets` are phrases put into GSVA's multi-target question. Extra keyword arguments go to "
         "`generate()`; `batch_size` controls batched generation.",
         "### Pin a revision",
-        "`trust_remote_code=True` downloads and runs the Python files of this repository (`configuration_gsva.py`, "
-        '`modeling_gsva.py`, `processing_gsva.py`). Read them, then pass `revision="<commit hash>"` to both '
+        "`trust_remote_code=True` downloads and runs the Python files of this repository ("
+        + ", ".join(f"`{name}`" for name in CODE_FILES)
+        + '). Read them, then pass `revision="<commit hash>"` to both '
         "`from_pretrained` calls so that a later push cannot change the code you run.",
     ]
     if evals:
@@ -297,13 +359,14 @@ def build_card(
             "ground-truth answer is fed and each `[SEG]`/`[REJ]` decision is read one position earlier); `generate` "
             "lets the model write its own answer, which is what `segment()` does. Protocol `gsva` uses GSVA's metric "
             "definitions, `rela` ReLA's. N-acc is the accuracy on targets that are absent, T-acc on present ones; "
-            '"–" marks a metric the data leave undefined.',
+            '"–" marks a metric the data leave undefined.'
+            + (f" These results are on {SYNTHETIC_DESCRIPTION}, not on gRefCOCO." if synthetic else ""),
         ]
     sections += [
         "## Files",
         "`model*.safetensors` (+ `model.safetensors.index.json` when sharded), `config.json` (with `auto_map`), "
         "`generation_config.json`, `processor_config.json`, `tokenizer.json`, `tokenizer_config.json`, and the code "
-        "files `configuration_gsva.py`, `modeling_gsva.py`, `processing_gsva.py` (they import only torch, "
+        "files " + ", ".join(f"`{name}`" for name in CODE_FILES) + " (they import only torch, "
         "transformers and each other)."
         + (" `example.png` is the image the usage snippet segments." if with_example else ""),
         "## Citation",
@@ -330,7 +393,11 @@ def check_layout(out_dir: Path) -> list[str]:
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
-    """Whether `out_dir` holds an earlier layout to remove; anything else that is not empty is refused."""
+    """Whether `out_dir` holds an earlier layout to remove; anything else that is not empty is refused.
+
+    Only a folder holding gsva-push's marker file is replaced: a model folder (it has a config and a README
+    too) may hold the user's own files.
+    """
     if not out_dir.exists():
         return False
     if not out_dir.is_dir():
@@ -339,13 +406,68 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
         return False
     if not overwrite:
         raise FileExistsError(f"--out {out_dir}: not empty; pass --overwrite to replace an earlier gsva-push layout")
-    try:
-        earlier = json.loads((out_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        earlier = None
-    if earlier != "gsva" or not (out_dir / "README.md").is_file():
-        raise FileExistsError(f"--out {out_dir}: not empty and not an earlier gsva-push layout; refusing to delete it")
+    if not (out_dir / PUSH_MARKER).is_file():
+        raise FileExistsError(
+            f"--out {out_dir}: not empty and not written by gsva-push (no {PUSH_MARKER} file in it); refusing to "
+            "delete it: choose an empty or new --out folder"
+        )
     return True
+
+
+# ---------------------------------------------------------------------------------------------- synthetic data
+def _card_tags(folder: Path) -> list[str]:
+    try:
+        return list(ModelCard.load(folder / "README.md").data.tags or [])
+    except Exception:  # no card, or one huggingface_hub cannot parse: no evidence either way
+        return []
+
+
+def _synthetic_tree(path: Path) -> Path | None:
+    """The folder above `path` that holds the synthetic task's manifest, if any."""
+    from gsva_hf.data.synthetic import MANIFEST_NAME
+
+    for folder in [path, *path.parents]:
+        if (folder / MANIFEST_NAME).is_file():
+            return folder
+    return None
+
+
+def _synthetic_model(folder: Path) -> str | None:
+    """Why the model in `folder` is a model of the synthetic task, or None."""
+    if not folder.is_dir():
+        return None
+    if folder.resolve() == BUNDLED_MODEL:
+        return f"{folder} is the bundled synthetic model"
+    if SYNTHETIC_TAG in _card_tags(folder):
+        return f"the model card in {folder} is tagged {SYNTHETIC_TAG}"
+    for args_file in (folder / "train_args.json", folder.parent / "train_args.json"):
+        try:
+            dataset_dir = json.loads(args_file.read_text(encoding="utf-8"))["data"]["dataset_dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        tree = _synthetic_tree(Path(dataset_dir).expanduser().resolve())
+        if tree is not None:
+            return f"{args_file} trained it on the synthetic task in {tree}"
+    return None
+
+
+def synthetic_evidence(model_dir: Path, evals: list[tuple[Path, dict]]) -> list[str]:
+    """Reasons to treat the model and its results as the synthetic task's, read from the files themselves:
+    the model folder (the bundled model, a card tagged synthetic, train_args.json naming a synthetic data tree)
+    and each eval JSON (the images it scored lie in a tree with the synthetic manifest, or its `model` is one)."""
+    reasons = [r for r in [_synthetic_model(model_dir)] if r]
+    for path, payload in evals:
+        images = [r.get("image") for r in payload.get("images") or [] if isinstance(r, dict) and isinstance(r.get("image"), str)]
+        for image in dict.fromkeys(str(Path(i).parent) for i in images[:200]):
+            tree = _synthetic_tree(Path(image).expanduser().resolve())
+            if tree is not None:
+                reasons.append(f"--eval-json {path} scored images of the synthetic task in {tree}")
+                break
+        model = payload.get("model")
+        reason = _synthetic_model(Path(model)) if isinstance(model, str) and model else None
+        if reason:
+            reasons.append(f"--eval-json {path}: {reason}")
+    return reasons
 
 
 def layout_repo(
@@ -365,11 +487,19 @@ def layout_repo(
     license_link: str | None = None,
     datasets: list[str] = (),
     tags: list[str] = (),
-    targets: list[str] = DEFAULT_TARGETS,
+    targets: list[str] | None = None,
     example_image: str | Path | None = None,
     overwrite: bool = False,
+    synthetic: bool | None = None,
+    training_data: str | None = None,
+    marker: bool = True,
 ) -> list[str]:
-    """Write the repository folder; returns its file names. Inputs are all checked before anything is written."""
+    """Write the repository folder; returns its file names. Inputs are all checked before anything is written.
+
+    `synthetic` None detects a model of the synthetic task from the files (`synthetic_evidence`); then the card
+    says so, its results get the synthetic dataset type, and the snippet defaults to the bundled example and
+    shapes; a real model's card defaults to the user's photo and everyday phrases.
+    """
     import torch
     from transformers.utils.hub import convert_file_size_to_int
 
@@ -380,15 +510,25 @@ def layout_repo(
     check_model_dir(model_dir)
     if eval_names and len(eval_names) != len(eval_jsons):
         raise ValueError(f"--eval-name given {len(eval_names)} times but --eval-json {len(eval_jsons)} times")
+    payloads = [(Path(path), read_eval_json(Path(path))) for path in eval_jsons]
+    if synthetic is None:
+        reasons = synthetic_evidence(model_dir, payloads)
+        if reasons:
+            print(f"gsva-push: a model of the synthetic task ({reasons[0]}); the card says so", file=sys.stderr)
+        synthetic = bool(reasons)
     evals = []
-    for index, path in enumerate(eval_jsons):
-        payload = read_eval_json(Path(path))
+    for index, (_, payload) in enumerate(payloads):
         dataset = dataset_parts(payload["val_dataset"])[0]
-        evals.append((eval_names[index] if eval_names else DATASET_NAMES.get(dataset.lower(), dataset), payload))
+        default_name = SYNTHETIC_DATASET_NAME if synthetic else DATASET_NAMES.get(dataset.lower(), dataset)
+        evals.append((eval_names[index] if eval_names else default_name, payload))
     if license == "other" and not (license_name and license_link):
         raise ValueError("--license other needs --license-name and --license-link")
+    if targets is None:
+        targets = list(SYNTHETIC_TARGETS if synthetic else REAL_TARGETS)
     if not targets:
         raise ValueError("--example-targets holds no phrase")
+    if example_image is None and synthetic and BUNDLED_EXAMPLE.is_file():
+        example_image = BUNDLED_EXAMPLE
     clear = check_out_dir(out_dir, overwrite)
     if example_image is not None and not Path(example_image).is_file():
         raise FileNotFoundError(f"--example-image {example_image}: no such file")
@@ -408,8 +548,14 @@ def layout_repo(
     if clear:
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if marker:
+        (out_dir / PUSH_MARKER).write_text(
+            f"Written by gsva-push for {repo_id} from {model_dir}; gsva-push --overwrite may replace this folder.\n"
+        )
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(out_dir)
+    for name in CODE_FILES:
+        shutil.copyfile(CODE_DIR / name, out_dir / name)
     if example_image is not None:
         from PIL import Image
 
@@ -431,9 +577,47 @@ def layout_repo(
         list(targets),
         example_image is not None,
         model_index,
+        synthetic,
+        training_data,
     )
     card.save(out_dir / "README.md")
     return check_layout(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------- bundled model
+BUNDLED_WEIGHTS = ("model.safetensors",)
+
+
+def refresh_bundled(folder: str | Path = BUNDLED_MODEL) -> list[str]:
+    """Rewrite the bundled model's code, config, processor files and card from this checkout, as gsva-push lays
+    them out; the weights file is left untouched (the re-saved tensors are checked to equal it). Returns the
+    names written."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="gsva-bundled-") as scratch:
+        fresh = Path(scratch) / "layout"
+        layout_repo(folder, fresh, BUNDLED_MODEL_ID, synthetic=True, marker=False)
+        for weights in BUNDLED_WEIGHTS:
+            kept, saved = load_file(folder / weights), load_file(fresh / weights)
+            differ = sorted(k for k in kept.keys() | saved.keys() if k not in kept or k not in saved or not kept[k].equal(saved[k]))
+            if differ:
+                raise RuntimeError(f"{folder / weights}: re-saved tensors differ from the bundled ones: {differ[:5]}")
+        written = []
+        for path in sorted(fresh.iterdir()):
+            if path.name not in BUNDLED_WEIGHTS:
+                shutil.copyfile(path, folder / path.name)
+                written.append(path.name)
+    return written
+
+
+def bundled_out_of_date(folder: str | Path = BUNDLED_MODEL) -> list[str]:
+    """Code files of the bundled model that differ from this checkout's (missing ones included)."""
+    folder = Path(folder)
+    return [
+        name for name in CODE_FILES
+        if not (folder / name).is_file() or (folder / name).read_bytes() != (CODE_DIR / name).read_bytes()
+    ]  # fmt: skip
 
 
 def upload(
@@ -458,10 +642,31 @@ def upload(
         commit_message=commit_message,
         create_pr=create_pr,
         delete_patterns=STALE_PATTERNS,
+        ignore_patterns=[PUSH_MARKER],
     )
 
 
+def refresh_main(argv) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gsva_hf.hub refresh-bundled",
+        description="rewrite the bundled model's code, config, processor files and card from this checkout "
+        "(the weights stay as they are)",
+    )
+    parser.add_argument("folder", nargs="?", type=Path, default=BUNDLED_MODEL)
+    args = parser.parse_args(argv)
+    try:
+        names = refresh_bundled(args.folder)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"refresh-bundled: error: {error}", file=sys.stderr)
+        return 2
+    print(f"refreshed {args.folder}: {', '.join(names)}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["refresh-bundled"]:
+        return refresh_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gsva-push", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path, help="saved GSVA folder (config, weights, processor)")
     parser.add_argument("repo_id", help="Hub repository, e.g. user/gsva-7b")
@@ -484,11 +689,20 @@ def main(argv=None) -> int:
     parser.add_argument("--license-link")
     parser.add_argument("--dataset", action="append", default=[], help="training dataset id (repeatable)")
     parser.add_argument("--tag", action="append", default=[], help="extra tag (repeatable)")
+    parser.add_argument("--training-data", help="what the model was trained on, in words (for the card)")
     parser.add_argument(
-        "--example-targets", default="; ".join(DEFAULT_TARGETS), help='phrases for the card snippet, ";"-separated'
+        "--synthetic",
+        action="store_true",
+        help="the model and its results are of the synthetic shapes task (also detected from the files)",
     )
     parser.add_argument(
-        "--example-image", type=Path, help=f"image shipped as {EXAMPLE_NAME} (default: the bundled one)"
+        "--example-targets",
+        help='phrases for the card snippet, ";"-separated (default: shapes for a synthetic model, else everyday ones)',
+    )
+    parser.add_argument(
+        "--example-image",
+        type=Path,
+        help=f"image shipped as {EXAMPLE_NAME} (default: the bundled one for a synthetic model, none otherwise)",
     )
     parser.add_argument("--revision", help="branch to push to (created when missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
@@ -499,8 +713,7 @@ def main(argv=None) -> int:
         parser.error("--dry-run needs --out DIR (the folder to write)")
     if "/" not in args.repo_id.strip("/"):
         parser.error(f"REPO_ID {args.repo_id!r}: expected NAMESPACE/NAME")
-    example = args.example_image or (BUNDLED_EXAMPLE if BUNDLED_EXAMPLE.is_file() else None)
-    targets = [p.strip() for p in args.example_targets.split(";") if p.strip()]
+    targets = None if args.example_targets is None else [p.strip() for p in args.example_targets.split(";") if p.strip()]
 
     with tempfile.TemporaryDirectory(prefix="gsva-push-") as scratch:
         out_dir = args.out or Path(scratch) / "repo"
@@ -522,8 +735,10 @@ def main(argv=None) -> int:
                 datasets=args.dataset,
                 tags=args.tag,
                 targets=targets,
-                example_image=example,
+                example_image=args.example_image,
                 overwrite=args.overwrite,
+                synthetic=True if args.synthetic else None,
+                training_data=args.training_data,
             )
         except (OSError, ValueError) as error:
             print(f"gsva-push: error: {error}", file=sys.stderr)

@@ -54,7 +54,6 @@ def prepare_for_training(
         "train_sam_encoder": train_sam_encoder,
         "train_prompt_encoder": train_prompt_encoder,
     }
-    model.config.train_sam_vision_encoder = bool(train_sam_encoder)
     full_modules = list(FULLY_TRAINED) + [OPTIONAL_MODULES[f] for f, on in flags.items() if on]
     model.requires_grad_(False)
     if lora_r > 0:

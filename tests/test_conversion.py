@@ -9,6 +9,7 @@ independently: a plain `LlamaForCausalLM` with LoRA merged by hand (logits), a h
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +307,17 @@ def test_gsva_release_reproduces_the_original_model(world, tmp_path, base_layer_
     readme = (out / "README.md").read_text()
     assert f"LoRA (r={LORA_R}, alpha={LORA_ALPHA})" in readme
 
+    from huggingface_hub import ModelCard
+
+    from gsva_hf.hub import CODE_DIR, CODE_FILES
+
+    card = ModelCard.load(out / "README.md")
+    assert "gsva" in card.data.tags and not card.data.eval_results
+    parameters = sum(p.numel() for p in model.parameters())
+    assert f"parameters ({parameters:,}). Training: as released in {release.name} (GSVA, trained by its authors" in readme
+    assert "Maximum length: 1024 tokens" in readme
+    assert all((out / name).read_bytes() == (CODE_DIR / name).read_bytes() for name in CODE_FILES)
+
 
 def test_lisa_release_gets_a_rej_row(world, tmp_path):
     """LISA on a 32000-token base: [SEG], <im_start>, <im_end> from the checkpoint; [REJ] and <image> are new rows."""
@@ -574,3 +586,193 @@ def test_tensor_store_reads_lazily_and_releases(tmp_path):
     torch.save({"w": torch.ones(1), "step": 3}, tmp_path / "bad.pt")
     with pytest.raises(ConversionError, match=r"step \(int\)"):
         TensorStore.open(tmp_path / "bad.pt")
+
+
+# ------------------------------------------------------------------------------------------------ SentencePiece bases
+def write_sentencepiece_llava_v1(folder: Path, clip_folder: Path) -> int:
+    """A LLaVA v1.1-style base that ships only a slow SentencePiece `tokenizer.model` (no tokenizer.json)."""
+    import io
+
+    import sentencepiece
+
+    lines = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=60, model_type="bpe", character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "model_max_length": 2048, "legacy": False}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    config = llama_config(60).to_dict()
+    config.update(
+        model_type="llava", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower=str(clip_folder),
+        mm_hidden_size=CLIP_WIDTH, mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_use_im_start_end=True,
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return 60
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_base(world) -> tuple[Path, int]:
+    folder = world.root / "llava-v1-sentencepiece"
+    return folder, write_sentencepiece_llava_v1(folder, world.clip_folder)
+
+
+def test_release_on_a_sentencepiece_only_base_converts_with_gsva_length(world, sentencepiece_base, tmp_path):
+    import sentencepiece
+
+    base, n = sentencepiece_base
+    assert not (base / "tokenizer.json").exists()
+    originals = make_originals(n + 4, world.clip_state, world.sam, seed=13)
+    release = write_release(world, originals.release(), "gsva-sentencepiece.bin")
+    out = tmp_path / "out"
+    code = main([
+        "--release", str(release), "--llava", str(base), "--lora-r", str(LORA_R), "--output", str(out),
+        "--sam-decoder-heads", str(DECODER_HEADS),
+    ])  # fmt: skip
+    assert code == 0
+    _, processor = check_against_reference(out, originals, n + 4)
+    assert processor.token_ids["seg_token_id"] == n and processor.token_ids["rej_token_id"] == n + 1
+    reader = sentencepiece.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
+    sentence = "what are a b in this image please"
+    assert processor.tokenizer.tokenize(sentence) == reader.encode(sentence, out_type=str)
+
+    # GSVA's 1024, not the base's 2048; past it the processor raises naming the limit instead of truncating.
+    reloaded = GSVAProcessor.from_pretrained(out)
+    assert reloaded.tokenizer.model_max_length == 1024
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    def length(repeats):
+        return reloaded(images=[image], text=[" ".join(["a b c"] * repeats)])["input_ids"].shape[1]
+
+    per_repeat = (length(20) - length(10)) // 10
+    fits = 10 + (1024 - length(10)) // per_repeat
+    assert length(fits) <= 1024 < length(fits) + per_repeat
+    with pytest.raises(ValueError, match=r"conversation 0 is \d+ tokens long .* more than the limit of 1024"):
+        length(fits + 1)
+
+
+def test_missing_sentencepiece_reader_names_the_packages(world, sentencepiece_base, tmp_path, monkeypatch):
+    """Without sentencepiece transformers blames tiktoken; the converter says what to install instead."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import sentencepiece` fails as if not installed
+    release = write_release(world, world.gsva.release(), "gsva-no-reader.bin")
+    with pytest.raises(ConversionError) as error:
+        convert_release(release, sentencepiece_base[0], tmp_path / "o", lora_r=LORA_R, decoder_heads=DECODER_HEADS)
+    message = str(error.value)
+    assert f"LLaVA base {sentencepiece_base[0]}: cannot load its tokenizer" in message
+    assert "sentencepiece is not installed: pip install sentencepiece" in message
+
+
+# ------------------------------------------------------------------------------------------------ broken files
+def convert_cli(world, release: Path, out: Path, capsys) -> str:
+    """Run the command line on a release; it must fail with one message and no traceback."""
+    code = main([
+        "--release", str(release), "--llava", str(world.base_7b), "--lora-r", str(LORA_R), "--output", str(out),
+        "--sam-decoder-heads", str(DECODER_HEADS),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and err.startswith("error: "), err
+    return err
+
+
+def test_unreadable_checkpoint_files_are_named(world, tmp_path, capsys):
+    good = write_release(world, world.gsva.release(), "gsva-good.bin")
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.bin"
+    text.write_text("these are my notes, not weights\n")
+    header = tmp_path / "bad.safetensors"
+    header.write_bytes((40).to_bytes(8, "little") + b"{this is not a safetensors header}      ")
+    cases = [
+        (truncated, "truncated or corrupt"),
+        (empty, "the file is empty (0 bytes)"),
+        (text, "not a PyTorch checkpoint"),
+        (header, "not a valid safetensors file"),
+    ]
+    for path, what in cases:
+        err = convert_cli(world, path, tmp_path / f"out-{path.stem}", capsys)
+        assert f"{path}: " in err and what in err, err
+        assert "expected a torch.save file (.bin/.pt/.pth) or a .safetensors file" in err or "safetensors" in err, err
+
+
+def test_wrong_dtype_and_impossible_shapes_are_named(world, tmp_path, capsys):
+    state = world.gsva.release()
+    key = PEFT + "model.layers.0.mlp.up_proj.weight"
+    state[key] = state[key].to(torch.int64)
+    release = write_release(world, state, "gsva-int.bin")
+    err = convert_cli(world, release, tmp_path / "o1", capsys)
+    assert f"{release}:{key} holds int64" in err and "a floating-point tensor" in err
+    assert "language_model.model.layers.0.mlp.up_proj.weight" in err
+
+    state = world.gsva.release()
+    iou = PEFT + "model.visual_model.mask_decoder.iou_token.weight"
+    state[iou] = torch.zeros(1, 15)
+    release = write_release(world, state, "gsva-iou.bin")
+    err = convert_cli(world, release, tmp_path / "o2", capsys)
+    assert "mask_decoder.iou_token.weight has shape [1, 15]" in err
+    assert f"{release} (model.visual_model.*): SAM tensor" in err and "expected [1, 16] (the width of prompt_encoder.no_mask_embed.weight" in err
+
+
+def test_non_finite_weights_are_named(world, tmp_path, capsys):
+    state = world.gsva.release()
+    nan_key, inf_key = PEFT + "model.norm.weight", PEFT + "model.text_hidden_fcs.0.2.bias"
+    state[nan_key] = state[nan_key].clone()
+    state[nan_key][3] = float("nan")
+    state[inf_key] = state[inf_key].clone()
+    state[inf_key][:2] = float("inf")
+    release = write_release(world, state, "gsva-nan.bin")
+    err = convert_cli(world, release, tmp_path / "o", capsys)
+    assert "2 tensors hold NaN or infinite values" in err
+    assert f"language_model.model.norm.weight ({release}:{nan_key}): 1 NaN, 0 inf of {WIDTH}" in err
+    assert f"text_hidden_fcs.0.2.bias ({release}:{inf_key}): 0 NaN, 2 inf" in err
+    assert "--allow-non-finite" in err
+    report = convert_release(release, world.base_7b, tmp_path / "o2", lora_r=LORA_R, decoder_heads=DECODER_HEADS, allow_non_finite=True)
+    assert any("NaN or infinite" in note for note in report.notes)
+
+
+# ------------------------------------------------------------------------------------------------ token specialness
+def test_ordinary_seg_rej_tokens_of_the_base_become_special(world, tmp_path):
+    """GSVA's saved tokenizer holds [SEG]/[REJ] as ordinary added tokens; converted, typed text never becomes them."""
+    base = tmp_path / "llava-with-gsva-tokens"
+    write_llava_v1(base, ["<im_patch>", "<im_start>", "<im_end>"], world.clip_folder, None)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    tokenizer.add_tokens(["[SEG]", "[REJ]"])
+    tokenizer.save_pretrained(base)
+    assert tokenizer.encode("the [SEG] a", add_special_tokens=False, split_special_tokens=True)[1] == world.n_7b
+
+    release = write_release(world, world.gsva.release(), "gsva-ordinary-tokens.bin")
+    report = convert_release(release, base, tmp_path / "out", lora_r=LORA_R, decoder_heads=DECODER_HEADS)
+    assert (report.token_ids["seg_token_id"], report.token_ids["rej_token_id"]) == (world.n_7b, world.n_7b + 1)
+    assert not report.added_rows
+    _, processor = check_against_reference(tmp_path / "out", world.gsva, world.n_7b + 2)
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()
+    batch = processor(images=[image], text=["what are a [SEG] b [REJ] in this image"], answers=["sure a [SEG] b [REJ]"])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    for token_id in (world.n_7b, world.n_7b + 1):
+        assert (ids == token_id).sum() == 1 and (labels == token_id).sum() == 1  # the answer's, not the question's
+
+
+def test_processor_refuses_ordinary_gsva_tokens_and_says_how_to_fix(tmp_path):
+    from gsva_hf.presets import image_processors
+
+    tokenizer = write_tokenizer(tmp_path, [])
+    tokenizer.add_tokens(["[SEG]", "[REJ]"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<im_start>", "<im_end>", "<image>"]})
+    tokenizer.pad_token = "<unk>"
+    clip, sam = image_processors(CLIP_IMAGE, 64)
+    with pytest.raises(ValueError, match=r"holds '\[SEG\]' \(id \d+\) as an ordinary added token, .*add_gsva_tokens"):
+        GSVAProcessor(clip, sam, tokenizer, image_token="<image>")
+    seg = tokenizer.convert_tokens_to_ids("[SEG]")
+    ids = GSVAProcessor.add_gsva_tokens(tokenizer, "<image>")
+    assert ids["[SEG]"] == seg
+    processor = GSVAProcessor(clip, sam, tokenizer, image_token="<image>")
+    batch = processor(images=[torch.zeros(8, 8, 3, dtype=torch.uint8).numpy()], text=["the [SEG] thing"])
+    assert seg not in batch["input_ids"][0].tolist()

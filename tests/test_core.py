@@ -1,5 +1,7 @@
 """GSVAConfig / GSVAForCausalLM / GSVAProcessor on the tiny preset: losses, gradients, batching, tokens."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -152,12 +154,18 @@ def test_backward_step_changes_exactly_the_trainable_parameters(tiny_model, tiny
 def test_mask_loss_gradients_reach_the_llm_but_not_the_frozen_sam_encoder(tiny_model, tiny_processor):
     batch, gt = two_image_batch(tiny_processor)
     tiny_model.train()
+    tiny_model.sam.vision_encoder.requires_grad_(False)
     out = tiny_model(**batch, gt_masks=gt)
     (out.mask_bce_loss + out.mask_dice_loss).backward()
     grads = {n: p.grad for n, p in tiny_model.named_parameters()}
     assert grads["language_model.model.layers.1.self_attn.q_proj.weight"].abs().sum() > 0
     assert grads["multi_modal_projector.linear_1.weight"].abs().sum() > 0
     assert all(g is None for n, g in grads.items() if n.startswith("sam.vision_encoder."))
+    # A trainable encoder (requires_grad) is run with gradients, and they reach it.
+    tiny_model.sam.vision_encoder.requires_grad_(True)
+    out = tiny_model(**batch, gt_masks=gt)
+    (out.mask_bce_loss + out.mask_dice_loss).backward()
+    assert tiny_model.sam.vision_encoder.patch_embed.projection.weight.grad.abs().sum() > 0
 
 
 def test_batched_equals_one_by_one(tiny_model, tiny_processor):
@@ -335,3 +343,19 @@ def test_cross_entropy_matches_torch_on_plain_labels(tiny_model, tiny_processor)
         out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
     torch.testing.assert_close(out.ce_loss, expected)
+
+
+def test_mask_path_starts_with_pytorch_default_init_and_loading_keeps_weights(tiny_config, tmp_path):
+    from modeling_gsva import GSVAForCausalLM
+
+    torch.manual_seed(0)
+    model = GSVAForCausalLM(copy.deepcopy(tiny_config))
+    for linear in (model.text_hidden_fcs[0][0], model.sam.mask_decoder.iou_prediction_head.proj_in):
+        bound = 1 / linear.in_features**0.5  # PyTorch's kaiming_uniform(a=sqrt(5)) bound
+        assert linear.weight.abs().max() <= bound and linear.weight.std() > 0.8 * bound / 3**0.5
+    assert abs(float(model.sam.shared_image_embedding.positional_embedding.std()) - 1.0) < 0.2
+    assert abs(float(model.language_model.model.layers[0].mlp.up_proj.weight.std()) - tiny_config.text_config.initializer_range) < 0.005
+    model.save_pretrained(tmp_path)
+    loaded = GSVAForCausalLM.from_pretrained(tmp_path)
+    for (name, saved), (_, restored) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(saved, restored), name

@@ -2,6 +2,7 @@
 real file formats. Expected masks and prompt strings are computed here independently of the readers."""
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -504,6 +505,21 @@ def test_sem_seg_malformed(tmp_path):
     )
     with pytest.raises(ValueError, match=r"train\.json.*annotation 9.*3 points"):
         SemSegDataset(tmp_path, "pascal_part")[0]
+    for segmentation, message in [
+        ([[0, 0, 4, float("nan"), 4, 4]], "polygon 0: polygon has a non-finite y coordinate nan"),
+        ([[0, 0, 1e30, 0, 4, 4]], "polygon 0: polygon x coordinate 1e\\+30 lies outside"),
+        ({"size": [6, 6], "counts": "garbage"}, "compressed RLE 'counts' has character 'r' at position 2"),
+        ({"size": [6, 6], "counts": [3, 4]}, "RLE runs sum to 7 pixels"),
+    ]:
+        annotation = {**unknown_category, "category_id": 5, "segmentation": segmentation}
+        pascal_json.write_text(json.dumps({**base, "annotations": [annotation]}))
+        with pytest.raises(ValueError, match=rf"train\.json.*annotation 9: {message}"):
+            SemSegDataset(tmp_path, "pascal_part")[0]
+    escaping = {**base, "images": [{**base["images"][0], "file_name": "../../../etc/passwd"}]}
+    escaping["annotations"] = [{**unknown_category, "category_id": 5, "segmentation": [[0, 0, 4, 0, 4, 4]]}]
+    pascal_json.write_text(json.dumps(escaping))
+    with pytest.raises(ValueError, match=r"train\.json.*image 1: file name '\.\./\.\./\.\./etc/passwd' points outside"):
+        SemSegDataset(tmp_path, "pascal_part")[0]
     pascal_json.write_text("{not json")
     with pytest.raises(ValueError, match=r"train\.json.*not valid JSON"):
         SemSegDataset(tmp_path, "pascal_part")
@@ -535,6 +551,10 @@ def test_vqa_malformed(tmp_path):
         dataset[1]
     with pytest.raises(ValueError, match=r"000000000033\.jpg"):
         dataset[0]  # the image does not exist
+    for name in ("/etc/passwd", "../../etc/passwd"):
+        path.write_text(json.dumps([{**VQA_ENTRIES[0], "image": name}]))
+        with pytest.raises(ValueError, match=rf"llava_instruct_150k\.json.*entry 0.*file name '{re.escape(name)}' points outside"):
+            VQADataset(tmp_path)[0]
     path.write_text("[{]")
     with pytest.raises(ValueError, match=r"llava_instruct_150k\.json"):
         VQADataset(tmp_path)

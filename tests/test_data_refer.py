@@ -7,7 +7,11 @@ rectangle polygon [x0, x1) x [y0, y1)) and RLEs from the numpy arrays they were 
 import json
 import os
 import pickle
+import re
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,9 +20,11 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from gsva_hf.data.collator import GSVACollator
+from gsva_hf.data.guards import POLYGON_MARGIN, compressed_rle_counts
 from gsva_hf.data.refer import ReferData, ReferDataError
 from gsva_hf.data.refer_seg import ReferSegDataset, ReferSegValDataset
 from gsva_hf.data.safe_pickle import UnsafePickleError, load_plain, loads_plain
+from gsva_hf.data.sample import Sample
 from processing_gsva import (
     MULTI_TARGET_ANSWER_STYLES,
     SHORT_QUESTION_LIST_MODE4,
@@ -301,6 +307,39 @@ def test_safe_pickle_refuses_code(tmp_path, protocol):
         load_plain(path)
 
 
+def test_safe_pickle_refuses_cycles_and_exponential_sharing(tmp_path):
+    """A self-containing list (17 bytes) and a few hundred bytes of shared lists standing for 2**60 items are
+    refused at once; sharing that stays proportional to the file is plain data and loads."""
+    loop = []
+    loop.append(loop)
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps(loop, protocol=2))
+    assert path.stat().st_size < 20
+    start = time.perf_counter()
+    with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p: refused a container that contains itself"):
+        load_plain(path)
+    laughs = ["ha"]
+    for _ in range(60):
+        laughs = [laughs, laughs]
+    path.write_bytes(pickle.dumps(laughs, protocol=2))
+    assert path.stat().st_size < 1000
+    with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p: refused shared references that expand"):
+        load_plain(path)
+    deep = []
+    for _ in range(150):
+        deep = [deep]
+    path.write_bytes(pickle.dumps(deep, protocol=2))
+    with pytest.raises(UnsafePickleError, match=r"nested deeper than 100 levels"):
+        load_plain(path)
+    assert time.perf_counter() - start < 5
+    tokens = ["the", "cat"]
+    shared = [{"sent": "the cat", "tokens": tokens, "sent_id": i} for i in range(3)]
+    shared.append({"ref": shared[0], "tokens": tokens})
+    path.write_bytes(pickle.dumps(shared, protocol=2))
+    loaded = load_plain(path)
+    assert loaded == shared and loaded[3]["ref"] is loaded[0] and loaded[0]["tokens"] is loaded[1]["tokens"]
+
+
 def test_refer_reader_refuses_malicious_refs(fresh_tree):
     marker = fresh_tree / "pwned"
     path = fresh_tree / "refer_seg" / "refcoco" / "refs(unc).p"
@@ -526,11 +565,167 @@ def test_polygon_with_too_few_points(fresh_tree):
         ReferSegValDataset(fresh_tree, "refcoco|unc|val")
 
 
-def test_crowd_only_ref_is_an_error(fresh_tree):
-    refs = [dict(entry) for entry in GREFS] + [ref(99, 1, [104], "train", ["the crowd"], 99, True)]
+def test_crowd_regions_are_decoded_into_the_masks_as_gsva_does(fresh_tree):
+    """GSVA's readers decode `iscrowd=1` annotations like any other; `skip_crowd=True` keeps ReLA's choice."""
+    refs = [dict(entry) for entry in GREFS] + [
+        ref(98, 1, [101, 104], "val", ["square and crowd"], 98, True),
+        ref(99, 1, [104], "val", ["the crowd"], 99, True),
+    ]
     (fresh_tree / "refer_seg" / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
-    with pytest.raises(ReferDataError, match=r"ref 99 \(image 1\) has no usable segmentation.*\[104\]"):
+    crowd = rect_mask(30, 40, (0, 25, 6, 30))
+    square = rect_mask(30, 40, (2, 3, 12, 13), (20, 20, 26, 25))
+    data = ReferData(fresh_tree / "refer_seg", "grefcoco")
+    assert data.skipped_crowd == []
+    assert np.array_equal(data.ref_mask(data.refs[-1]), crowd)
+    assert np.array_equal(data.ref_mask(data.refs[-2]), square | crowd)
+    val = ReferSegValDataset(fresh_tree, "grefcoco|unc|val")
+    sample = val[val.image_ids.index(1)]
+    assert sample.targets == ["square and crowd", "the crowd"] and sample.rejected == [False, False]
+    assert np.array_equal(sample.masks[0], square | crowd) and np.array_equal(sample.masks[1], crowd)
+
+    with pytest.raises(ReferDataError, match=r"ref 99 \(image 1\) has no usable segmentation.*\[104\].*crowd"):
+        ReferData(fresh_tree / "refer_seg", "grefcoco", skip_crowd=True)
+    refs.pop()
+    (fresh_tree / "refer_seg" / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+    data = ReferData(fresh_tree / "refer_seg", "grefcoco", skip_crowd=True)
+    assert data.skipped_crowd == [104] and np.array_equal(data.ref_mask(data.refs[-1]), square)
+
+
+def test_inner_full_stop_is_kept_as_gsva_does(fresh_tree, tiny_processor):
+    """GSVA strips the sentence, lower-cases it and strips full stops at its ends only."""
+    refs = [dict(entry) for entry in GREFS if entry["split"] != "val"]
+    refs.append(ref(40, 3, [301], "val", ["  The red. Square. "], 40, True))
+    (fresh_tree / "refer_seg" / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+    sample = ReferSegValDataset(fresh_tree, "grefcoco|unc|val")[0]
+    assert sample.targets == ["the red. square"]
+    assert sample.rounds == [(
+        " What are the red. squarein this image? Please output segmentation masks.",
+        "Sure,the red. square:[SEG].",
+    )]
+    by_hand = Sample(
+        image=sample.image, rounds=[(" What are the red. squarein this image? Please output segmentation masks.",
+                                     "Sure,the red. square:[SEG].")],
+        masks=sample.masks, targets=["the red. square"], rejected=[False],
+    )
+    without_stop = Sample(
+        image=sample.image, rounds=[(" What are the red squarein this image? Please output segmentation masks.",
+                                     "Sure,the red square:[SEG].")],
+        masks=sample.masks, targets=["the red square"], rejected=[False],
+    )
+    collate = GSVACollator(tiny_processor)
+    ids = collate([sample])["input_ids"]
+    assert torch.equal(ids, collate([by_hand])["input_ids"])
+    assert not torch.equal(ids, collate([without_stop])["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------- hostile inputs
+def _edit_annotation(tree_root, ann_id, segmentation, dataset="refcoco"):
+    path = tree_root / "refer_seg" / dataset / "instances.json"
+    coco = json.loads(path.read_text())
+    for ann in coco["annotations"]:
+        if ann["id"] == ann_id:
+            ann["segmentation"] = segmentation
+    # json.dumps writes NaN for float("nan"), as a careless exporter would
+    path.write_text(json.dumps(coco))
+
+
+@pytest.mark.parametrize(
+    "coordinate, message",
+    [
+        (float("nan"), "non-finite x coordinate nan"),
+        (float("inf"), "non-finite x coordinate inf"),
+        (1e30, "x coordinate 1e\\+30 lies outside the image"),
+        (1e7, "x coordinate 10000000.0 lies outside the image"),
+        (10**400, "x coordinate 10{23} lies outside the image"),
+        (-9.0, "x coordinate -9.0 lies outside the image"),
+    ],
+)
+def test_polygon_coordinates_are_checked_when_indexing(fresh_tree, coordinate, message):
+    _edit_annotation(fresh_tree, 301, [[0, 0, coordinate, 0, 8, 9, 0, 9]])
+    with pytest.raises(ReferDataError, match=rf"refcoco/instances\.json: annotation 301 segmentation\[0\] \(image 3\): polygon.*{message}"):
+        ReferData(fresh_tree / "refer_seg", "refcoco")
+
+
+def test_polygon_bombs_fail_fast_under_a_memory_cap(fresh_tree):
+    """A NaN or 1e30 vertex made pycocotools allocate without bound; the reader must refuse it before decoding,
+    so a 2 GB address-space cap is never reached."""
+    _edit_annotation(fresh_tree, 301, [[0, 0, 1e30, 0, 8, 9, 0, float("nan")]])
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from gsva_hf.data.refer import ReferData, ReferDataError\n"
+        "try:\n"
+        "    data = ReferData(sys.argv[1] + '/refer_seg', 'refcoco')\n"
+        "    print([data.ref_mask(ref).sum() for ref in data.refs])\n"
+        "except ReferDataError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(fresh_tree)], capture_output=True, text=True, timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused:" in result.stdout and "annotation 301" in result.stdout and "lies outside" in result.stdout
+
+
+def test_polygon_on_or_just_past_the_border_keeps_its_mask(fresh_tree):
+    """Overshoot up to POLYGON_MARGIN pixels is kept as stored; pycocotools clips it, so the mask is what the
+    in-image rectangle gives. A polygon with no part inside the image is refused, not turned into [REJ]."""
+    _edit_annotation(fresh_tree, 301, [[16, -0.5, 24 + POLYGON_MARGIN, -0.5, 24 + POLYGON_MARGIN, 9, 16, 9]])
+    data = ReferData(fresh_tree / "refer_seg", "refcoco")
+    assert np.array_equal(data.ann_mask(301), rect_mask(20, 24, (16, 0, 24, 9)))
+    _edit_annotation(fresh_tree, 301, [[24, 0, 26, 0, 26, 9, 24, 9]])
+    with pytest.raises(ReferDataError, match=r"annotation 301 .*lies wholly outside the 20x24 image"):
+        ReferData(fresh_tree / "refer_seg", "refcoco")
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        ("not an RLE!", "character 't' at position 2"),
+        ("0" * 5 + "o", "ends in the middle of a number"),
+        ("oooooooo0", "a number of 9 characters"),
+        ("54", "RLE runs sum to 9 pixels, but the 20x24 image has 480"),
+        ("\u00e9t\u00e9", "not ASCII"),
+    ],
+)
+def test_garbage_rle_is_refused_when_indexing(fresh_tree, counts, message):
+    _edit_annotation(fresh_tree, 302, {"size": [20, 24], "counts": counts})
+    with pytest.raises(ReferDataError, match=rf"refcoco/instances\.json: annotation 302 segmentation\[0\].*{message}"):
+        ReferData(fresh_tree / "refer_seg", "refcoco")
+
+
+def test_rle_parser_matches_pycocotools():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        height, width = (int(v) for v in rng.integers(1, 50, 2))
+        mask = rng.random((height, width)) < [0.0, 1.0, 0.5, 0.05][trial % 4]
+        flat = mask.flatten(order="F")
+        changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        edges = np.concatenate(([0], changes, [flat.size]))
+        runs = np.diff(edges).tolist()
+        if flat[0]:
+            runs = [0] + runs
+        encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+        assert compressed_rle_counts(encoded).tolist() == runs
+
+
+def test_ref_without_sentences_is_refused(fresh_tree):
+    refs = [dict(entry) for entry in GREFS]
+    refs[6] = dict(refs[6], sentences=[])
+    (fresh_tree / "refer_seg" / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
+    with pytest.raises(ReferDataError, match=r"grefs\(unc\)\.json: entry 6 \(ref_id 6\): 'sentences' must be a non-empty"):
         ReferData(fresh_tree / "refer_seg", "grefcoco")
+
+
+@pytest.mark.parametrize("file_name", ["../../../../etc/passwd", "/etc/passwd", "a/../../b.jpg"])
+def test_image_names_outside_the_data_tree_are_refused(fresh_tree, file_name):
+    path = fresh_tree / "refer_seg" / "refcoco" / "instances.json"
+    coco = json.loads(path.read_text())
+    coco["images"][1]["file_name"] = file_name
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ReferDataError, match=rf"instances\.json: images\[1\] \(id 2\): file name '{re.escape(file_name)}' points outside"):
+        ReferData(fresh_tree / "refer_seg", "refcoco")
 
 
 # ---------------------------------------------------------------------------------------------- collator

@@ -10,9 +10,8 @@ import time
 
 import pytest
 from PIL import Image, ImageDraw
-from transformers import LogitsProcessorList
+import torch
 
-from gsva_hf.forced_answers import ForceAnswers, answer_token_ids
 from tests.conftest import REPO, free_port
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -35,23 +34,22 @@ app = load_app()
 
 
 class ForcedModel:
-    """The real model, but its answer says `[SEG]` for every phrase except those in `absent`, which get `[REJ]`."""
+    """The real model in target mode, but the phrases in `absent` come back rejected (empty mask)."""
 
     def __init__(self, model, absent):
         self.model, self.absent = model, set(absent)
 
     def segment(self, processor, image, targets=None, text=None, **kwargs):
         assert text is None, "the demo must pass phrases as targets"
-        slots = ", ".join(f"{p}:{'[REJ]' if p in self.absent else '[SEG]'}" for p in targets)
-        prompt = processor(images=[image], text=[processor.targets_question(targets)])
-        forced = ForceAnswers(
-            [answer_token_ids(processor, f"Sure, {slots}.")],
-            prompt["input_ids"].shape[1],
-            processor.tokenizer.eos_token_id,
-        )
-        return self.model.segment(
-            processor, image, targets=targets, logits_processor=LogitsProcessorList([forced]), **kwargs
-        )
+        results = self.model.segment(processor, image, targets=targets, **kwargs)
+        for target in results[0].targets:
+            target.rejected = target.phrase in self.absent
+            if target.rejected:
+                target.mask = torch.zeros_like(target.mask)
+                results[0].answer = results[0].answer.replace(f"{target.phrase}:[SEG]", f"{target.phrase}:[REJ]")
+            elif not target.mask.any():
+                target.mask[: target.mask.shape[0] // 2] = True
+        return results
 
 
 def example_image(tmp_path):

@@ -4,6 +4,7 @@ metadata parses with huggingface_hub, shards respect the size, uploads go throug
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from gsva_hf import hub
 from gsva_hf.segment import DEFAULT_MODEL
+from tests._fresh_process import ISOLATE
 from tests.conftest import REPO
 
 REPO_ID = "someone/gsva-tiny-test"
@@ -32,14 +34,10 @@ EVAL = {
 }
 
 # Runs in a process that cannot import the project: the Auto classes must come from the folder's own code.
-FRESH = textwrap.dedent(
+FRESH = ISOLATE + textwrap.dedent(
     """
-    import importlib.util, runpy, sys
+    import runpy
     folder, repo, snippets = sys.argv[1], sys.argv[2], sys.argv[3:]
-    sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
-    sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    for name in ("modeling_gsva", "configuration_gsva", "processing_gsva", "gsva_hf"):
-        assert importlib.util.find_spec(name) is None, name + " is importable"
     import torch
     torch.set_num_threads(1)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
@@ -120,7 +118,7 @@ def card_snippet(folder) -> str:
 
 def test_dry_run_loads_in_a_fresh_process_and_the_card_snippet_runs(layout, tmp_path):
     """The card's snippet (it reads the shipped example.png) and the variant for repos without one both run."""
-    drawn = hub.usage_snippet(REPO_ID, list(hub.DEFAULT_TARGETS), with_example=False)
+    drawn = hub.usage_snippet(REPO_ID, list(hub.SYNTHETIC_TARGETS), with_example=False)
     printed, printed_drawn = run_snippets(layout, tmp_path, [card_snippet(layout), drawn])
     assert printed_drawn.strip()
 
@@ -131,7 +129,7 @@ def test_dry_run_loads_in_a_fresh_process_and_the_card_snippet_runs(layout, tmp_
     model = GSVAForCausalLM.from_pretrained(layout).eval()
     processor = GSVAProcessor.from_pretrained(layout)
     image = Image.open(layout / "example.png").convert("RGB")
-    expected = model.segment(processor, image, targets=list(hub.DEFAULT_TARGETS))[0]
+    expected = model.segment(processor, image, targets=list(hub.REAL_TARGETS))[0]
     lines = [
         f"{t.phrase!r}: rejected={t.rejected}, mask pixels={int(t.mask.sum())}, score={t.score:.2f}"
         for t in expected.targets
@@ -242,7 +240,7 @@ def test_bad_inputs_are_named(model_dir, tmp_path, capsys):
             "--max-shard-size 'big': expected a positive size",
         ),
         ([str(model_dir), REPO_ID, *out, "--eval-name", "a"], "--eval-name given 1 times but --eval-json 0 times"),
-        ([str(model_dir), REPO_ID, "--dry-run", "--out", str(busy), "--overwrite"], "not an earlier gsva-push layout"),
+        ([str(model_dir), REPO_ID, "--dry-run", "--out", str(busy), "--overwrite"], "not written by gsva-push (no .gsva-push file in it)"),
         ([str(model_dir), REPO_ID, "--dry-run", "--out", str(busy)], "pass --overwrite"),
     ]
     for argv, message in cases:
@@ -263,3 +261,98 @@ def test_bundled_model_card_snippet_prints_targets(tmp_path):
     (printed,) = run_snippets(out, tmp_path, [card_snippet(out)])
     targets = [line for line in printed.splitlines() if "rejected=" in line and "mask pixels=" in line]
     assert targets, printed
+
+
+def test_overwrite_replaces_only_a_folder_gsva_push_wrote(model_dir, tmp_path, capsys):
+    """A converted model folder (config, README, the user's notes) is refused; an earlier layout is replaced."""
+    converted = tmp_path / "converted"
+    shutil.copytree(model_dir, converted)
+    (converted / "README.md").write_text("# my converted model\n")
+    (converted / "notes.txt").write_text("keep me")
+    before = sorted(os.listdir(converted))
+    assert hub.main([str(model_dir), REPO_ID, "--dry-run", "--out", str(converted), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {converted}: not empty and not written by gsva-push (no .gsva-push file in it)" in err
+    assert sorted(os.listdir(converted)) == before and (converted / "notes.txt").read_text() == "keep me"
+
+    out = tmp_path / "layout"
+    assert hub.main([str(model_dir), REPO_ID, "--dry-run", "--out", str(out)]) == 0
+    assert (out / hub.PUSH_MARKER).is_file()
+    (out / "stale.txt").write_text("from an earlier run")
+    assert hub.main([str(model_dir), REPO_ID, "--dry-run", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / hub.PUSH_MARKER).is_file()
+
+
+def card_results(folder):
+    from huggingface_hub import ModelCard, metadata_load
+
+    card = ModelCard.load(folder / "README.md")
+    assert metadata_load(folder / "README.md")["model-index"] if card.data.eval_results else True
+    return card, list(card.data.eval_results or [])
+
+
+def test_synthetic_results_are_not_labelled_grefcoco(model_dir, tmp_path):
+    """Eval JSONs of the synthetic task (detected from the images they scored, or from the bundled model they
+    name) give the synthetic dataset type, a card that says what the model is, and the synthetic defaults."""
+    from gsva_hf.data.synthetic import write_synthetic_grefcoco
+
+    data = tmp_path / "data"
+    write_synthetic_grefcoco(data, num_images={"train": 0, "val": 2, "testA": 0, "testB": 0})
+    image = next((data / "refer_seg" / "images").rglob("*.png"))
+    scored = {**EVAL, "images": [{"image": str(image), "targets": []}]}
+    (tmp_path / "scored.json").write_text(json.dumps(scored))
+    bundled = {**EVAL, "model": str(DEFAULT_MODEL)}
+    (tmp_path / "bundled.json").write_text(json.dumps(bundled))
+    for name, model in (("scored.json", model_dir), ("bundled.json", DEFAULT_MODEL)):
+        out = tmp_path / f"repo-{name}"
+        assert hub.main([str(model), REPO_ID, "--dry-run", "--out", str(out), "--eval-json", str(tmp_path / name)]) == 0
+        card, results = card_results(out)
+        assert results and {r.dataset_type for r in results} == {hub.SYNTHETIC_DATASET_TYPE}
+        assert not any("grefcoco" in f"{r.dataset_type} {r.dataset_name}".lower() for r in results)
+        assert hub.SYNTHETIC_TAG in card.data.tags
+        assert "**A toy model, not a gRefCOCO model.**" in card.text and "parameters" in card.text
+        assert (out / "example.png").is_file() and json.dumps(list(hub.SYNTHETIC_TARGETS)) in card_snippet(out)
+        assert f"| {hub.SYNTHETIC_DATASET_NAME} | val |" in card.text
+
+    # Said explicitly: the same JSON as a real gRefCOCO run, marked synthetic by the flag.
+    (tmp_path / "plain.json").write_text(json.dumps(EVAL))
+    out = tmp_path / "repo-flag"
+    argv = [str(model_dir), REPO_ID, "--dry-run", "--out", str(out), "--eval-json", str(tmp_path / "plain.json")]
+    assert hub.main([*argv, "--synthetic"]) == 0
+    assert {r.dataset_type for r in card_results(out)[1]} == {hub.SYNTHETIC_DATASET_TYPE}
+
+
+def test_bundled_model_card_says_what_it_is():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(DEFAULT_MODEL / "README.md")
+    assert hub.SYNTHETIC_TAG in card.data.tags and not card.data.eval_results and not card.data.datasets
+    assert "**A toy model, not a gRefCOCO model.**" in card.text
+    assert f"model_id = {json.dumps(hub.BUNDLED_MODEL_ID)}" in card.text
+
+
+def test_real_size_card_names_grefcoco_and_real_defaults(tmp_path):
+    """A 7B card built from the gsva-7b preset on the meta device: size, training data, real defaults."""
+    from huggingface_hub import ModelCard
+
+    from configuration_gsva import GSVAConfig
+    from modeling_gsva import GSVAForCausalLM
+
+    config = GSVAConfig.from_pretrained(REPO / "configs" / "gsva-7b")
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in GSVAForCausalLM(config).parameters())
+    assert 7.6e9 < parameters < 7.8e9  # LLaMA-7B + CLIP ViT-L + SAM ViT-H
+    card = hub.build_card(
+        "someone/gsva-7b-ft-gres", config.to_dict(), parameters, "float32", [("gRefCOCO", EVAL)], [], None,
+        "apache-2.0", None, None, [], [], list(hub.REAL_TARGETS), False, True,
+        training_data="GSVA's gRefCOCO fine-tuning (gsva-7b-ft-gres.bin of the original release)",
+    )  # fmt: skip
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    (giou,) = [r for r in loaded.data.eval_results if r.metric_type == "giou"]
+    assert (giou.dataset_type, giou.dataset_name, giou.metric_value) == ("grefcoco", "gRefCOCO", 61.23)
+    assert hub.SYNTHETIC_TAG not in loaded.data.tags and "toy model" not in loaded.text
+    assert f"{parameters / 1e9:.2f}B parameters. Training data: GSVA's gRefCOCO fine-tuning" in loaded.text
+    snippet = re.findall(r"```python\n(.*?)```", loaded.text, flags=re.S)[0]
+    assert 'Image.open("your_photo.jpg")' in snippet and "example.png" not in snippet
+    assert not any(phrase in snippet for phrase in hub.SYNTHETIC_TARGETS)

@@ -9,16 +9,11 @@ import textwrap
 import numpy as np
 import torch
 
+from tests._fresh_process import ISOLATE
 from tests.conftest import REPO
 
-LOADER = textwrap.dedent(
+LOADER = ISOLATE + textwrap.dedent(
     """
-    import importlib.util, sys
-    repo = sys.argv[2]
-    sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
-    sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    for name in ("modeling_gsva", "configuration_gsva", "processing_gsva", "gsva_hf"):
-        assert importlib.util.find_spec(name) is None, name + " is importable"
     import torch
     torch.set_num_threads(1)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
@@ -44,7 +39,7 @@ def test_saved_folder_loads_with_remote_code_in_a_fresh_process(tiny_model, tiny
     tiny_processor.save_pretrained(folder)
     assert {"configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py", "tokenizer.json"} <= set(os.listdir(folder))
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoProcessor"}
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor"}
 
     images = [np.full((20, 30, 3), 90, np.uint8), np.full((17, 11, 3), 200, np.uint8)]
     text, answers = ["what is the red circle?", "and this?"], ["It is [SEG].", "Sure, a:[SEG], b:[REJ]."]
@@ -92,3 +87,80 @@ def test_large_presets_have_the_original_shapes_and_ids():
     assert 6.3e8 < counts["sam"] < 6.45e8
     assert counts["text_hidden_fcs"] == 4096 * 4096 + 4096 + 4096 * 256 + 256
     assert counts["multi_modal_projector"] == 1024 * 4096 + 4096
+
+
+BUNDLED_LOADER = ISOLATE + textwrap.dedent(
+    """
+    import runpy
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+    folder = sys.argv[1]
+    assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAConfig"
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAForCausalLM"
+    assert type(AutoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAProcessor"
+    print("=== snippet ===", flush=True)
+    runpy.run_path(sys.argv[3], run_name="__main__")
+    """
+)
+
+
+def test_bundled_model_is_a_remote_code_folder_in_sync_with_the_code():
+    from gsva_hf import hub
+
+    stale = hub.bundled_out_of_date()
+    assert not stale, (
+        f"{hub.BUNDLED_MODEL}: {', '.join(stale)} differ from the repository's top-level files; refresh the bundled "
+        "folder with `python -m gsva_hf.hub refresh-bundled` (rewrites code, config and processor files, not weights)"
+    )
+    config = json.loads((hub.BUNDLED_MODEL / "config.json").read_text())
+    assert set(config["auto_map"]) == set(hub.AUTO_CLASSES)
+    assert not (hub.BUNDLED_MODEL / hub.PUSH_MARKER).exists()
+
+
+def test_bundled_model_loads_as_its_card_says_in_a_fresh_process(tmp_path):
+    """The card's lines, run as written from the clone's root by a process that cannot import the project."""
+    import re
+
+    from PIL import Image
+
+    from gsva_hf import hub
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
+
+    card = (hub.BUNDLED_MODEL / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert f"model_id = {json.dumps(hub.BUNDLED_MODEL_ID)}" in snippet
+    (tmp_path / "snippet.py").write_text(snippet)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", BUNDLED_LOADER, hub.BUNDLED_MODEL_ID, str(REPO), str(tmp_path / "snippet.py")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = result.stdout.split("=== snippet ===\n")[1]
+
+    model = GSVAForCausalLM.from_pretrained(hub.BUNDLED_MODEL).eval()
+    processor = GSVAProcessor.from_pretrained(hub.BUNDLED_MODEL)
+    image = Image.open(hub.BUNDLED_MODEL / "example.png").convert("RGB")
+    expected = model.segment(processor, image, targets=list(hub.SYNTHETIC_TARGETS))[0]
+    lines = [
+        f"{t.phrase!r}: rejected={t.rejected}, mask pixels={int(t.mask.sum())}, score={t.score:.2f}"
+        for t in expected.targets
+    ]
+    assert printed == "\n".join([expected.answer, *lines]) + "\n"
+
+
+def test_refresh_bundled_rewrites_code_and_keeps_the_weights(tmp_path):
+    import shutil
+
+    from gsva_hf import hub
+
+    copy = tmp_path / "bundled"
+    shutil.copytree(hub.BUNDLED_MODEL, copy)
+    weights = (copy / "model.safetensors").read_bytes()
+    (copy / "modeling_gsva.py").write_text("# an older copy\n")
+    (copy / "processing_gsva.py").unlink()
+    assert hub.bundled_out_of_date(copy) == ["modeling_gsva.py", "processing_gsva.py"]
+    assert hub.main(["refresh-bundled", str(copy)]) == 0
+    assert hub.bundled_out_of_date(copy) == []
+    assert (copy / "model.safetensors").read_bytes() == weights
+    assert (copy / "config.json").read_text() == (hub.BUNDLED_MODEL / "config.json").read_text()

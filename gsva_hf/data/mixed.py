@@ -145,8 +145,15 @@ def build_val_dataset(dataset_dir, spec: str, **kwargs):
 
     `"<name>|<split>"` → ReasonSeg folder split (`ReasonSegValDataset`; kwargs e.g. `ignore_mode`);
     `"<dataset>|<splitBy>|<split>"` (`grefcoco|unc|val`, `refcoco+|unc|testA`, `refcocog|umd|test`) →
-    `ReferSegValDataset`, which overrides splitBy as GSVA does.
+    `ReferSegValDataset`, which overrides splitBy as GSVA does. `"hf:PATH_OR_REPO|<split>"` → the same reader
+    over a gRefCOCO-style `datasets` source (`gsva_hf.data.hf_datasets`); `dataset_dir` may then be None.
     """
+    if spec.startswith("hf:"):
+        from .refer_seg import ReferSegValDataset
+
+        return ReferSegValDataset(dataset_dir, spec=spec, **kwargs)
+    if dataset_dir is None:
+        raise ValueError(f"val dataset {spec!r} is read from a data tree; give its dataset dir (--dataset_dir)")
     parts = spec.split("|")
     if len(parts) == 2:
         return ReasonSegValDataset(dataset_dir, spec=spec, **kwargs)

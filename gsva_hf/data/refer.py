@@ -9,8 +9,9 @@ Layout (GSVA `--dataset_dir`):
     refer_seg/images/saiapr_tc-12/             images of refclef
 
 One class, `ReferData`, reads all five: the files are validated and indexed once, when it is built, so that a
-broken entry fails at start-up with its file and entry named instead of in the middle of a training run. Masks
-are decoded on demand with pycocotools. Pickles are read with `safe_pickle` (they never run code).
+broken entry fails at start-up with its file and entry named instead of in the middle of a training run: polygon
+coordinates, RLE strings and image file names are checked then (`guards`), before pycocotools sees them. Masks
+are decoded on demand. Pickles are read with `safe_pickle` (they never run code, and their size stays bounded).
 """
 
 import json
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from .guards import AnnotationError, check_polygon, check_rle_counts, safe_join
 from .safe_pickle import load_plain
 
 logger = logging.getLogger(__name__)
@@ -140,9 +142,11 @@ class ReferData:
 
     refer_seg_dir: the `refer_seg` folder. dataset: refcoco, refcoco+, refcocog, refclef or grefcoco.
     split_by: defaults to GSVA's choice (`gsva_split_by`).
+    skip_crowd: leave `iscrowd=1` annotations out of the masks (ReLA's and the official G_REFER's choice).
+        By default they are decoded into the target mask, as GSVA's own readers do.
     """
 
-    def __init__(self, refer_seg_dir, dataset: str, split_by: str | None = None):
+    def __init__(self, refer_seg_dir, dataset: str, split_by: str | None = None, skip_crowd: bool = False):
         if dataset not in LAYOUTS:
             raise ValueError(f"unknown refer dataset {dataset!r}; known: {', '.join(sorted(LAYOUTS))}")
         layout = LAYOUTS[dataset]
@@ -152,6 +156,7 @@ class ReferData:
         self.name = dataset
         self.split_by = split_by
         self.generalized = layout.generalized
+        self.skip_crowd = bool(skip_crowd)
         self.refer_seg_dir = os.fspath(refer_seg_dir)
         folder = os.path.join(self.refer_seg_dir, dataset)
         self.refs_path = self._refs_file(folder, dataset, split_by, layout.generalized)
@@ -216,7 +221,11 @@ class ReferData:
                 )
             if image_id in images:
                 raise ReferDataError(f"{where}: duplicate image id {image_id}")
-            images[image_id] = ImageInfo(image_id, file_name, height, width, os.path.join(self.image_dir, file_name))
+            try:
+                image_path = safe_join(self.image_dir, file_name)
+            except AnnotationError as error:
+                raise ReferDataError(f"{where} (id {image_id}): {error}") from error
+            images[image_id] = ImageInfo(image_id, file_name, height, width, image_path)
         annotations: dict[int, dict] = {}
         for index, entry in enumerate(instances["annotations"]):
             where = f"{path}: annotations[{index}]"
@@ -254,8 +263,8 @@ class ReferData:
                 raise ReferDataError(f"{where}: 'ann_id' {entry['ann_id']!r} is not valid; expected {expected}")
             ann_ids = []
         sentences = entry["sentences"]
-        if not isinstance(sentences, list):
-            raise ReferDataError(f"{where}: 'sentences' must be a list")
+        if not isinstance(sentences, list) or not sentences:
+            raise ReferDataError(f"{where}: 'sentences' must be a non-empty list of sentence dicts, got {sentences!r}")
         parsed = []
         for position, sentence in enumerate(sentences):
             if not isinstance(sentence, dict) or not isinstance(sentence.get("sent"), str):
@@ -269,11 +278,12 @@ class ReferData:
 
     # ------------------------------------------------------------------ validation
     def _clean_segmentation(self, ann: dict, image: ImageInfo) -> _Segmentation | None:
-        """Usable parts of an annotation, or None. Crowd regions are skipped and polygons with fewer than 3
-        points (< 6 numbers) or an odd count are dropped, as ReLA and GSVA do; both are recorded."""
+        """Usable parts of an annotation, or None. Polygons with fewer than 3 points (< 6 numbers) or an odd count
+        are dropped, as ReLA and GSVA do, and recorded; crowd regions are kept (GSVA) unless `skip_crowd`.
+        Coordinates and RLE strings are checked here, so a bad entry fails when the index is built."""
         ann_id = ann["id"]
         where = f"{self.instances_path}: annotation {ann_id}"
-        if ann.get("iscrowd"):
+        if ann.get("iscrowd") and self.skip_crowd:
             self.skipped_crowd.append(ann_id)
             return None
         segmentation = ann["segmentation"]
@@ -282,15 +292,20 @@ class ReferData:
             raise ReferDataError(f"{where}: 'segmentation' must be a polygon list or an RLE dict")
         polygons, rles = [], []
         for position, part in enumerate(parts):
+            part_where = f"{where} segmentation[{position}]"
             if isinstance(part, dict):
-                rles.append(self._check_rle(part, image, f"{where} segmentation[{position}]"))
+                rles.append(self._check_rle(part, image, part_where))
             elif isinstance(part, list) and all(_is_number(v) for v in part):
                 if len(part) < 6 or len(part) % 2:
                     self.dropped_polygons.append((ann_id, position, len(part)))
-                else:
-                    polygons.append(part)
+                    continue
+                try:
+                    check_polygon(part, image.height, image.width)
+                except AnnotationError as error:
+                    raise ReferDataError(f"{part_where} (image {image.image_id}): {error}") from error
+                polygons.append(part)
             else:
-                raise ReferDataError(f"{where}: segmentation[{position}] is neither a polygon nor an RLE dict")
+                raise ReferDataError(f"{part_where} is neither a polygon nor an RLE dict")
         if not polygons and not rles:
             return None
         return _Segmentation(tuple(polygons), tuple(rles))
@@ -302,14 +317,17 @@ class ReferData:
             raise ReferDataError(
                 f"{where}: RLE size {size!r} does not match image {image.image_id} ({image.height}x{image.width})"
             )
-        if isinstance(counts, list):
-            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != image.height * image.width:
-                raise ReferDataError(f"{where}: uncompressed RLE counts must be non-negative ints summing to H*W")
-            return {"size": [image.height, image.width], "counts": counts}
         if isinstance(counts, str):
-            counts = counts.encode("ascii")
-        if not isinstance(counts, bytes):
+            try:
+                counts = counts.encode("ascii")
+            except UnicodeEncodeError as error:
+                raise ReferDataError(f"{where}: compressed RLE 'counts' is not ASCII ({error})") from error
+        if not isinstance(counts, (list, bytes)):
             raise ReferDataError(f"{where}: RLE 'counts' must be a list, str or bytes, got {type(counts).__name__}")
+        try:
+            check_rle_counts(counts, image.height, image.width)
+        except AnnotationError as error:
+            raise ReferDataError(f"{where} (image {image.image_id}): {error}") from error
         return {"size": [image.height, image.width], "counts": counts}
 
     def _check_refs(self) -> None:
@@ -339,7 +357,8 @@ class ReferData:
             if ref.ann_ids and not usable:
                 raise ReferDataError(
                     f"{where} (image {ref.image_id}) has no usable segmentation: annotation(s) "
-                    f"{list(ref.ann_ids)} hold only crowd regions or polygons with fewer than 3 points"
+                    f"{list(ref.ann_ids)} hold only polygons with fewer than 3 points"
+                    + (" or crowd regions (skip_crowd=True)" if self.skip_crowd else "")
                 )
         if duplicates:
             logger.warning("%s: %d duplicate ref_id(s); all entries are kept", self.refs_path, duplicates)
@@ -436,11 +455,11 @@ def _file_stamp(path: str) -> tuple:
 
 
 @lru_cache(maxsize=8)
-def _cached_refer(refer_seg_dir: str, dataset: str, split_by: str, stamps: tuple) -> ReferData:
-    return ReferData(refer_seg_dir, dataset, split_by)
+def _cached_refer(refer_seg_dir: str, dataset: str, split_by: str, skip_crowd: bool, stamps: tuple) -> ReferData:
+    return ReferData(refer_seg_dir, dataset, split_by, skip_crowd=skip_crowd)
 
 
-def load_refer(refer_seg_dir, dataset: str, split_by: str | None = None) -> ReferData:
+def load_refer(refer_seg_dir, dataset: str, split_by: str | None = None, skip_crowd: bool = False) -> ReferData:
     """`ReferData`, shared between readers of the same unchanged files (train and val read one index once)."""
     if dataset not in LAYOUTS:
         raise ValueError(f"unknown refer dataset {dataset!r}; known: {', '.join(sorted(LAYOUTS))}")
@@ -449,7 +468,7 @@ def load_refer(refer_seg_dir, dataset: str, split_by: str | None = None) -> Refe
     folder = os.path.join(refer_seg_dir, dataset)
     names = [f"refs({split_by}).p", f"grefs({split_by}).p", f"grefs({split_by}).json", "instances.json"]
     stamps = tuple(_file_stamp(os.path.join(folder, name)) for name in names)
-    return _cached_refer(refer_seg_dir, dataset, split_by, stamps)
+    return _cached_refer(refer_seg_dir, dataset, split_by, bool(skip_crowd), stamps)
 
 
 __all__ = [

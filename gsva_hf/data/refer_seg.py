@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from processing_gsva import clean_sentence, eval_answer, eval_question, multi_target_answer, multi_target_question
 
+from .hf_datasets import HF_PREFIX, load_hf_refer, parse_hf_spec
 from .refer import LAYOUTS, ReferDataError, gsva_split_by, load_refer, open_image
 from .sample import Sample
 from .seeding import check_index, index_rng
@@ -34,7 +35,9 @@ class ReferSegDataset(Dataset):
     """GSVA refer_seg training samples (train split of each sub-dataset), `samples_per_epoch` long.
 
     dataset_dir: GSVA's `--dataset_dir` (holds `refer_seg/`). datasets: `"||"`-joined names, e.g.
-    `"refclef||refcoco||refcoco+||refcocog||grefcoco"`. image_loader: path → RGB PIL image.
+    `"refclef||refcoco||refcoco+||refcocog||grefcoco"`; `hf:PATH_OR_REPO` reads the `train` split of a
+    `datasets` source (`gsva_hf.data.hf_datasets`), `hf:PATH_OR_REPO|split` another split. image_loader: path or file object → RGB PIL image.
+    skip_crowd: leave crowd annotations out of the masks (see `ReferData`).
     samples_per_epoch=None: GSVA's `--no_sampling` fine-tuning mode; exactly one dataset, item i starts from its
     i-th train image (ascending id). An all-`[REJ]` draw is redrawn from a random image (GSVA falls back to
     image 0 there, which would over-weight it).
@@ -48,21 +51,31 @@ class ReferSegDataset(Dataset):
         samples_per_epoch: int | None = DEFAULT_SAMPLES_PER_EPOCH,
         seed: int = 0,
         image_loader=open_image,
+        skip_crowd: bool = False,
     ):
         if num_classes_per_sample < 1:
             raise ValueError(f"num_classes_per_sample must be >= 1, got {num_classes_per_sample}")
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1 (or None to iterate images), got {samples_per_epoch}")
         self.refer_seg_dir = os.path.join(os.fspath(dataset_dir), "refer_seg")
-        self.names = parse_dataset_list(datasets, LAYOUTS, "refer dataset")
+        self.names = parse_dataset_list(datasets, LAYOUTS, "refer dataset", prefixes=(HF_PREFIX,))
         if samples_per_epoch is None and len(self.names) != 1:
             raise ValueError(f"samples_per_epoch=None iterates the images of exactly one dataset, got {self.names}")
         self.num_classes_per_sample = int(num_classes_per_sample)
         self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.seed = int(seed)
         self.image_loader = image_loader
-        self.data = {name: load_refer(self.refer_seg_dir, name, gsva_split_by(name)) for name in self.names}
-        self.image_ids = {name: self.data[name].image_ids("train") for name in self.names}
+        self.splits = {
+            name: parse_hf_spec(name)[1] if name.startswith(HF_PREFIX) and "|" in name else "train"
+            for name in self.names
+        }
+        self.data = {
+            name: load_hf_refer(name[len(HF_PREFIX):].rsplit("|", 1)[0], self.splits[name])
+            if name.startswith(HF_PREFIX)
+            else load_refer(self.refer_seg_dir, name, gsva_split_by(name), skip_crowd=skip_crowd)
+            for name in self.names
+        }
+        self.image_ids = {name: self.data[name].image_ids(self.splits[name]) for name in self.names}
 
     def __len__(self) -> int:
         if self.samples_per_epoch is None:
@@ -90,7 +103,8 @@ class ReferSegDataset(Dataset):
                 name = rng.choice(self.names)
                 image_id = rng.choice(self.image_ids[name])
             data = self.data[name]
-            pool = [(ref, sentence) for ref in data.refs_of_image(image_id, "train") for sentence in ref.sentences]
+            split = self.splits[name]
+            pool = [(ref, sentence) for ref in data.refs_of_image(image_id, split) for sentence in ref.sentences]
             if len(pool) >= self.num_classes_per_sample:
                 chosen = rng.sample(pool, self.num_classes_per_sample)
             else:
@@ -115,7 +129,7 @@ class ReferSegDataset(Dataset):
                 source=f"refer_seg/{name}",
                 meta={
                     "dataset": name,
-                    "split": "train",
+                    "split": split,
                     "index": index,
                     "image_id": image_id,
                     "ref_ids": [ref.ref_id for ref, _ in chosen],
@@ -146,14 +160,27 @@ class ReferSegValDataset(Dataset):
 
     Question/answer are GSVA's verbatim (`eval_question` / `eval_answer`, quirks included), sentences cleaned by
     `clean_sentence`; one mask per sentence (its ref's union, all-zero and `[REJ]` for a no-target ref).
+
+    spec `"hf:PATH_OR_REPO|split"` reads a `datasets` source instead (`dataset_dir` is not used); `spec` then
+    becomes `"<its dataset column>|hf|<split>"`, which picks the metrics, and `origin` keeps what was asked.
     """
 
-    def __init__(self, dataset_dir, spec: str = "grefcoco|unc|val", image_loader=open_image):
-        self.spec = spec
-        self.dataset, self.split_by, self.split = parse_val_spec(spec)
-        self.refer_seg_dir = os.path.join(os.fspath(dataset_dir), "refer_seg")
+    def __init__(self, dataset_dir, spec: str = "grefcoco|unc|val", image_loader=open_image, skip_crowd=False):
         self.image_loader = image_loader
-        self.data = load_refer(self.refer_seg_dir, self.dataset, self.split_by)
+        self.origin = spec
+        if spec.startswith(HF_PREFIX):
+            source, self.split = parse_hf_spec(spec)
+            self.data = load_hf_refer(source, self.split)
+            self.dataset, self.split_by = self.data.name, "hf"
+            self.spec = f"{self.dataset}|hf|{self.split}"
+        else:
+            if dataset_dir is None:
+                raise ValueError(f"val dataset {spec!r} is read from a data tree; give its dataset_dir")
+            self.spec = spec
+            self.dataset, self.split_by, self.split = parse_val_spec(spec)
+            refer_seg_dir = os.path.join(os.fspath(dataset_dir), "refer_seg")
+            self.data = load_refer(refer_seg_dir, self.dataset, self.split_by, skip_crowd=skip_crowd)
+            self.origin = f"refer_seg/{self.dataset}|{self.split_by}|{self.split}"
         self.image_ids = self.data.image_ids(self.split)
 
     def __len__(self) -> int:
@@ -182,7 +209,7 @@ class ReferSegValDataset(Dataset):
             targets=sentences,
             rejected=rejected,
             image_path=info.path,
-            source=f"refer_seg/{self.dataset}|{self.split_by}|{self.split}",
+            source=self.origin,
             meta={
                 "dataset": self.dataset,
                 "split": self.split,

@@ -2,7 +2,8 @@
 
 `pickle.load` on a downloaded file runs whatever callable the file names. These files only ever hold lists of
 dicts of strings and numbers, so the unpickler here refuses every global lookup (the one way a pickle reaches code)
-and then checks that the result is built from plain containers and scalars only.
+and then checks that the result is built from plain containers and scalars only, in one bounded walk: no
+container inside itself, no absurd nesting, no shared references standing for far more data than the file holds.
 """
 
 import io
@@ -49,40 +50,81 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self.source}: refused persistent id {pid!r}; only plain data is admitted")
 
 
-def _is_plain(value) -> bool:
-    """Fast iterative walk: True when every node is of an `ALLOWED_TYPES` type."""
-    allowed, stack = set(ALLOWED_TYPES), [value]
-    while stack:
-        item = stack.pop()
+# A pickle may share one object between several places (its memo). Sharing is kept, but the data read as a tree
+# (as every consumer walks it) must stay proportional to the file: chains of shared lists would otherwise make
+# a few hundred bytes stand for 2**100 items.
+TREE_ITEMS_PER_BYTE = 16
+TREE_ITEMS_FLOOR = 100_000
+MAX_DEPTH = 100
+
+
+def _children(item):
+    if type(item) is dict:
+        return iter(item.items())
+    return enumerate(item)
+
+
+def _check_plain(value, source: str, size: int) -> None:
+    """Refuse types outside `ALLOWED_TYPES` (sets, bytearrays, ...), self-containing containers, nesting deeper
+    than `MAX_DEPTH`, and sharing that makes the data as a tree larger than `TREE_ITEMS_PER_BYTE` items per file
+    byte. Each distinct container is visited once, so the check is linear in the file."""
+    allowed = set(ALLOWED_TYPES)
+    limit = TREE_ITEMS_PER_BYTE * size + TREE_ITEMS_FLOOR
+    finished: dict[int, int] = {}  # id of a checked container -> its item count as a tree
+    open_ids: set[int] = set()
+    frames: list[list] = []  # [container, children iterator, key being visited, item count so far]
+
+    def where(child: bool = True) -> str:
+        """The path to the child being entered (or, child=False, to the innermost open container)."""
+        keys = [frame[2] for frame in (frames if child else frames[:-1])]
+        shown = "".join(f"[{k!r}]" for k in keys[-8:])
+        return f"<root>{'...' if len(keys) > 8 else ''}{shown} (depth {len(keys)})"
+
+    def enter(item) -> int | None:
         kind = type(item)
         if kind not in allowed:
-            return False
+            raise UnsafePickleError(f"{source}: refused object of type {kind.__name__} at {where()}")
+        if kind is not dict and kind is not list and kind is not tuple:
+            return 1
+        if id(item) in finished:
+            return finished[id(item)]
+        if id(item) in open_ids:
+            raise UnsafePickleError(f"{source}: refused a container that contains itself, at {where()}")
+        if len(frames) >= MAX_DEPTH:
+            raise UnsafePickleError(f"{source}: refused data nested deeper than {MAX_DEPTH} levels, at {where()}")
         if kind is dict:
-            if not all(type(key) in allowed for key in item):
-                return False
-            stack.extend(item.values())
-        elif kind is list or kind is tuple:
-            stack.extend(item)
-    return True
+            for name in item:
+                if type(name) not in allowed:
+                    raise UnsafePickleError(
+                        f"{source}: refused dict key of type {type(name).__name__} at {where()}"
+                    )
+        open_ids.add(id(item))
+        frames.append([item, _children(item), None, 1])
+        return None
 
-
-def _check_plain(value, source: str) -> None:
-    """Refuse any type outside `ALLOWED_TYPES` (sets, bytearrays, ...), naming where it sits in the data."""
-    if _is_plain(value):
-        return
-    stack = [(value, "<root>")]
-    while stack:
-        item, where = stack.pop()
-        kind = type(item)
-        if kind not in ALLOWED_TYPES:
-            raise UnsafePickleError(f"{source}: refused object of type {kind.__name__} at {where}")
-        if kind is dict:
-            for key, child in item.items():
-                if type(key) not in ALLOWED_TYPES:
-                    raise UnsafePickleError(f"{source}: refused dict key of type {type(key).__name__} at {where}")
-                stack.append((child, f"{where}[{key!r}]"))
-        elif kind is list or kind is tuple:
-            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+    enter(value)
+    while frames:
+        frame = frames[-1]
+        step = next(frame[1], None)
+        if step is None:
+            frames.pop()
+            open_ids.discard(id(frame[0]))
+            finished[id(frame[0])] = frame[3]
+            if not frames:
+                break
+            frame, count = frames[-1], frame[3]
+        else:
+            key, child = step
+            frame[2] = key
+            count = enter(child)
+            if count is None:
+                continue
+        frame[3] += count
+        if frame[3] > limit:
+            raise UnsafePickleError(
+                f"{source}: refused shared references that expand to more than {limit} items "
+                f"({TREE_ITEMS_PER_BYTE} per byte of a {size}-byte file), at {where(child=False)}"
+            )
 
 
 def loads_plain(data: bytes, source: str = "<bytes>"):
@@ -99,7 +141,7 @@ def loads_plain(data: bytes, source: str = "<bytes>"):
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
             detail = f"{type(error).__name__}: {error}"
             raise pickle.UnpicklingError(f"{source}: not a readable pickle ({detail})") from error
-        _check_plain(value, source)
+        _check_plain(value, source, len(data))
         return value
     raise pickle.UnpicklingError(f"{source}: cannot decode its strings: {last_error}") from last_error
 

@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 
 from processing_gsva import load_image, multi_target_answer, multi_target_question
 
+from .guards import AnnotationError, check_polygon, check_rle_counts, safe_join
 from .reason_seg import read_json_file
 from .sample import Sample
 from .seeding import check_index, index_rng
@@ -219,15 +220,26 @@ def annotation_mask(segmentation, height: int, width: int, where: str) -> np.nda
                     raise ValueError(
                         f"polygon {part} has {len(polygon)} coordinates; needs an even count ≥ 6 (3 points)"
                     )
+                try:
+                    check_polygon(polygon, height, width)
+                except AnnotationError as error:
+                    raise ValueError(f"polygon {part}: {error}") from error
             rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
         elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
             if list(segmentation["size"]) != [height, width]:
                 raise ValueError(f"RLE size {segmentation['size']} differs from the image size {[height, width]}")
-            if isinstance(segmentation["counts"], list):
+            counts = segmentation["counts"]
+            if isinstance(counts, str):
+                if not counts.isascii():
+                    raise ValueError("compressed RLE 'counts' is not ASCII")
+                counts = counts.encode("ascii")
+            if not isinstance(counts, (list, bytes)):
+                raise ValueError(f"RLE 'counts' must be a list or a string, got {type(counts).__name__}")
+            check_rle_counts(counts, height, width)
+            if isinstance(counts, list):
                 rle = mask_utils.frPyObjects(segmentation, height, width)
             else:
-                counts = segmentation["counts"]
-                rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+                rle = {"size": [height, width], "counts": counts}
         else:
             raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
         decoded = mask_utils.decode(rle)
@@ -278,7 +290,10 @@ class CocoPartSource:
         return len(self.image_infos)
 
     def image_path(self, info: dict) -> Path:
-        return self.image_root / info["file_name"]
+        try:
+            return Path(safe_join(self.image_root, info["file_name"]))
+        except AnnotationError as error:
+            raise ValueError(f"{self.name} annotations {str(self.json_path)!r}, image {info['id']!r}: {error}") from error
 
     def draw(self, index: int, rng, count: int):
         """(names, masks, image path, json path) for up to `count` annotations of image `index`, or None if it has none.

@@ -649,6 +649,9 @@ def main(argv=None):
     parser.add_argument("--train-negative-kinds", default="",
                         help="how often train draws each kind of hard negative, e.g. 'color=2,shape=1,both=1' (default: "
                         "all candidates alike)")
+    parser.add_argument("--hf-out", metavar="DIR",
+                        help="also save the written splits as a `datasets` DatasetDict in DIR (read it with "
+                        "'hf:DIR|<split>'; see gsva_hf.data.hf_datasets)")
     args = parser.parse_args(argv)
     split_options = {s: {"hard_negative_rate": args.eval_hard_negative_rate} for s in ("val", "testA", "testB")}
     split_options["train"] = {"hard_negative_rate": args.train_hard_negative_rate}
@@ -666,6 +669,12 @@ def main(argv=None):
     )
     print(_readme(manifest), end="")
     print(f"wrote {Path(args.out) / GREFCOCO_SUBDIR} and {Path(args.out) / IMAGE_SUBDIR} in {manifest['seconds']} s")
+    if args.hf_out:
+        from .hf_datasets import tree_to_hf
+
+        written = [f"grefcoco|unc|{split}" for split in SPLITS if getattr(args, split) > 0]
+        tree_to_hf(args.out, written, args.hf_out)
+        print(f"wrote the datasets form of {', '.join(written)} to {args.hf_out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 
 from processing_gsva import DEFAULT_IMAGE_TOKEN, load_image
 
+from .guards import AnnotationError, safe_join
 from .reason_seg import read_json_file
 from .sample import Sample
 from .seeding import check_index, index_rng
@@ -104,7 +105,10 @@ class VQADataset(torch.utils.data.Dataset):
         if "id" in entry:
             where += f" (id {entry['id']!r})"
         rounds = conversation_rounds(entry.get("conversations"), where)
-        image_path = self.image_root / entry["image"]
+        try:
+            image_path = Path(safe_join(self.image_root, entry["image"]))
+        except AnnotationError as error:
+            raise ValueError(f"{where}: {error}") from error
         image = load_image(image_path)
         return Sample(
             image=image,

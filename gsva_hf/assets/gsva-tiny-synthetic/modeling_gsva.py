@@ -1,0 +1,879 @@
+"""GSVA: generalized referring segmentation with a multimodal LLM (CVPR 2024), transformers-native.
+
+LLaVA (CLIP vision tower, projector, causal LM) reads the image and the question and answers with one `[SEG]`
+per present target and `[REJ]` per absent one. The last-layer hidden state at the position just before each
+`[SEG]` goes through `text_hidden_fcs` and becomes one sparse prompt of SAM's mask decoder.
+
+Shipped with a Hub repository for ``trust_remote_code``: imports only torch, transformers and its sibling files.
+"""
+
+import itertools
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import ModelOutput, can_return_tuple
+
+try:
+    from .configuration_gsva import GSVAConfig
+except ImportError:
+    from configuration_gsva import GSVAConfig
+
+IGNORE_INDEX = -100
+AUTO_MAP = {
+    "AutoConfig": "configuration_gsva.GSVAConfig",
+    "AutoModel": "modeling_gsva.GSVAForCausalLM",
+    "AutoModelForCausalLM": "modeling_gsva.GSVAForCausalLM",
+    "AutoModelForImageTextToText": "modeling_gsva.GSVAForCausalLM",
+    "AutoProcessor": "processing_gsva.GSVAProcessor",
+}
+PIPELINE_FILE = "pipeline_gsva.py"
+CUSTOM_PIPELINES = {
+    "gsva-segmentation": {
+        "impl": "pipeline_gsva.GSVASegmentationPipeline",
+        "pt": ["AutoModelForCausalLM"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
+DICE_SCALE = 1000.0
+DICE_EPS = 1e-6
+
+
+@dataclass
+class GSVAOutput(ModelOutput):
+    r"""
+    Output of `GSVAForCausalLM.forward`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+            `ce_loss + mask_bce_loss + mask_dice_loss`, each already multiplied by its config weight.
+        ce_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Weighted next-token cross-entropy, mean over answer tokens.
+        mask_bce_loss, mask_dice_loss (`torch.FloatTensor` of shape `()`, *optional*, with `gt_masks`):
+            Weighted mask losses, normalised by the number of slots (`[REJ]` included).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language-model logits.
+        cache (`Cache`, *optional*, returned when `use_cache=True`):
+            The decoder's key/value cache.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The decoder's, when `output_hidden_states` / `output_attentions` are set.
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`, *optional*, with SAM inputs):
+            Per row, mask logits at the original image size, one per `[SEG]`/`[REJ]` slot in text order;
+            `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`, *optional*):
+            Per row, which slots are `[SEG]` (True) or `[REJ]` (False).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`, *optional*):
+            Per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
+    """
+
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    mask_bce_loss: torch.Tensor | None = None
+    mask_dice_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    target_is_seg: list[torch.Tensor] | None = None
+    iou_scores: list[torch.Tensor] | None = None
+
+
+@dataclass
+class GSVATeacherForcedOutput(ModelOutput):
+    r"""
+    Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
+
+    Args:
+        predicted_rejected (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model rejects it
+            (`slot_decisions` with the ground truth, read one position earlier).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Per row, mask logits at the original size (every slot with `reeval`).
+        gt_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per row, the ground-truth slot types.
+    """
+
+    predicted_rejected: list[torch.Tensor] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    gt_is_seg: list[torch.Tensor] | None = None
+
+
+@dataclass
+class GSVAGenerateOutput(GenerateDecoderOnlyOutput):
+    r"""
+    `generate(..., return_dict_in_generate=True)` with SAM inputs: `GenerateDecoderOnlyOutput`'s fields
+    (`sequences`, ...; `cache` is dropped) plus, per returned sequence:
+
+    Args:
+        answer_ids (`list[torch.LongTensor]`):
+            The generated answer up to (not including) its end-of-sequence token.
+        finished (`list[bool]`):
+            Whether the row ended with end-of-sequence (False: cut at `max_new_tokens`).
+        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
+            Per `[SEG]`/`[REJ]` slot of the answer, in order, whether it is `[SEG]`.
+        slot_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            The probability of that choice between the two tokens (softmax over their two logits).
+        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
+            Mask logits at the original size (zeros for `[REJ]`).
+        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+            SAM's predicted IoU (0 for `[REJ]`).
+        original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
+            Image sizes (height, width).
+    """
+
+    answer_ids: list[torch.LongTensor] | None = None
+    finished: list[bool] | None = None
+    target_is_seg: list[torch.Tensor] | None = None
+    slot_scores: list[torch.Tensor] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    iou_scores: list[torch.Tensor] | None = None
+    original_sizes: torch.Tensor | None = None
+
+
+@dataclass
+class GSVATargetsOutput(ModelOutput):
+    r"""
+    Output of `GSVAForCausalLM.decide_targets`: one decided slot per asked phrase, in order.
+
+    Args:
+        sequences (`list[torch.LongTensor]`):
+            Per row, the input tokens (padding removed) with each slot set to the decided token.
+        target_is_seg, slot_scores, pred_masks, iou_scores, original_sizes:
+            As in `GSVAGenerateOutput`.
+    """
+
+    sequences: list[torch.LongTensor] | None = None
+    target_is_seg: list[torch.Tensor] | None = None
+    slot_scores: list[torch.Tensor] | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    iou_scores: list[torch.Tensor] | None = None
+    original_sizes: torch.Tensor | None = None
+
+
+class GSVAMultiModalProjector(nn.Module):
+    """LLaVA v1 `linear` projector, or LLaVA-1.5 `mlp2x_gelu` (same parameter names as transformers' Llava)."""
+
+    def __init__(self, config: GSVAConfig):
+        super().__init__()
+        vision_width = config.vision_config.hidden_size
+        text_width = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_width, text_width)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(text_width, text_width)
+        else:
+            self.act = None
+            self.linear_2 = None
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden = self.linear_1(image_features)
+        if self.linear_2 is not None:
+            hidden = self.linear_2(self.act(hidden))
+        return hidden
+
+
+def build_text_hidden_fcs(text_width: int, out_dim: int) -> nn.ModuleList:
+    """`Linear(d,d) - ReLU - Linear(d,out) - Dropout(0)`, laid out as GSVA's `text_hidden_fcs.0.{0,2}`."""
+    return nn.ModuleList(
+        [nn.Sequential(nn.Linear(text_width, text_width), nn.ReLU(), nn.Linear(text_width, out_dim), nn.Dropout(0.0))]
+    )
+
+
+def mask_bce_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over masks of the per-mask mean binary cross-entropy (GSVA's `sigmoid_ce_loss` times the mask count)."""
+    if pred.shape[0] == 0:
+        return pred.sum()
+    per_pixel = F.binary_cross_entropy_with_logits(pred.float(), target.float(), reduction="none")
+    return per_pixel.flatten(1).mean(1).sum()
+
+
+def mask_dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over masks of GSVA's Dice loss (inputs scaled by 1/1000, eps 1e-6)."""
+    if pred.shape[0] == 0:
+        return pred.sum()
+    prob = pred.float().sigmoid().flatten(1) / DICE_SCALE
+    gt = target.float().flatten(1)
+    numerator = 2 * (prob * gt).sum(-1)
+    denominator = prob.sum(-1) + (gt / DICE_SCALE).sum(-1)
+    return (1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)).sum()
+
+
+class GSVAPreTrainedModel(PreTrainedModel):
+    config: GSVAConfig
+    config_class = GSVAConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
+    """LLaVA + SAM with `[SEG]`/`[REJ]` tokens; see the module docstring."""
+
+    # The Trainer must not pass `num_items_in_batch`: GSVA's CE is a mean over the batch's answer tokens.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: GSVAConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = GSVAMultiModalProjector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.sam = AutoModel.from_config(config.sam_config)
+        self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
+        self.post_init()
+        self._init_like_original()
+
+    def _init_like_original(self):
+        """SAM and `text_hidden_fcs` start as in GSVA: PyTorch's default layer init (segment-anything's modules,
+        Fourier features with std 1) instead of transformers' normal(0.02), which trains the mask path of a
+        from-scratch model much more slowly. SAM is a sub-model whose init transformers dispatches to SAM's own
+        `_init_weights`, so this runs after `post_init`; on the meta device (from_pretrained) it is skipped and the
+        checkpoint's weights are loaded instead."""
+        if self.text_hidden_fcs[0][0].weight.device.type == "meta":
+            return
+        with torch.no_grad():
+            for module in list(self.sam.modules()) + list(self.text_hidden_fcs.modules()):
+                if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
+                    module.reset_parameters()
+            self.sam.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write an `auto_map` for every Auto class that loads GSVA and, next to the code, the pipeline file with
+        its `custom_pipelines` entry, so `pipeline(model=folder, trust_remote_code=True)` needs no task."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        pipeline_source = Path(__file__).with_name(PIPELINE_FILE)
+        if pipeline_source.is_file():
+            self.config.custom_pipelines = CUSTOM_PIPELINES
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if pipeline_source.is_file():
+            shutil.copyfile(pipeline_source, Path(save_directory) / PIPELINE_FILE)
+        return result
+
+    # ----------------------------------------------------------------- embeddings (needed by resize, peft, generate)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.base_model
+
+    # ----------------------------------------------------------------- vision
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP hidden states at `vision_feature_layer` (CLS dropped for "default"), projected to the LM width."""
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return self.multi_modal_projector(features)
+
+    def get_sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        """SAM image-encoder embeddings `[B, 256, 64, 64]`; under `no_grad` unless the encoder is trained."""
+        encoder = self.sam.vision_encoder
+        pixel_values = sam_pixel_values.to(encoder.dtype)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
+            return encoder(pixel_values).last_hidden_state
+        with torch.no_grad():
+            return encoder(pixel_values).last_hidden_state
+
+    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with each image placeholder run replaced by that row's visual tokens."""
+        image_mask = input_ids == self.config.image_token_id
+        embeddings = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+        if pixel_values is None:
+            if image_mask.any():
+                raise ValueError("input_ids contain image tokens but no pixel_values were given")
+            return embeddings
+        features = self.get_image_features(pixel_values).to(embeddings.dtype)
+        if image_mask.sum() != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"input_ids hold {int(image_mask.sum())} image tokens but pixel_values give "
+                f"{features.shape[0]} images x {features.shape[1]} features; each row needs exactly "
+                f"{self.config.num_image_tokens} image tokens and one image"
+            )
+        return embeddings.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    # ----------------------------------------------------------------- [SEG] -> masks
+    def target_slots(self, input_ids: torch.LongTensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row, the positions of `[SEG]`/`[REJ]` tokens in text order and whether each is `[SEG]`."""
+        slots = []
+        for row in input_ids:
+            positions = torch.nonzero(
+                (row == self.config.seg_token_id) | (row == self.config.rej_token_id), as_tuple=False
+            ).flatten()
+            slots.append((positions, row[positions] == self.config.seg_token_id))
+        return slots
+
+    def masks_from_hidden_states(
+        self,
+        seg_hidden_states: list[torch.Tensor],
+        sam_image_embeddings: torch.Tensor,
+        resized_sizes: torch.Tensor,
+        original_sizes: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The one place where `[SEG]` hidden states become masks, for training, evaluation and inference.
+
+        seg_hidden_states: per image, last-layer states `[n_i, d]` at the positions just before its `[SEG]`s.
+        sam_image_embeddings: `[B, C, h, w]` from `get_sam_image_embeddings`, one per image.
+        resized_sizes / original_sizes: `[B, 2]` (height, width) after SAM's longest-side resize / of the image.
+        Returns per image mask logits `[n_i, H_i, W_i]` (float32) and SAM's IoU predictions `[n_i]`.
+        """
+        decoder = self.sam.mask_decoder
+        sam_size = self.config.sam_config.vision_config.image_size
+        dtype = decoder.iou_token.weight.dtype
+        counts = [int(states.shape[0]) for states in seg_hidden_states]
+        total = sum(counts)
+        if total == 0:
+            zeros = sam_image_embeddings.new_zeros
+            masks = [zeros((0, int(h), int(w)), dtype=torch.float32) for h, w in original_sizes.tolist()]
+            return masks, [zeros((0,), dtype=torch.float32) for _ in counts]
+        # All targets of the batch go through the decoder in one call: row t sees its own image's embedding.
+        states = torch.cat(seg_hidden_states, dim=0)
+        prompts = self.text_hidden_fcs[0](states.to(next(self.text_hidden_fcs.parameters()).dtype)).to(dtype)
+        device = sam_image_embeddings.device
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        image_embeddings = sam_image_embeddings.to(dtype).index_select(0, owner)
+        positional = self.sam.get_image_wide_positional_embeddings().to(dtype).expand(total, -1, -1, -1)
+        no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
+        low_res, iou = decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=positional,
+            sparse_prompt_embeddings=prompts[:, None, None, :],
+            dense_prompt_embeddings=no_mask.expand_as(image_embeddings),
+            multimask_output=False,
+        )
+        low_res, iou = low_res[:, 0, 0], iou[:, 0, 0].float()
+        # Post-process images that share (resized, original) sizes together: one interpolation per size pair.
+        sizes = [tuple(resized) + tuple(original) for resized, original in zip(resized_sizes.tolist(), original_sizes.tolist())]
+        starts = [0, *itertools.accumulate(counts)]
+        masks: list[torch.Tensor | None] = [None] * len(counts)
+        for key in dict.fromkeys(sizes):
+            members = [i for i, size in enumerate(sizes) if size == key]
+            rows = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in members]).to(low_res.device)
+            upsampled = self.postprocess_masks(low_res.index_select(0, rows), key[:2], key[2:], sam_size)
+            for i, part in zip(members, upsampled.split([counts[i] for i in members])):
+                masks[i] = part
+        return masks, list(iou.split(counts))
+
+    @staticmethod
+    def postprocess_masks(low_res: torch.Tensor, resized_size, original_size, sam_size: int) -> torch.Tensor:
+        """SAM's post-processing: upsample to the padded input, crop the resized image, resize to the original.
+
+        Only the low-resolution rows and columns that the crop keeps are upsampled. With an integer ratio r,
+        bilinear upsampling (align_corners=False) reads output pixel i from input position (i + 0.5) / r - 0.5
+        whatever the input's extent, so upsampling the slice by r gives the full result's numbers on the crop.
+        """
+        height, width = int(resized_size[0]), int(resized_size[1])
+        logits = low_res[:, None].float()
+        ratio = sam_size // logits.shape[-1]
+        if ratio * logits.shape[-1] == sam_size and logits.shape[-2] == logits.shape[-1]:
+            # Output row i < height interpolates input rows floor((i + 0.5) / r - 0.5) and the next: < ceil(h / r) + 1.
+            rows, cols = (min(logits.shape[-1], -(-size // ratio) + 1) for size in (height, width))
+            logits = F.interpolate(logits[..., :rows, :cols], scale_factor=ratio, mode="bilinear", align_corners=False)
+        else:
+            logits = F.interpolate(logits, (sam_size, sam_size), mode="bilinear", align_corners=False)
+        logits = logits[..., :height, :width]
+        original = tuple(int(v) for v in original_size)
+        if original != (height, width):
+            logits = F.interpolate(logits, original, mode="bilinear", align_corners=False)
+        return logits[:, 0]
+
+    def gather_slot_states(
+        self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The one `[SEG]` gather: per row, the states that predict each `[SEG]`/`[REJ]` of `input_ids` (position
+        - 1; `last_hidden_state[:, j]` belongs to `input_ids[:, j]`) and the row's slot flags (True for `[SEG]`)."""
+        states, flags = [], []
+        for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
+            if (positions == 0).any():
+                raise ValueError(f"row {row}: a [SEG]/[REJ] token at position 0 has no preceding state")
+            states.append(last_hidden_state[row, positions - 1])
+            flags.append(is_seg)
+        return states, flags
+
+    def scatter_to_slots(self, seg_values: list[torch.Tensor], flags: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Place per-`[SEG]` values at their slots; `[REJ]` slots get zeros, as in GSVA."""
+        out = []
+        for values, is_seg in zip(seg_values, flags):
+            full = values.new_zeros((is_seg.shape[0],) + tuple(values.shape[1:]))
+            full[is_seg.to(values.device)] = values
+            out.append(full)
+        return out
+
+    # ----------------------------------------------------------------- losses
+    def ce_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """Shifted next-token CE, mean over answer tokens; `[SEG]`/`[REJ]` targets weighted by `seg_rej_ce_weight`."""
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+        per_token = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = shift_labels != IGNORE_INDEX
+        weight = valid.float()
+        if self.config.seg_rej_ce_weight != 1.0:
+            is_target = (shift_labels == self.config.seg_token_id) | (shift_labels == self.config.rej_token_id)
+            weight = torch.where(is_target & valid, weight * self.config.seg_rej_ce_weight, weight)
+        return (per_token * weight).sum() / weight.sum().clamp_min(1e-8)
+
+    def mask_losses(
+        self, pred_masks: list[torch.Tensor], gt_masks: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted BCE and Dice over all targets of the batch, normalised by the target count incl. `[REJ]`."""
+        num_targets = 0
+        bce = dice = pred_masks[0].new_zeros(())
+        for row, (pred, gt) in enumerate(zip(pred_masks, gt_masks)):
+            if pred.shape != gt.shape:
+                raise ValueError(
+                    f"row {row}: the answer has {pred.shape[0]} [SEG]/[REJ] slots of size {tuple(pred.shape[1:])} "
+                    f"but gt_masks[{row}] has shape {tuple(gt.shape)}; give one mask per slot at the original size"
+                )
+            gt = gt.to(pred.device)
+            bce = bce + mask_bce_loss(pred, gt)
+            dice = dice + mask_dice_loss(pred, gt)
+            num_targets += gt.shape[0]
+        denominator = num_targets + 1e-8
+        return self.config.bce_loss_weight * bce / denominator, self.config.dice_loss_weight * dice / denominator
+
+    # ----------------------------------------------------------------- forward
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
+        original_sizes: torch.Tensor | None = None,
+        resized_sizes: torch.Tensor | None = None,
+        gt_masks: list[torch.Tensor] | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> GSVAOutput:
+        r"""
+        input_ids: text with each image expanded to `config.num_image_tokens` image tokens (see `GSVAProcessor`).
+        pixel_values: CLIP input, one image per row that holds image tokens.
+        sam_pixel_values / sam_image_embeddings: SAM input `[B, 3, 1024, 1024]` or its encoder output. When given
+            (with `original_sizes` and `resized_sizes`), masks are predicted for every `[SEG]` in `input_ids`.
+        gt_masks: per row, `[num_slots, H, W]` ground truth at the original size, one per `[SEG]`/`[REJ]` slot;
+            with `labels` it adds the BCE and Dice losses.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        wants_masks = sam_pixel_values is not None or sam_image_embeddings is not None
+        decoder_outputs = self.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        last_hidden_state = decoder_outputs.last_hidden_state
+        if logits_to_keep and labels is None:
+            logits = self.get_output_embeddings()(last_hidden_state[:, -logits_to_keep:])
+        else:
+            logits = self.get_output_embeddings()(last_hidden_state)
+
+        pred_masks = target_is_seg = iou_scores = None
+        if wants_masks:
+            if input_ids is None:
+                raise ValueError("mask prediction needs input_ids to find the [SEG] tokens")
+            if original_sizes is None or resized_sizes is None:
+                raise ValueError("mask prediction needs original_sizes and resized_sizes (from GSVAProcessor)")
+            if sam_image_embeddings is None:
+                sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
+            slot_states, target_is_seg = self.gather_slot_states(last_hidden_state, input_ids)
+            seg_masks, seg_scores = self.masks_from_hidden_states(
+                [states[is_seg] for states, is_seg in zip(slot_states, target_is_seg)],
+                sam_image_embeddings,
+                resized_sizes,
+                original_sizes,
+            )
+            pred_masks = self.scatter_to_slots(seg_masks, target_is_seg)
+            iou_scores = self.scatter_to_slots(seg_scores, target_is_seg)
+
+        loss = ce = bce = dice = None
+        if labels is not None:
+            ce = self.config.ce_loss_weight * self.ce_loss(logits, labels)
+            loss = ce
+            if gt_masks is not None:
+                if pred_masks is None:
+                    raise ValueError("gt_masks need sam_pixel_values (or sam_image_embeddings) to predict masks")
+                bce, dice = self.mask_losses(pred_masks, gt_masks)
+                loss = ce + bce + dice
+
+        return GSVAOutput(
+            loss=loss,
+            ce_loss=ce,
+            mask_bce_loss=bce,
+            mask_dice_loss=dice,
+            logits=logits,
+            cache=decoder_outputs.cache if use_cache is not False else None,
+            hidden_states=decoder_outputs.hidden_states,
+            attentions=decoder_outputs.attentions,
+            pred_masks=pred_masks,
+            target_is_seg=target_is_seg,
+            iou_scores=iou_scores,
+        )
+
+    # ----------------------------------------------------------------- [REJ] rule
+    def slot_decisions(self, slot_logits: torch.Tensor, gt_is_seg: torch.Tensor | None = None) -> torch.Tensor:
+        """The one place that turns the logits one position before each slot into `[REJ]` decisions (`[n]` bool).
+
+        slot_logits: `[n, vocab]`. With `gt_is_seg` (GSVA's teacher-forced protocol) the full-vocabulary argmax
+        decides: a ground-truth `[SEG]` slot is kept only if `[SEG]` is the argmax, a `[REJ]` slot rejected only
+        if `[REJ]` is. Without it (the model decides) the larger of the two logits wins, ties keeping `[SEG]`.
+        """
+        seg_id, rej_id = self.config.seg_token_id, self.config.rej_token_id
+        if gt_is_seg is None:
+            return slot_logits[:, rej_id] > slot_logits[:, seg_id]
+        predicted = slot_logits.argmax(-1)
+        gt_is_seg = gt_is_seg.to(predicted.device)
+        return torch.where(gt_is_seg, predicted != seg_id, predicted == rej_id)
+
+    def slot_scores(self, slot_logits: torch.Tensor, is_seg: torch.Tensor) -> torch.Tensor:
+        """Probability of the chosen slot token between `[SEG]` and `[REJ]` (softmax over the two logits)."""
+        pair = slot_logits[:, [self.config.seg_token_id, self.config.rej_token_id]].float().softmax(-1)
+        return torch.where(is_seg.to(pair.device), pair[:, 0], pair[:, 1])
+
+    # ----------------------------------------------------------------- evaluation and inference
+    @torch.no_grad()
+    def score_teacher_forced(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor,
+        sam_pixel_values: torch.Tensor,
+        original_sizes: torch.Tensor,
+        resized_sizes: torch.Tensor,
+        reeval: bool = True,
+        **unused,
+    ) -> GSVATeacherForcedOutput:
+        """GSVA's evaluation forward over ground-truth conversations.
+
+        At each ground-truth `[SEG]`/`[REJ]` slot the decision is `slot_decisions` with the ground truth, read one
+        position earlier. With `reeval` every `[REJ]` is rewritten to `[SEG]` and the model runs again so every
+        slot gets a mask.
+
+        Same numbers as two full passes with less work: one pass up to the last slot gives the decisions (LM head
+        at the slots only) and every state before its first `[REJ]`; the rows with a slot after their first `[REJ]`
+        rerun from the earliest such `[REJ]` on, on the first pass's KV cache of the shared prefix; SAM's mask
+        decoder runs once for all slots.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        slots = self.target_slots(input_ids)
+        # A row's states before its first [REJ] are the same in both passes: only rows with a slot after it rerun,
+        # from the earliest such first [REJ] on.
+        first_rej = {
+            row: int(positions[~is_seg][0]) for row, (positions, is_seg) in enumerate(slots) if reeval and not is_seg.all()
+        }
+        redo = [row for row, position in first_rej.items() if int(slots[row][0][-1]) > position]
+        end = max((int(positions[-1]) for positions, _ in slots if positions.numel()), default=1)
+        embeddings = self.embed_inputs(input_ids, pixel_values)[:, :end]
+        first = self.get_decoder()(
+            inputs_embeds=embeddings, attention_mask=attention_mask[:, :end], use_cache=bool(redo), return_dict=True
+        )
+        slot_states, gt_is_seg = self.gather_slot_states(first.last_hidden_state, input_ids)
+        slot_logits = self.get_output_embeddings()(torch.cat(slot_states)).split([len(s) for s in slot_states])
+        rejected = [self.slot_decisions(logits, is_seg) for logits, is_seg in zip(slot_logits, gt_is_seg)]
+        if redo:
+            start = min(first_rej[row] for row in redo)
+            rerun = self._rerun_from(start, first.cache, embeddings, input_ids, attention_mask, redo)
+            for k, row in enumerate(redo):
+                before = slots[row][0].to(rerun.device) - 1
+                late = before >= start
+                slot_states[row][late] = rerun[k, before[late] - start]
+        del first
+        mask_states = slot_states if reeval else [s[is_seg.to(s.device)] for s, is_seg in zip(slot_states, gt_is_seg)]
+        sam_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
+        masks, _ = self.masks_from_hidden_states(mask_states, sam_embeddings, resized_sizes, original_sizes)
+        if not reeval:
+            masks = self.scatter_to_slots(masks, gt_is_seg)
+        return GSVATeacherForcedOutput(predicted_rejected=rejected, pred_masks=masks, gt_is_seg=gt_is_seg)
+
+    def _rerun_from(self, start: int, cache, embeddings, input_ids, attention_mask, redo: list[int]) -> torch.Tensor:
+        """Last-layer states `[len(redo), end - start, d]` of the rows `redo` from `start` on, every `[REJ]` read
+        as `[SEG]`, on the first pass's cache cropped to `start` (positions are token indices, as in a full pass)."""
+        end = embeddings.shape[1]
+        index = torch.tensor(redo, device=embeddings.device)
+        cache.crop(start - end)
+        if len(redo) < embeddings.shape[0]:
+            cache.batch_select_indices(index)
+        tail_ids = input_ids[index, start:end]
+        seg = self.get_input_embeddings()(tail_ids.new_full((1, 1), self.config.seg_token_id))
+        tail = torch.where((tail_ids == self.config.rej_token_id)[..., None], seg, embeddings[index, start:end])
+        rerun = self.get_decoder()(
+            inputs_embeds=tail,
+            attention_mask=attention_mask[index, :end],
+            position_ids=torch.arange(start, end, device=tail.device)[None],
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        return rerun.last_hidden_state
+
+    def _special_suppressed(self, kwargs: dict) -> dict:
+        """Image and image-boundary tokens are never generated (unless the caller sets `suppress_tokens`)."""
+        if kwargs.get("suppress_tokens") is None and getattr(self.generation_config, "suppress_tokens", None) is None:
+            kwargs["suppress_tokens"] = [self.config.image_token_id, self.config.im_start_token_id, self.config.im_end_token_id]
+        return kwargs
+
+    def _slot_outputs(
+        self,
+        slot_states: list[torch.Tensor],
+        slot_logits: list[torch.Tensor],
+        flags: list[torch.Tensor],
+        sam_pixel_values: torch.Tensor | None,
+        sam_image_embeddings: torch.Tensor | None,
+        resized_sizes: torch.Tensor,
+        original_sizes: torch.Tensor,
+    ) -> dict:
+        """Scores and masks for decided slots (generated or target mode); SAM's image encoder runs once per image."""
+        if sam_image_embeddings is None:
+            sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
+        seg_states = [states[is_seg.to(states.device)] for states, is_seg in zip(slot_states, flags)]
+        masks, iou = self.masks_from_hidden_states(seg_states, sam_image_embeddings, resized_sizes, original_sizes)
+        return {
+            "target_is_seg": flags,
+            "slot_scores": [self.slot_scores(logits, is_seg) for logits, is_seg in zip(slot_logits, flags)],
+            "pred_masks": self.scatter_to_slots(masks, flags),
+            "iou_scores": self.scatter_to_slots(iou, flags),
+            "original_sizes": original_sizes,
+        }
+
+    def _slot_ids(self, device) -> torch.Tensor:
+        return torch.tensor([self.config.seg_token_id, self.config.rej_token_id], device=device)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
+        original_sizes: torch.Tensor | None = None,
+        resized_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate`, plus masks for the generated `[SEG]`s.
+
+        Takes `**processor(images=..., text=...)` as is. The SAM inputs never reach the decoding steps. With
+        `return_dict_in_generate=True` (and the SAM inputs) the result is a `GSVAGenerateOutput`: the usual fields
+        plus per row the answer ids, slot flags, scores and mask logits (`processor.post_process_instance_segmentation`
+        reads it); SAM's encoder runs once per image after decoding, and the `[SEG]` states come from one pass over
+        the answer on top of the decoding cache. Without it, `generate` returns token ids like any causal LM.
+        """
+        kwargs = self._special_suppressed(kwargs)
+        input_ids = kwargs.pop("input_ids", inputs)
+        wants_masks = bool(kwargs.get("return_dict_in_generate")) and (
+            sam_pixel_values is not None or sam_image_embeddings is not None
+        )
+        if not wants_masks:
+            return super().generate(input_ids, **kwargs)
+        if original_sizes is None or resized_sizes is None:
+            raise ValueError("masks from generate need original_sizes and resized_sizes (from GSVAProcessor)")
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) != 1:
+            raise ValueError("masks from generate need num_beams=1 (greedy or sampling)")
+        copies = int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = super().generate(input_ids, **{**kwargs, "use_cache": True})
+        sequences, prompt_length = out.sequences, input_ids.shape[1]
+        attention_mask = attention_mask.repeat_interleave(copies, dim=0)
+
+        # One pass over the answer on top of the cache of the prompt gives the last-layer state at every answer
+        # position, exactly as decoding saw it.
+        cache = out.cache
+        cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))
+        feed = sequences[:, prompt_length - 1 : -1]
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones((sequences.shape[0], feed.shape[1] - 1))], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)[:, prompt_length - 1 :]
+        states = self.get_decoder()(
+            inputs_embeds=self.embed_inputs(feed, None),
+            attention_mask=full_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
+        out.cache = None
+
+        # `states[:, j]` belongs to `sequences[:, prompt_length - 1 + j]`; tokens after a row's end are padding.
+        eos = self.generation_config.eos_token_id
+        eos_ids = torch.tensor([e for e in (eos if isinstance(eos, list) else [eos]) if e is not None], device=sequences.device)
+        answers = sequences[:, prompt_length:].clone()
+        answer_ids, finished = [], []
+        for row, answer in enumerate(answers):
+            ends = torch.nonzero(torch.isin(answer, eos_ids)).flatten()
+            finished.append(bool(ends.numel()))
+            if ends.numel():
+                answer[int(ends[0]) :] = eos_ids[0]
+                answer_ids.append(sequences[row, prompt_length : prompt_length + int(ends[0])])
+            else:
+                answer_ids.append(sequences[row, prompt_length:])
+        aligned = torch.cat([sequences[:, prompt_length - 1 : prompt_length], answers], dim=1)
+        slot_states, flags = self.gather_slot_states(states, aligned)
+        slot_logits = [self.get_output_embeddings()(chosen) for chosen in slot_states]
+
+        def repeat(tensor):
+            return None if tensor is None else tensor.repeat_interleave(copies, dim=0)
+
+        slots = self._slot_outputs(
+            slot_states,
+            slot_logits,
+            flags,
+            repeat(sam_pixel_values),
+            repeat(sam_image_embeddings),
+            repeat(resized_sizes),
+            repeat(original_sizes),
+        )
+        return GSVAGenerateOutput(**dict(out.items()), **slots, answer_ids=answer_ids, finished=finished)
+
+    @torch.no_grad()
+    def decide_targets(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        original_sizes: torch.Tensor,
+        resized_sizes: torch.Tensor,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_image_embeddings: torch.Tensor | None = None,
+    ) -> GSVATargetsOutput:
+        """Target mode: the answer is fixed up to its slots; the model decides only `[SEG]` or `[REJ]` at each.
+
+        Takes `**processor(images=..., targets=[...])`: each row holds GSVA's answer template with one slot per
+        asked phrase. One pass reads the image, the question and the answer up to the first slot; then, per slot,
+        the decided slot token and the text up to the next slot are fed on the same KV cache. The decision is
+        `slot_decisions` (larger of the two logits, conditioned on the earlier decisions) and the `[SEG]` state is
+        the last state of that pass. Every asked phrase gets exactly one decision, in order.
+        """
+        slot_ids = self._slot_ids(input_ids.device)
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+        slots = [torch.nonzero(torch.isin(ids, slot_ids)).flatten() for ids in rows]
+        for row, positions in enumerate(slots):
+            if positions.numel() == 0:
+                raise ValueError(f"row {row} has no [SEG]/[REJ] slot; build target-mode inputs with processor(targets=...)")
+            if int(positions[0]) == 0:
+                raise ValueError(f"row {row}: a slot at position 0 has no preceding state")
+        count = max(len(positions) for positions in slots)
+        decided = [ids.clone() for ids in rows]
+        # Chunk k of a row: the text before its first slot (k = 0), else its slot k-1 token and the text up to slot k.
+        bounds = [[0, *positions.tolist()] for positions in slots]
+        seen = torch.zeros(len(rows), dtype=torch.long, device=input_ids.device)
+        full_mask = input_ids.new_zeros((len(rows), 0))
+        cache = None
+        slot_states = [[] for _ in rows]
+        slot_logits = [[] for _ in rows]
+        for step in range(count):
+            chunks = [
+                decided[row][bounds[row][step] : bounds[row][step + 1]] if step < len(slots[row]) else decided[row][:0]
+                for row in range(len(rows))
+            ]
+            width = max(len(chunk) for chunk in chunks)
+            ids = input_ids.new_zeros((len(rows), width))
+            mask = input_ids.new_zeros((len(rows), width))
+            for row, chunk in enumerate(chunks):
+                # Left-aligned padding inside the chunk: every row's deciding state is the last position.
+                ids[row, width - len(chunk) :] = chunk
+                mask[row, width - len(chunk) :] = 1
+            positions = (seen[:, None] + mask.cumsum(-1) - 1).clamp_min(0)
+            full_mask = torch.cat([full_mask, mask], dim=1)
+            output = self.get_decoder()(
+                inputs_embeds=self.embed_inputs(ids, pixel_values if step == 0 else None),
+                attention_mask=full_mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            )
+            cache, seen = output.cache, seen + mask.sum(-1)
+            last = output.last_hidden_state[:, -1]
+            logits = self.get_output_embeddings()(last)
+            rejected = self.slot_decisions(logits)
+            for row in range(len(rows)):
+                if step < len(slots[row]):
+                    position = int(slots[row][step])
+                    decided[row][position] = self.config.rej_token_id if rejected[row] else self.config.seg_token_id
+                    slot_states[row].append(last[row])
+                    slot_logits[row].append(logits[row])
+        outputs = self._slot_outputs(
+            [torch.stack(states) for states in slot_states],
+            [torch.stack(logits) for logits in slot_logits],
+            [ids[positions] == self.config.seg_token_id for ids, positions in zip(decided, slots)],
+            sam_pixel_values,
+            sam_image_embeddings,
+            resized_sizes,
+            original_sizes,
+        )
+        return GSVATargetsOutput(sequences=decided, **outputs)
+
+    @torch.no_grad()
+    def segment(
+        self,
+        processor,
+        images,
+        text: str | list[str] | None = None,
+        targets: list[str] | list[list[str]] | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        threshold: float = 0.0,
+        batch_size: int = 8,
+        **generate_kwargs,
+    ) -> list:
+        """Image(s) + a question or target phrases in, per image one `SegmentationResult` out.
+
+        targets: phrases per image (target mode, `decide_targets`): exactly one result per phrase, in order.
+        text: a question per image (free generation, `generate`): the model's own answer decides the targets.
+        A thin processor -> model -> processor loop over batches of `batch_size` images.
+        """
+        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
+        queries = processor.segmentation_queries(len(image_list), text=text, targets=targets)
+        results = []
+        for start in range(0, len(image_list), batch_size):
+            chunk = slice(start, start + batch_size)
+            if targets is not None:
+                inputs = processor(images=image_list[chunk], targets=queries[chunk]).to(self.device)
+                outputs = self.decide_targets(**inputs)
+            else:
+                inputs = processor(images=image_list[chunk], text=queries[chunk]).to(self.device)
+                outputs = self.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, return_dict_in_generate=True, **generate_kwargs
+                )
+            results += processor.post_process_instance_segmentation(
+                outputs, threshold=threshold, targets=queries[chunk] if targets is not None else None
+            )
+        return results
+
+
+GSVAForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["GSVAForCausalLM", "GSVAPreTrainedModel", "GSVAOutput", "GSVAGenerateOutput", "GSVATargetsOutput"]

@@ -1,0 +1,259 @@
+"""The user paths: generate(**processor(...)), target mode, the post-processor and the pipeline."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from processing_gsva import clean_sentence, eval_answer, mask_to_rle
+from tests.conftest import REPO
+
+BUNDLED = REPO / "gsva_hf" / "assets" / "gsva-tiny-synthetic"
+def images_of(*sizes, seed=7):
+    """Random images, the same for the same call whatever ran before."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+class EncoderCalls:
+    """Counts the images SAM's image encoder sees."""
+
+    def __init__(self, model):
+        self.images = 0
+        model.sam.vision_encoder.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.images += int(args[0].shape[0])
+
+
+def sharpen_slot_tokens(model, seed=0):
+    """Opposite large random `[SEG]`/`[REJ]` rows of lm_head: the full-vocabulary argmax is one of the two, and
+    which one varies with the state, so decisions of both kinds occur on a random model."""
+    direction = torch.randn(model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        weight[model.config.seg_token_id] = 100.0 * direction
+        weight[model.config.rej_token_id] = -100.0 * direction
+
+
+def test_generate_takes_processor_output_and_runs_sam_once_per_image(tiny_model, tiny_processor):
+    images = images_of((40, 50), (20, 30), (25, 25))
+    batch = tiny_processor(images=images, text=["what is the red circle?", "segment the dog.", "and here?"])
+    calls = EncoderCalls(tiny_model)
+    plain = tiny_model.generate(**batch, max_new_tokens=12)
+    assert isinstance(plain, torch.Tensor) and plain.shape[0] == 3
+    assert calls.images == 0
+
+    sharpen_slot_tokens(tiny_model)
+    out = tiny_model.generate(**batch, max_new_tokens=12, return_dict_in_generate=True)
+    assert calls.images == 3
+    assert torch.equal(out.sequences, tiny_model.generate(**batch, max_new_tokens=12))
+    prompt = batch["input_ids"].shape[1]
+    slots = {tiny_model.config.seg_token_id, tiny_model.config.rej_token_id}
+    assert any(len(flags) for flags in out.target_is_seg)
+    for row, answer in enumerate(out.answer_ids):
+        generated = out.sequences[row, prompt:].tolist()
+        assert generated[: len(answer)] == answer.tolist()
+        assert out.target_is_seg[row].tolist() == [t == tiny_model.config.seg_token_id for t in answer.tolist() if t in slots]
+        assert out.pred_masks[row].shape[1:] == tuple(batch["original_sizes"][row].tolist())
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "num_return_sequences": 2}], ids=["greedy", "sampling"])
+def test_masks_from_generate_equal_a_full_forward_over_the_generated_answer(tiny_model, tiny_processor, sampling):
+    sharpen_slot_tokens(tiny_model, seed=1)
+    images = images_of((40, 50), (20, 30))
+    batch = tiny_processor(images=images, text=["what is the red circle?", "a longer question about the dog here?"])
+    torch.manual_seed(0)
+    out = tiny_model.generate(**batch, max_new_tokens=16, return_dict_in_generate=True, **sampling)
+    assert sum(int(flags.sum()) for flags in out.target_is_seg) > 0
+    copies = sampling.get("num_return_sequences", 1)
+    repeated = {k: v.repeat_interleave(copies, dim=0) for k, v in batch.items()}
+    mask = (out.sequences != tiny_processor.tokenizer.pad_token_id).long()
+    mask[:, : batch["attention_mask"].shape[1]] = repeated["attention_mask"]
+    with torch.no_grad():
+        full = tiny_model(
+            input_ids=out.sequences,
+            attention_mask=mask,
+            pixel_values=repeated["pixel_values"],
+            sam_pixel_values=repeated["sam_pixel_values"],
+            original_sizes=repeated["original_sizes"],
+            resized_sizes=repeated["resized_sizes"],
+        )
+    for row in range(2 * copies):
+        count = len(out.target_is_seg[row])
+        assert torch.equal(full.target_is_seg[row][:count], out.target_is_seg[row])
+        seg = out.target_is_seg[row]
+        torch.testing.assert_close(out.pred_masks[row][seg], full.pred_masks[row][:count][seg], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("count", range(1, 9))
+def test_target_mode_returns_one_result_per_phrase_in_order(tiny_model, tiny_processor, count):
+    phrases = [f"the {word} thing" for word in ["red", "big", "small", "left", "blue", "round", "green", "far"][:count]]
+    result = tiny_model.segment(tiny_processor, images_of((30, 40)), targets=phrases)[0]
+    assert [t.phrase for t in result.targets] == phrases
+    assert all(t.mask.shape == (30, 40) and t.mask.dtype == torch.bool for t in result.targets)
+    assert all(0.5 <= t.score <= 1.0 for t in result.targets)
+    assert all(not t.mask.any() for t in result.targets if t.rejected)
+    assert result.warnings == []
+
+
+def test_target_decisions_equal_teacher_forced_scoring_of_the_models_own_answer(tiny_model, tiny_processor):
+    phrases = [["man in red", "the dog", "a car", "the tree", "sky"], ["a cat"], ["left", "right", "middle"]]
+    images = images_of((40, 50), (20, 30), (33, 21))
+    inputs = tiny_processor(images=images, targets=phrases)
+    for seed in range(50):  # a direction whose decisions mix [SEG] and [REJ] within a row
+        sharpen_slot_tokens(tiny_model, seed=seed)
+        decided = tiny_model.decide_targets(**inputs)
+        if any(len(set(flags.tolist())) == 2 for flags in decided.target_is_seg):
+            break
+    ids = tiny_model.config
+    checked = 0
+    for row, sentences in enumerate(phrases):
+        rejected = [not flag for flag in decided.target_is_seg[row].tolist()]
+        question = tiny_processor.targets_conversation(sentences)[0]
+        answer = eval_answer([clean_sentence(s) for s in sentences], rejected)
+        gt = tiny_processor(images=images[row : row + 1], text=[question], answers=[answer])
+        assert torch.equal(gt["input_ids"][0][gt["attention_mask"][0].bool()], decided.sequences[row])
+        scored = tiny_model.score_teacher_forced(**{k: v for k, v in gt.items() if k != "labels"})
+        with torch.no_grad():
+            logits = tiny_model(input_ids=gt["input_ids"], attention_mask=gt["attention_mask"], pixel_values=gt["pixel_values"]).logits
+        positions = torch.nonzero(torch.isin(gt["input_ids"][0], torch.tensor([ids.seg_token_id, ids.rej_token_id]))).flatten()
+        argmax = logits[0, positions - 1].argmax(-1)
+        for slot, top in enumerate(argmax.tolist()):
+            if top in (ids.seg_token_id, ids.rej_token_id):
+                checked += 1
+                assert bool(scored.predicted_rejected[0][slot]) == rejected[slot], (row, slot)
+    assert checked >= 5 and any(len(set(flags.tolist())) == 2 for flags in decided.target_is_seg)
+
+
+def test_target_mode_masks_equal_a_full_forward_over_the_decided_answer(tiny_model, tiny_processor):
+    sharpen_slot_tokens(tiny_model, seed=3)
+    phrases = [["man in red", "the dog", "a car"], ["a cat", "the long table by the window"]]
+    images = images_of((40, 50), (20, 30))
+    inputs = tiny_processor(images=images, targets=phrases)
+    decided = tiny_model.decide_targets(**inputs)
+    for row in range(2):
+        ids = decided.sequences[row][None]
+        with torch.no_grad():
+            full = tiny_model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=inputs["pixel_values"][row : row + 1],
+                sam_pixel_values=inputs["sam_pixel_values"][row : row + 1],
+                original_sizes=inputs["original_sizes"][row : row + 1],
+                resized_sizes=inputs["resized_sizes"][row : row + 1],
+            )
+        seg = decided.target_is_seg[row]
+        torch.testing.assert_close(decided.pred_masks[row][seg], full.pred_masks[0][seg], atol=1e-4, rtol=1e-4)
+        slot_positions = torch.nonzero(torch.isin(ids[0], torch.tensor([tiny_model.config.seg_token_id, tiny_model.config.rej_token_id]))).flatten()
+        expected = tiny_model.slot_scores(full.logits[0, slot_positions - 1], seg)
+        torch.testing.assert_close(decided.slot_scores[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_target_mode_batched_equals_one_by_one(tiny_model, tiny_processor):
+    sharpen_slot_tokens(tiny_model, seed=4)
+    phrases = [["man in red", "the dog", "a car", "sky"], ["a cat"], ["left", "right"]]
+    images = images_of((40, 50), (20, 30), (33, 21))
+    together = tiny_model.segment(tiny_processor, images, targets=phrases, batch_size=3)
+    for row in range(3):
+        alone = tiny_model.segment(tiny_processor, images[row : row + 1], targets=[phrases[row]])[0]
+        assert alone.answer == together[row].answer
+        for a, b in zip(alone.targets, together[row].targets, strict=True):
+            assert a.rejected == b.rejected and a.phrase == b.phrase
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+            assert (a.mask != b.mask).float().mean() < 1e-3
+
+
+def test_question_mode_reports_the_models_phrases_and_what_it_could_not_match(tiny_model, tiny_processor):
+    sharpen_slot_tokens(tiny_model, seed=5)
+    images = images_of((40, 50), (20, 30))
+    results = tiny_model.segment(tiny_processor, images, text=["what is the red circle?", "where is the dog?"], max_new_tokens=6)
+    for result in results:
+        assert len(result.targets) == result.answer.count("[SEG]") + result.answer.count("[REJ]")
+        assert [t.phrase for t in result.targets] == (tiny_processor.answer_phrases(result.answer) + [""] * 9)[: len(result.targets)]
+        assert any("max_new_tokens" in warning for warning in result.warnings) or result.answer
+    # A random model rarely ends its answer within 6 tokens: the cut is reported, never silent.
+    assert any("max_new_tokens" in warning for result in results for warning in result.warnings)
+
+
+def test_post_processor_rle_round_trips_through_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    mask = torch.from_numpy(np.random.default_rng(0).random((13, 17)) > 0.6)
+    mask[0, 0] = True
+    rle = mask_to_rle(mask)
+    decoded = mask_utils.decode(mask_utils.frPyObjects(rle, *rle["size"]))
+    assert np.array_equal(decoded.astype(bool), mask.numpy())
+    empty = mask_to_rle(torch.zeros(4, 5, dtype=torch.bool))
+    assert empty == {"size": [4, 5], "counts": [20]}
+
+
+def test_generate_and_segment_on_the_bundled_model():
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
+
+    model = GSVAForCausalLM.from_pretrained(BUNDLED).eval()
+    processor = GSVAProcessor.from_pretrained(BUNDLED)
+    image = Image.open(REPO / "gsva_hf" / "assets" / "example.png")
+    calls = EncoderCalls(model)
+    batch = processor(images=[image], text=[processor.targets_question(["the red circle", "the green star"])])
+    out = model.generate(**batch, max_new_tokens=40, return_dict_in_generate=True)
+    assert calls.images == 1 and out.finished == [True]
+    result = processor.post_process_instance_segmentation(out)[0]
+    assert [t.phrase for t in result.targets] == ["the red circle", "the green star"]
+    asked = ["the red circle", "the blue square", "the green star", "the dog", "the yellow triangle"]
+    targets = model.segment(processor, image, targets=asked)[0].targets
+    assert [t.phrase for t in targets] == asked
+    assert not targets[0].rejected and targets[0].mask.any()
+
+
+PIPELINE = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    repo = sys.argv[2]
+    sys.path = [p for p in sys.path if p not in ("", ".", repo)]
+    sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    for name in ("modeling_gsva", "configuration_gsva", "processing_gsva", "pipeline_gsva", "gsva_hf"):
+        assert importlib.util.find_spec(name) is None, name + " is importable"
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForImageTextToText, pipeline
+    assert type(AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)).__name__ == "GSVAForCausalLM"
+    pipe = pipeline(model=sys.argv[1], trust_remote_code=True)
+    image = np.asarray(np.load(sys.argv[1] + "/image.npy"))
+    one = pipe(image, targets=["the red circle", "a dog", "the sky"])
+    two = pipe([image, image], text="What is the red circle in this image?", max_new_tokens=6)
+    out = {
+        "task": pipe.task,
+        "one": [[d["label"], d["rejected"], d["score"], d["mask"].mode, d["mask"].size, int(np.asarray(d["mask"]).sum() // 255)] for d in one],
+        "two": [len(r) for r in two],
+    }
+    print(json.dumps(out))
+    """
+)
+
+
+def test_pipeline_from_a_saved_folder_in_a_fresh_process(tiny_model, tiny_processor, tmp_path):
+    import json
+
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    image = images_of((20, 30))[0]
+    np.save(folder / "image.npy", image)
+    expected = tiny_model.segment(tiny_processor, image, targets=["the red circle", "a dog", "the sky"])[0]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", PIPELINE, str(folder), str(REPO)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["task"] == "gsva-segmentation" and out["two"] == [len(r.targets) for r in tiny_model.segment(tiny_processor, [image, image], text="What is the red circle in this image?", max_new_tokens=6)]
+    for (label, rejected, score, mode, size, area), target in zip(out["one"], expected.targets, strict=True):
+        assert (label, rejected, mode, size) == (target.phrase, target.rejected, "L", [30, 20])
+        assert score == pytest.approx(target.score, abs=1e-5) and area == int(target.mask.sum())
