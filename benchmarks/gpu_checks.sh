@@ -67,8 +67,8 @@ eval_checks() {
   step eval_teacher_forced 170 "${PREPARED[@]}" --attn "$ATTN" --variants current,reference --json "$OUT/bench_eval.json"
   # Target mode: segment(processor, images, targets=[...]); a failing call prints a row naming the error.
   step eval_target_mode 110 "${PREPARED[@]}" --attn sdpa --variants current --target-mode --json "$OUT/bench_target_mode.json"
-  # Free generation of the answer (forced to the same tokens every run), then the masks.
-  step free_generation 90 python3 benchmarks/bench_inference.py --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" \
+  # segment() end to end: target mode and free generation (answers forced to the same tokens every run).
+  step bench_inference 90 python3 benchmarks/bench_inference.py --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" \
     --attn sdpa --batch-sizes "${BATCHES%,*}" --targets "$TARGETS" --image-size "$IMAGE" --repeats 2 --threads "$THREADS" \
     --json "$OUT/bench_inference.json"
   # The LLM in 4-bit (bitsandbytes) against bf16, both loaded from a saved random model (about 14 GB written).
