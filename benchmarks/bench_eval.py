@@ -10,7 +10,8 @@ metrics and decisions are checked to agree. `--stages` prints where one run's se
 
 Prepared batches (`--prepared`): a preset with random weights, random images with `--targets` expressions each
 (a quarter `[REJ]`), `score_teacher_forced` images/s and peak memory per batch size, attention and variant, and
-`--target-mode` also times `segment(processor, images, targets=...)`:
+`--target-mode` also times `segment(processor, images, targets=...)`, `--stages` splits one call into its stages
+and `--layers N` keeps the preset's widths with N blocks in the LLM, CLIP and SAM's encoder:
 
     python benchmarks/bench_eval.py --prepared --preset configs/gsva-7b --device cuda --dtype bf16 \
         --image-size 480 --targets 10 --batch-sizes 1,8,16 --attn sdpa,flash_attention_2 --target-mode
@@ -43,8 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import reference_eval  # noqa: E402
 from benchmarks.common import preset_processor, timed  # noqa: E402
-from benchmarks.reference_eval import reference_evaluation  # noqa: E402
 
 VARIANTS = ("current", "reference")
 
@@ -52,7 +53,7 @@ VARIANTS = ("current", "reference")
 def variant_context(variant: str):
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return reference_evaluation() if variant == "reference" else contextlib.nullcontext()
+    return reference_eval.reference_evaluation() if variant == "reference" else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------- evaluation loop
@@ -88,6 +89,7 @@ def stage_timers(model) -> tuple[dict, Counter, list]:
     wrap(GSVAForCausalLM, "get_sam_image_embeddings", "SAM image encoder")
     wrap(type(model.sam.mask_decoder), "forward", "SAM mask decoder")
     wrap(GSVAForCausalLM, "postprocess_masks", "mask post-processing", static=True)
+    wrap(reference_eval, "full_upsample_postprocess", "mask post-processing")
     wrap(GresAccumulator, "add", "metric accumulation")
     return seconds, calls, restore
 
@@ -259,6 +261,12 @@ def prepared_benchmark(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
     config = GSVAConfig.from_pretrained(args.preset)
     processor = preset_processor(args.preset, config)
+    if args.layers:
+        # Same widths, fewer blocks: per-layer costs and the proportions of the stages at a preset's shapes.
+        config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = args.layers
+        sam_vision = config.sam_config.vision_config
+        sam_vision.num_hidden_layers = args.layers
+        sam_vision.global_attn_indexes = [i for i in sam_vision.global_attn_indexes if i < args.layers]
     rows = []
     print("| attn | batch | variant | images/s | s/batch | peak MiB |")
     print("|---|---|---|---|---|---|")
@@ -280,12 +288,34 @@ def prepared_benchmark(args) -> list[dict]:
                 rows.append(_row(attn, batch, variant, seconds, memory["mib"]))
             if len(outputs) == 2:
                 _check_agree(outputs["current"], outputs["reference"])
+            if args.stages:
+                for variant in outputs:
+                    print_stages(_stage_row(model, inputs, variant, batch, args.targets, args.device))
             if args.target_mode:
                 rows.append(_target_mode(model, processor, images, names, attn, batch, args))
         model = None  # frees the weights before the next build
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return rows
+
+
+def _stage_row(model, inputs, variant, batch, targets, device) -> dict:
+    """One `score_teacher_forced` call with the stage timers on (GPU: synchronised, so seconds are the stage's)."""
+    seconds, calls, restore = stage_timers(model)
+    try:
+        with variant_context(variant), torch.no_grad():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.score_teacher_forced(**inputs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            total = time.perf_counter() - start
+    finally:
+        for owner, name, original in restore:
+            setattr(owner, name, original)
+    stages = {label: {"s": s, "calls": calls[label]} for label, s in seconds.items()}
+    return {"variant": variant, "images": batch, "targets": batch * targets, "loop_s": total, "stages": stages}
 
 
 def _row(attn, batch, variant, seconds, mib) -> dict:
@@ -403,6 +433,7 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", type=int, default=10, help="expressions per image (prepared batches)")
     parser.add_argument("--image-size", type=int, default=120, help="image height, width 4/3 of it (prepared batches)")
     parser.add_argument("--target-mode", action="store_true", help="also time segment(targets=...) (prepared batches)")
+    parser.add_argument("--layers", type=int, help="cut the LLM, CLIP and SAM encoder to this many blocks (prepared)")
     parser.add_argument(
         "--load-ins",
         help='save a random model and time it loaded per entry, e.g. "4bit,none" (the LLM in 4-bit, then not)',
