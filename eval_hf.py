@@ -8,16 +8,22 @@
     accelerate launch --multi_gpu --num_processes 8 eval_hf.py ...
 
 Prints GSVA's log line (`grefcoco giou: ..., ciou: ..., N_acc: ..., T_acc: ....`) per dataset and writes a
-JSON file with the metrics and per-sample results.
+JSON file with the metrics and per-sample results. Before evaluating anything it checks that every dataset's image
+files exist and open and that every output file can be written, and refuses (exit status 1) naming what is wrong,
+so no partial evaluation is computed and then lost. A model folder's own code runs only with --trust_remote_code.
 """
 
 import argparse
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 
-from gsva_hf.segment import DTYPES
+from gsva_hf.segment import DTYPES, add_loading_arguments
+
+SHOWN_PROBLEMS = 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,10 +45,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--output", type=Path, help="JSON file (default: MODEL/eval_<dataset>_<mode>.json)")
     parser.add_argument("--no_progress", action="store_true")
+    add_loading_arguments(parser, underscores=True)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     return args
+
+
+def output_path(args: argparse.Namespace, spec: str) -> Path:
+    name = re.sub(r"[^\w.+-]+", "_", spec)
+    if args.output is None:
+        return args.model / f"eval_{name}_{args.mode}.json"
+    if len(specs(args)) > 1:
+        return args.output.with_name(f"{args.output.stem}_{name}{args.output.suffix}")
+    return args.output
+
+
+def specs(args: argparse.Namespace) -> list[str]:
+    return [s.strip() for s in args.val_dataset.split("||") if s.strip()]
+
+
+def check_writable(path: Path) -> None:
+    """Raise naming `path` unless a file can be created there (checked before any evaluation)."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".eval_write_check_"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as error:
+        raise SystemExit(f"error: cannot write the evaluation output {path} ({error}); pass --output FILE.json in a writable folder") from error
+
+
+def check_images(dataset, spec: str) -> None:
+    """Refuse, listing them, a dataset whose image files are missing or unreadable (before any evaluation)."""
+    from gsva_hf.evaluation import dataset_image_paths, unreadable_images
+
+    paths = dataset_image_paths(dataset)
+    problems = unreadable_images(paths) if paths is not None else []
+    if problems:
+        shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise SystemExit(f"error: {spec}: {len(problems)} of {len(set(paths))} image files cannot be read:\n  {shown}{more}")
 
 
 def main(argv=None) -> dict:
@@ -54,10 +100,20 @@ def main(argv=None) -> dict:
     from gsva_hf.segment import load_model
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model, processor = load_model(args.model, dtype=args.dtype, device=str(accelerator.device))
+    datasets = {spec: build_val_dataset(args.dataset_dir, spec) for spec in specs(args)}
+    for spec, dataset in datasets.items():
+        check_images(dataset, spec)
+        if accelerator.is_main_process:
+            check_writable(output_path(args, spec))
+    model, processor = load_model(
+        args.model,
+        dtype=args.dtype,
+        device=str(accelerator.device),
+        trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+    )
     all_metrics = {}
-    for spec in [s for s in args.val_dataset.split("||") if s.strip()]:
-        dataset = build_val_dataset(args.dataset_dir, spec.strip())
+    for spec, dataset in datasets.items():
         result = evaluate_dataset(
             model,
             processor,
@@ -73,12 +129,8 @@ def main(argv=None) -> dict:
         all_metrics[spec] = result.metrics
         if accelerator.is_main_process:
             print(result.log_line, flush=True)
-            stem = re.sub(r"[^\w.+-]+", "_", spec)
-            output = args.output or args.model / f"eval_{stem}_{args.mode}.json"
-            if args.output and len(args.val_dataset.split("||")) > 1:
-                output = args.output.with_name(f"{args.output.stem}_{stem}{args.output.suffix}")
             result.accumulator.write_json(
-                output,
+                output_path(args, spec),
                 val_dataset=spec,
                 mode=args.mode,
                 protocol=args.protocol,

@@ -6,6 +6,7 @@ Shipped with a Hub repository for ``trust_remote_code``: imports only torch, tra
 
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,41 +190,92 @@ def mask_to_rle(mask: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------------------
-def load_image(image) -> Image.Image:
-    """Open a path / PIL image / HxW(x3|4) array as an upright 8-bit RGB PIL image, or raise naming the input."""
+# Size limits of `load_image`. Memory grows ~40 bytes per pixel through the processors and full-size masks (a
+# 12000x12000 image took 5.4 GB), so larger images are refused rather than swapped through. SAM resizes the long side
+# to `longest_edge` and rounds the short side: it becomes 0 (a processor crash) beyond 2 * longest_edge : 1, which
+# is 2048:1 for SAM's 1024 and 256:1 for the 128-pixel tiny model; 256:1 is safe for both.
+MAX_IMAGE_MEGAPIXELS = 40
+MAX_ASPECT_RATIO = 256
+
+
+def load_image(image, name: str | None = None) -> Image.Image:
+    """Open a path / PIL image / HxW(x1|3|4) array as an upright 8-bit RGB PIL image, or raise naming the input.
+
+    Grey levels follow the bit depth (`_to_uint8`); images over `MAX_IMAGE_MEGAPIXELS` or more elongated than
+    `MAX_ASPECT_RATIO` are refused with their size. `name` labels errors for in-memory images (e.g. an upload).
+    """
     if isinstance(image, (str,)) or hasattr(image, "__fspath__"):
+        name = name or str(image)
         try:
-            with Image.open(image) as opened:
-                opened.load()
-                image = opened.copy()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                opened = Image.open(image)
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"image {name!r} is too large ({error}); the limit is {MAX_IMAGE_MEGAPIXELS} megapixels") from error
         except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"cannot open image file {str(image)!r}: {error}") from error
+            raise ValueError(f"cannot open image file {name!r}: {error}") from error
+        with opened:
+            _check_size(opened.size, name)
+            try:
+                opened.load()
+            except (OSError, SyntaxError, ValueError) as error:
+                raise ValueError(f"cannot read image file {name!r}: {error}") from error
+            image = opened.copy()
     elif isinstance(image, np.ndarray):
         array = image
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
             raise ValueError(f"image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
-        if array.dtype != np.uint8:
-            array = _to_uint8(array)
-        image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+        _check_size((array.shape[1], array.shape[0]), name or "array")
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[..., 0]
+        image = Image.fromarray(_to_uint8(array))
     elif not isinstance(image, Image.Image):
         raise TypeError(f"images must be file paths, PIL images or numpy arrays, got {type(image).__name__}")
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    _check_size(image.size, name or "image")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = Image.fromarray(_to_uint8(np.asarray(image)))
-    if image.width < 1 or image.height < 1:
-        raise ValueError(f"image has no pixels (size {image.size})")
     return image.convert("RGB")
 
 
+def _check_size(size: tuple[int, int], name: str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"image {name!r} has no pixels (size {width}x{height})")
+    if width * height > MAX_IMAGE_MEGAPIXELS * 1_000_000:
+        raise ValueError(
+            f"image {name!r} is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the limit of "
+            f"{MAX_IMAGE_MEGAPIXELS} megapixels; downscale it first"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(
+            f"image {name!r} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
+            f"beyond the limit of {MAX_ASPECT_RATIO}:1 (SAM's resize would leave its short side 0 pixels); crop it first"
+        )
+
+
 def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """Scale integer/float images of any range to 0..255 (16-bit PNGs, float arrays)."""
+    """0..255 grey levels by bit depth: uint8 as is; uint16 (16-bit PNG/TIFF) / 65535; wider integers (Pillow's
+    mode "I", which also holds 16-bit PGM) by value range: max <= 255 as is, <= 65535 / 65535, else / the type's
+    maximum; negatives clip to 0; bool x 255; floats as 0..1 when max <= 1, else 0..255 clipped."""
     array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
-        high = 1.0 if array.size and float(np.nanmax(array)) <= 1.0 else 255.0
-        return np.clip(np.nan_to_num(array) / high * 255.0, 0, 255).round().astype(np.uint8)
-    high = float(np.iinfo(array.dtype).max) if array.size and int(array.max()) > 255 else 255.0
+        array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        high = 1.0 if array.size and float(array.max()) <= 1.0 else 255.0
+        return np.clip(array / high * 255.0, 0, 255).round().astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"image arrays must hold integers, floats or booleans, got dtype {array.dtype}")
+    peak = int(array.max()) if array.size else 0
+    if array.dtype == np.uint16 or 255 < peak <= 65535:
+        high = 65535.0
+    elif peak <= 255:
+        high = 255.0
+    else:
+        high = float(np.iinfo(array.dtype).max)
     return np.clip(array.astype(np.float64) / high * 255.0, 0, 255).round().astype(np.uint8)
 
 

@@ -5,9 +5,11 @@
     python demo/app.py --model path/or/user/repo --port 8080
     GSVA_DEMO_MODEL=path/to/gsva python demo/app.py
 
-Phrases are separated by ";" or new lines and go into GSVA's multi-target question; a single line ending with "?"
-is used as the question itself, so the model's answer decides the targets. The page works offline: analytics are
-off, the default theme's fonts are served locally, and a share link is only made with `--share`.
+Phrases are separated by ";" or new lines and the model decides each one; a single line ending with "?" is used
+as the question itself, so the model's answer decides the targets (the same rule as `gsva-segment`). Uploads go
+through the project's image loader (bit depth, EXIF rotation, size limits), and a model folder's own code runs only
+with `--trust-remote-code` (a Hub repo id then needs `--revision`). The page works offline: analytics are off, the
+default theme's fonts are served locally, and a share link is only made with `--share`.
 """
 
 import argparse
@@ -22,24 +24,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from gsva_hf.segment import DEFAULT_MODEL, DTYPES, load_model, overlay  # noqa: E402
+from gsva_hf.segment import DEFAULT_MODEL, DTYPES, add_loading_arguments, check_result, load_model, overlay, parse_query  # noqa: E402
+from processing_gsva import load_image  # noqa: E402
 
 EXAMPLE_IMAGE = REPO / "gsva_hf" / "assets" / "example.png"
 EXAMPLE_TEXT = "the red circle; the blue square; the green star"
 TABLE_HEADERS = ["phrase", "present", "score", "mask score", "pixels"]
 MODEL_ENV = "GSVA_DEMO_MODEL"
-
-
-def parse_query(text: str) -> dict:
-    """`segment()` keyword arguments for what the user typed: `text=` for a question, else `targets=`."""
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if len(lines) == 1 and ";" not in lines[0] and lines[0].endswith("?"):
-        return {"text": lines[0]}
-    phrases = [part.strip() for line in lines for part in line.split(";") if part.strip()]
-    if not phrases:
-        raise ValueError("type a sentence, or phrases separated by ';' or new lines")
-    return {"targets": phrases}
 
 
 def describe(result) -> tuple[list[list], str]:
@@ -69,15 +62,19 @@ def make_predict(model, processor, segment_kwargs: dict | None = None):
     segment_kwargs = dict(segment_kwargs or {})
 
     def predict(image, text):
+        """`image`: the uploaded file's path (or a PIL image); the project's own errors are shown on the page."""
         if image is None:
             raise gr.Error("Upload an image first.")
         try:
             query = parse_query(text)
+            image = load_image(image, name=Path(image).name if isinstance(image, (str, Path)) else "the upload")
+            result = model.segment(processor, image, **query, **segment_kwargs)[0]
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        image = image.convert("RGB")
-        result = model.segment(processor, image, **query, **segment_kwargs)[0]
         rows, summary = describe(result)
+        problems = check_result(result, query)
+        if problems:
+            summary += "\n\n**Incomplete:** " + "; ".join(problems)
         return overlay(image, result), rows, summary, result.answer
 
     return predict
@@ -96,7 +93,7 @@ def build_demo(
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image", elem_id="input-image")
+                image = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="input-image")
                 text = gr.Textbox(
                     label="What to segment",
                     lines=3,
@@ -115,49 +112,39 @@ def build_demo(
     return demo
 
 
-def resolve_model(name: str, revision: str | None = None) -> Path:
-    """A local folder as is; anything else is taken as a Hub repo id and downloaded (or read from the cache)."""
-    path = Path(name)
-    if path.is_dir():
-        return path
-    if path == DEFAULT_MODEL:
-        raise FileNotFoundError(f"the bundled model {DEFAULT_MODEL} is missing; pass --model FOLDER_OR_REPO_ID")
-    if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
-        raise FileNotFoundError(f"--model {name}: not a model folder and not a Hub repo id (NAMESPACE/NAME)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, revision=revision))
-    except OSError as error:
-        raise FileNotFoundError(f"--model {name}: not in the local cache and not downloadable ({error})") from error
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument(
         "--model",
         default=os.environ.get(MODEL_ENV, str(DEFAULT_MODEL)),
-        help=f"GSVA folder or Hub repo id (default: ${MODEL_ENV} or the bundled tiny model)",
+        help=f"GSVA folder or Hub repo id (${MODEL_ENV} sets the default)",
     )
-    parser.add_argument("--revision", help="Hub revision when --model is a repo id; pin a commit for remote code")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_loading_arguments(parser)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights' dtype")
+    parser.add_argument("--device", default=None, help="torch device (None: cuda when available, else cpu)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a LAN)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on")
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length for a question (phrases need none)")
     parser.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold")
     args = parser.parse_args(argv)
 
     import torch
 
     try:
-        folder = resolve_model(args.model, args.revision)
         model, processor = load_model(
-            folder, args.dtype, args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            args.model,
+            args.dtype,
+            args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            trust_remote_code=args.trust_remote_code,
+            revision=args.revision,
         )
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    # Gradio opens each upload's header with Pillow before the callback; `load_image` then refuses, with the size and
+    # limit on the page, anything over the project's lower limit before decoding it, so Pillow's own bomb error (an
+    # unexplained page error) is switched off in the serving process.
+    Image.MAX_IMAGE_PIXELS = None
     demo = build_demo(model, processor, {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold})
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False)
     return 0

@@ -26,6 +26,30 @@ class EvaluationResult:
     records: list[dict] = field(default_factory=list)
 
 
+def dataset_image_paths(dataset) -> list[str] | None:
+    """The image file of every sample, read from the reader's index (no image is decoded); None when the images
+    are not files (a datasets source embeds them) or the reader is unknown."""
+    if hasattr(dataset, "image_ids") and hasattr(getattr(dataset, "data", None), "image_dir"):
+        return [dataset.data.images[image_id].path for image_id in dataset.image_ids]
+    if isinstance(getattr(dataset, "images", None), list):
+        return [str(path) for path in dataset.images]
+    return None
+
+
+def unreadable_images(paths: list[str]) -> list[str]:
+    """`path: reason` for each image file that is missing or whose header Pillow cannot read."""
+    from PIL import Image
+
+    problems = []
+    for path in dict.fromkeys(paths):
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            problems.append(f"{path}: {error}")
+    return problems
+
+
 def dataset_name(dataset) -> str:
     spec = getattr(dataset, "spec", "") or ""
     return spec.split("|")[0] if spec else type(dataset).__name__

@@ -95,10 +95,13 @@ def load_gsva(
         if is_local:
             from gsva_hf.hub import REMOTE_CODE_FILES
 
+            installed = Path(__file__).resolve().parents[1]
             shipped = [name for name in REMOTE_CODE_FILES if (local / name).is_file()]
-            if shipped:
+            # Code identical to the installed files changes nothing, so only a folder whose code differs is noted.
+            differs = [n for n in shipped if not (installed / n).is_file() or (local / n).read_bytes() != (installed / n).read_bytes()]
+            if differs:
                 print(
-                    f"note: {local} ships {', '.join(shipped)}; using the installed gsva-hf classes instead "
+                    f"note: {local} ships its own {', '.join(differs)}; using the installed gsva-hf classes instead "
                     "(trust_remote_code=True / --trust-remote-code runs the folder's code)",
                     file=sys.stderr,
                 )

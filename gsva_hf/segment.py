@@ -1,12 +1,15 @@
-"""`gsva-segment IMAGE_OR_FOLDER TEXT --model DIR --out OUT/`: one PNG per target, an overlay, and a JSON.
+"""`gsva-segment IMAGE_OR_FOLDER TEXT --out OUT/`: one PNG per target, an overlay, and a JSON per image.
 
-TEXT is a question when it ends with "?", otherwise the referring text put into GSVA's multi-target question
-("What are TEXT in this image? ..."); the model's own answer decides how many targets there are and which
-are absent. `--targets "a; b; c"` asks for explicit phrases instead.
+TEXT holds phrases separated by ";" or new lines, and the model decides each one (present with a mask, or
+rejected); a single line ending with "?" is a question instead, and the model's own answer decides the targets.
+Exit status 0: every image and every target has a result; 1: some image failed or some target went undecided
+(each named on stderr and in OUT/summary.json); 2: a usage error.
 """
 
 import argparse
 import json
+import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -15,59 +18,238 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from .loading import DTYPES, load_gsva
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"}
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
-PALETTE = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-]  # fmt: skip
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SUMMARY = "summary.json"
+REJECTED_COLOUR = (150, 150, 150)
+TINT = 0.5  # weight of the target colour over the image inside a mask
+MIN_DISPLAY_SIDE = 512  # small images are upscaled (nearest neighbour) to at least this long side
+OUTLINE_WIDTH = 2  # pixels at display scale
 
 
-def load_model(model_dir: str | Path, dtype: str = "fp32", device: str = "cpu", load_in: str | None = None):
-    """Model and processor from a saved folder; `load_in` "4bit"/"8bit" quantizes only the LLM (bitsandbytes).
+# ---------------------------------------------------------------------------------------------------- loading
+class _DropPilFallbackNote(logging.Filter):
+    """The project uses the PIL image processors on purpose (torchvision is not a dependency); transformers'
+    note that it falls back to them says nothing to act on."""
 
-    A folder that ships its code (a Hub-style export) loads through the Auto classes with `trust_remote_code`;
-    one without code files (the bundled model) uses this installed project's classes.
-    """
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_dir}: no config.json there; give a folder saved by GSVA")
-    if (model_dir / "modeling_gsva.py").is_file():
-        from transformers import AutoModelForCausalLM as model_class
-        from transformers import AutoProcessor as processor_class
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
-        kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": True}
-    else:
-        from modeling_gsva import GSVAForCausalLM as model_class
-        from processing_gsva import GSVAProcessor as processor_class
 
-        kwargs = {"dtype": DTYPES[dtype]}
-    if load_in is not None:
-        from transformers import BitsAndBytesConfig
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropPilFallbackNote())
 
-        keep = ["sam", "vision_tower", "multi_modal_projector", "text_hidden_fcs", "lm_head"]
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=load_in == "4bit", load_in_8bit=load_in == "8bit", llm_int8_skip_modules=keep
+
+def load_model(
+    model_dir: str | Path,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    load_in: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """`load_gsva` for the commands (installed classes unless `trust_remote_code`; strict weights), and a Hub
+    repo's remote code only at a pinned `revision`, so the code that runs is the code that was read."""
+    if trust_remote_code and revision is None and not Path(model_dir).is_dir():
+        raise ValueError(f"--trust-remote-code with the Hub repo {model_dir}: pin the code with --revision COMMIT")
+    return load_gsva(model_dir, dtype, device, load_in, trust_remote_code=trust_remote_code, revision=revision)
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser, underscores: bool = False) -> None:
+    """`--trust-remote-code` and `--revision` for every command that loads a model (`underscores`: also
+    `--trust_remote_code`, for commands whose flags use underscores)."""
+    parser.add_argument(
+        *(["--trust_remote_code", "--trust-remote-code"] if underscores else ["--trust-remote-code"]),
+        dest="trust_remote_code",
+        action="store_true",
+        help="run the model folder's own code files (modeling_gsva.py ...) instead of the installed classes",
+    )
+    parser.add_argument("--revision", help="Hub revision (commit) when --model is a repo id; required with --trust-remote-code")
+
+
+# ---------------------------------------------------------------------------------------------------- queries
+def parse_query(text: str, allow_question: bool = True) -> dict:
+    """`segment()` keyword arguments for what the user typed: `text=` for one line ending with "?" (a question),
+    else `targets=`, the phrases separated by ";" or new lines."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if allow_question and len(lines) == 1 and ";" not in lines[0] and lines[0].endswith("?"):
+        return {"text": lines[0]}
+    phrases = [part.strip() for line in lines for part in line.split(";") if part.strip()]
+    if not phrases:
+        raise ValueError("type a sentence, or phrases separated by ';' or new lines")
+    return {"targets": phrases}
+
+
+def describe_query(query: dict) -> dict:
+    """The query as written into the JSON files: the question, or the phrases asked."""
+    return {"question": query["text"]} if "text" in query else {"asked": list(query["targets"])}
+
+
+def check_result(result, query: dict) -> list[str]:
+    """What is missing from one image's result: an asked phrase without a decision, or the result's warnings."""
+    problems = list(getattr(result, "warnings", None) or [])
+    asked = query.get("targets")
+    if asked is not None and len(result.targets) != len(asked):
+        missing = asked[len(result.targets) :]
+        problems.append(
+            f"{len(asked)} targets asked but {len(result.targets)} decided"
+            + (f"; no result for {missing}" if missing else "")
         )
-        kwargs["device_map"] = device
-    model = model_class.from_pretrained(model_dir, **kwargs).eval()
-    if load_in is None:
-        model = model.to(device)
-    processor = processor_class.from_pretrained(model_dir, trust_remote_code="trust_remote_code" in kwargs)
-    processor.check_config(model.config)
-    return model, processor
+    return problems
 
 
-def collect_images(path: Path) -> list[Path]:
+# ---------------------------------------------------------------------------------------------------- overlay
+def srgb_to_lab(rgb) -> np.ndarray:
+    """CIELAB (D65) of sRGB colours in 0..255, shape (..., 3)."""
+    c = np.asarray(rgb, np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def _candidate_colours() -> np.ndarray:
+    """Saturated, light and dark versions of 24 hues, plus black and white."""
+    colours = [(0, 0, 0), (255, 255, 255)]
+    for hue in range(0, 360, 15):
+        for saturation, value in ((1.0, 1.0), (0.55, 1.0), (1.0, 0.55)):
+            chroma = value * saturation
+            x = chroma * (1 - abs((hue / 60) % 2 - 1))
+            r, g, b = [(chroma, x, 0), (x, chroma, 0), (0, chroma, x), (0, x, chroma), (x, 0, chroma), (chroma, 0, x)][hue // 60]
+            m = value - chroma
+            colours.append(tuple(round(255 * (v + m)) for v in (r, g, b)))
+    return np.array(colours, np.float64)
+
+
+CANDIDATES = _candidate_colours()
+CANDIDATES_LAB = srgb_to_lab(CANDIDATES)
+
+
+def image_colours(image: Image.Image, cell: float = 20.0, share: float = 0.002) -> np.ndarray:
+    """CIELAB of the colours the image shows: means of the `cell`-wide Lab bins holding at least `share` of a
+    thumbnail's pixels (a small object of its own colour counts, unlike in a few-colour palette)."""
+    small = image.convert("RGB")
+    small.thumbnail((128, 128))
+    lab = srgb_to_lab(np.asarray(small).reshape(-1, 3))
+    _, bins, counts = np.unique(np.floor(lab / cell), axis=0, return_inverse=True, return_counts=True)
+    bins = bins.reshape(-1)
+    means = np.stack([np.bincount(bins, weights=lab[:, k]) for k in range(3)], -1) / counts[:, None]
+    return means[counts >= share * len(lab)]
+
+
+def target_colours(image: Image.Image, result) -> list[tuple[int, int, int]]:
+    """Per target the candidate colour whose tint (`TINT` over the mean colour under its mask) stands furthest
+    apart, by the smallest CIE76 delta-E, from that mean colour, from the image's other colours (a tint never
+    looks like another object) and from the colours and tints already taken. Rejected targets are grey."""
+    pixels = np.asarray(image.convert("RGB"), np.float64)
+    scene, taken, colours = list(image_colours(image)), [], []
+    for target in result.targets:
+        mask = np.asarray(target.mask, bool)
+        if target.rejected:
+            colours.append(REJECTED_COLOUR)
+            continue
+        under = pixels[mask].mean(0) if mask.any() else pixels.reshape(-1, 3).mean(0)
+        tint = srgb_to_lab((1 - TINT) * under + TINT * CANDIDATES)
+        distance = np.linalg.norm(tint - srgb_to_lab(under), axis=-1)
+        for lab in scene:
+            distance = np.minimum(distance, np.linalg.norm(tint - lab, axis=-1))
+        for lab in taken:
+            distance = np.minimum(distance, np.linalg.norm(CANDIDATES_LAB - lab, axis=-1))
+        best = int(distance.argmax())
+        taken.append(CANDIDATES_LAB[best])
+        scene.append(tint[best])  # later tints must not look like this one either
+        colours.append(tuple(int(v) for v in CANDIDATES[best]))
+    return colours
+
+
+def mask_border(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Mask pixels within `width` pixels (4-neighbourhood steps) of the mask's edge or the image's edge."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def display_scale(size: tuple[int, int]) -> int:
+    """Integer upscale factor that brings the long side to at least `MIN_DISPLAY_SIDE`."""
+    return max(1, math.ceil(MIN_DISPLAY_SIDE / max(size)))
+
+
+def overlay(image: Image.Image, result) -> Image.Image:
+    """Each present target tinted and outlined in a colour picked against the image under it; below, a legend
+    (font scaled to the picture) lists every phrase with its score, rejected ones as not present."""
+    image = image.convert("RGB")
+    colours = target_colours(image, result)
+    scale = display_scale(image.size)
+    base = np.asarray(image, np.float32)
+    if scale > 1:
+        base = base.repeat(scale, 0).repeat(scale, 1)
+    for target, colour in zip(result.targets, colours):
+        if target.rejected:
+            continue
+        mask = np.asarray(target.mask, bool)
+        if scale > 1:
+            mask = mask.repeat(scale, 0).repeat(scale, 1)
+        base[mask] = (1 - TINT) * base[mask] + TINT * np.array(colour, np.float32)
+        base[mask_border(mask, OUTLINE_WIDTH)] = colour
+    picture = Image.fromarray(base.round().astype(np.uint8))
+
+    font_size = max(14, round(max(picture.size) / 30))
+    font = ImageFont.load_default(size=font_size)
+    line_height, pad = round(font_size * 1.5), round(font_size * 0.5)
+    labels = []
+    for index, target in enumerate(result.targets):
+        phrase = target.phrase or f"target {index}"
+        if target.rejected:
+            labels.append(f"{phrase} - not present ({target.score:.2f})")
+        else:
+            empty = "" if bool(target.mask.any()) else ", empty mask"
+            labels.append(f"{phrase} ({target.score:.2f}{empty})")
+    if not labels:
+        labels, colours = ["no target in the answer"], [None]
+    measure = ImageDraw.Draw(picture)
+    text_width = max(measure.textlength(label, font=font) for label in labels)
+    width = max(picture.width, math.ceil(2 * pad + 1.5 * font_size + text_width))
+    canvas = Image.new("RGB", (width, picture.height + line_height * len(labels) + 2 * pad), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for index, (label, colour) in enumerate(zip(labels, colours)):
+        top = picture.height + pad + index * line_height
+        if colour is not None:
+            box = [pad, top + (line_height - font_size) // 2, pad + font_size, top + (line_height + font_size) // 2]
+            draw.rectangle(box, fill=colour, outline=(0, 0, 0))
+        draw.text((pad + 1.5 * font_size, top + line_height / 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def collect_images(path: Path) -> tuple[list[Path], list[Path]]:
+    """The images to segment and the folder entries that are not images (reported, not silently skipped)."""
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(path.iterdir())
+        images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         if not images:
             raise FileNotFoundError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-        return images
+        return images, [p for p in entries if p not in images]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file or folder")
-    return [path]
+    return [path], []
+
+
+def output_folders(images: list[Path], out: Path, single: bool) -> list[Path]:
+    """One folder per image named by its full file name (`a.jpg/`, `a.png/`): names never collide, also on
+    case-insensitive file systems (checked)."""
+    if single:
+        return [out]
+    seen = {}
+    for image in images:
+        other = seen.setdefault(image.name.casefold(), image)
+        if other is not image:
+            raise ValueError(f"{other.name} and {image.name} differ only in case: their output folders would collide")
+    return [out / image.name for image in images]
 
 
 def slug(text: str) -> str:
@@ -81,35 +263,56 @@ def mask_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def overlay(image: Image.Image, result) -> Image.Image:
-    """Each present target tinted in its colour; a legend lists every phrase, rejected ones as not present."""
-    base = np.asarray(image.convert("RGB")).astype(np.float32)
-    for index, target in enumerate(result.targets):
-        if not target.rejected:
-            colour = np.array(PALETTE[index % len(PALETTE)], np.float32)
-            mask = target.mask.numpy()
-            base[mask] = 0.45 * base[mask] + 0.55 * colour
-    picture = Image.fromarray(base.round().astype(np.uint8))
-    font = ImageFont.load_default()
-    line_height = 14
-    legend_height = line_height * max(1, len(result.targets)) + 6
-    canvas = Image.new("RGB", (max(picture.width, 260), picture.height + legend_height), "white")
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for index, target in enumerate(result.targets):
-        top = picture.height + 3 + index * line_height
-        colour = (160, 160, 160) if target.rejected else PALETTE[index % len(PALETTE)]
-        draw.rectangle([4, top + 2, 14, top + 11], fill=colour)
-        label = f"{target.phrase or f'target {index}'}" + (" - not present" if target.rejected else f" ({target.score:.2f})")
-        draw.text((20, top), label, fill=(0, 0, 0), font=font)
-    if not result.targets:
-        draw.text((4, picture.height + 3), "no target in the answer", fill=(0, 0, 0), font=font)
-    return canvas
+class OutputFolder:
+    """`--out`: remembers in summary.json every file this command wrote, so a rerun removes exactly those (and
+    refuses a folder holding anything else: no stale mask can sit beside a new result)."""
+
+    def __init__(self, root: Path, header: dict):
+        self.root = root
+        self.summary = {**header, "images": [], "files": []}
+
+    def previous_files(self) -> list[Path]:
+        """The files an earlier run here wrote; raises when the folder holds anything else."""
+        if not self.root.exists():
+            return []
+        if not self.root.is_dir():
+            raise ValueError(f"--out {self.root} is a file; give a folder")
+        record, ours = self.root / SUMMARY, []
+        if record.is_file():
+            try:
+                listed = [self.root / name for name in json.loads(record.read_text())["files"]]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"--out {self.root}: {SUMMARY} is not one gsva-segment wrote ({error})") from error
+            inside = self.root.resolve()
+            ours = [p for p in listed if inside in p.resolve().parents] + [record]
+        left = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if not p.is_dir() and p not in ours)
+        if left:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            raise ValueError(
+                f"--out {self.root} holds files gsva-segment did not write ({shown}); give an empty or new folder"
+            )
+        return ours
+
+    def remove(self, files: list[Path]) -> None:
+        for path in files:
+            path.unlink(missing_ok=True)
+        for folder in sorted({p.parent for p in files}, key=lambda p: len(p.parts), reverse=True):
+            if folder != self.root and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+    def track(self, paths: list[Path]) -> None:
+        """Record files before writing them, so a run that dies halfway still knows what to clean."""
+        self.summary["files"] += [str(p.relative_to(self.root)) for p in paths]
+        self.flush()
+
+    def flush(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / SUMMARY).write_text(json.dumps(self.summary, indent=2) + "\n")
 
 
-def write_outputs(image_path: Path, image: Image.Image, question: str, result, out_dir: Path) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets = []
+def write_outputs(image_path: Path, image: Image.Image, query: dict, result, folder: Path, out: OutputFolder) -> dict:
+    """Masks, overlay and result.json for one image."""
+    masks, entries = [], []
     for index, target in enumerate(result.targets):
         mask = target.mask.numpy()
         entry = {
@@ -120,69 +323,129 @@ def write_outputs(image_path: Path, image: Image.Image, question: str, result, o
             "area": int(mask.sum()),
             "rle": mask_rle(mask),
         }
+        if "targets" in query and index < len(query["targets"]):
+            entry["asked"] = query["targets"][index]
         if not target.rejected:
-            name = f"mask_{index:02d}_{slug(target.phrase)}.png"
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out_dir / name)
-            entry["mask_png"] = name
-        targets.append(entry)
-    overlay(image, result).save(out_dir / "overlay.png")
-    record = {"image": str(image_path), "question": question, "answer": result.answer, "targets": targets}
-    (out_dir / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+            entry["mask_png"] = f"mask_{index:02d}_{slug(target.phrase)}.png"
+            masks.append((folder / entry["mask_png"], mask))
+        entries.append(entry)
+    out.track([path for path, _ in masks] + [folder / "overlay.png", folder / "result.json"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, mask in masks:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    overlay(image, result).save(folder / "overlay.png")
+    record = {
+        "image": str(image_path),
+        **describe_query(query),
+        "answer": result.answer,
+        "targets": entries,
+        "problems": check_result(result, query),
+    }
+    (folder / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gsva-segment", description=__doc__.splitlines()[0])
-    parser.add_argument("image", type=Path, help="an image file or a folder of images")
-    parser.add_argument("text", nargs="?", help="question or referring text (see --targets)")
-    parser.add_argument("--targets", help='explicit phrases separated by ";" (instead of TEXT)')
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="saved GSVA folder (default: bundled tiny model)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per image)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def segment_batch(model, processor, pictures: list, query: dict, options: dict) -> list:
+    """`model.segment` over a batch; when it fails, image by image, so one bad image costs only itself."""
+    try:
+        return model.segment(processor, pictures, **query, **options)
+    except ValueError as error:
+        if len(pictures) == 1:
+            return [error]
+    results = []
+    for picture in pictures:
+        try:
+            results += model.segment(processor, [picture], **query, **options)
+        except ValueError as error:
+            results.append(error)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- command
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gsva-segment",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("image", metavar="IMAGE_OR_FOLDER", type=Path, help="an image file or a folder of images")
+    parser.add_argument("text", metavar="TEXT", nargs="?", help='phrases separated by ";" or new lines, or one question ending with "?"')
+    parser.add_argument("--targets", help='phrases separated by ";" (instead of TEXT; never read as a question)')
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="saved GSVA folder or Hub repo id")
+    add_loading_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per image of a folder)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights' dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--load-in", choices=["4bit", "8bit"], help="quantize the LLM with bitsandbytes (GPU)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length for a question (phrases need none)")
     parser.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.text is None) == (args.targets is None):
         parser.error("give TEXT or --targets (one of them)")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-
-    from processing_gsva import load_image
-
-    images = collect_images(args.image)
-    model, processor = load_model(args.model, args.dtype, args.device, args.load_in)
-    if args.targets is not None:
-        phrases = [p.strip() for p in args.targets.split(";") if p.strip()]
-        if not phrases:
-            parser.error("--targets holds no phrase")
-        question, call = processor.targets_question(phrases), {"targets": phrases}
-    else:
-        text = args.text.strip()
-        if not text:
-            parser.error("TEXT is empty")
-        question = text if text.endswith("?") else processor.targets_question([text])
-        call = {"text": question}
+    try:
+        query = parse_query(args.text) if args.targets is None else parse_query(args.targets, allow_question=False)
+        images, skipped = collect_images(args.image)
+        folders = output_folders(images, args.out, single=not args.image.is_dir())
+        out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)})
+        previous = out.previous_files()
+        model, processor = load_model(
+            args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
+        )
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    out.remove(previous)
+    for entry in skipped:
+        print(f"note: {entry} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); skipped", file=sys.stderr)
 
     from tqdm.auto import tqdm
 
+    from processing_gsva import load_image
+
+    options = {"max_new_tokens": args.max_new_tokens, "threshold": args.threshold, "batch_size": args.batch_size}
+    failed = []
     progress = tqdm(total=len(images), unit="image", disable=len(images) == 1, file=sys.stderr)
+
+    def report(path: Path, folder: Path, problems: list[str]) -> None:
+        entry = {"image": str(path), "output": str(folder.relative_to(args.out)) if folder != args.out else "."}
+        entry.update({"status": "failed", "problems": problems} if problems else {"status": "ok"})
+        out.summary["images"].append(entry)
+        out.flush()
+        if problems:
+            failed.append(path)
+            progress.write(f"error: {path}: {'; '.join(problems)}", file=sys.stderr)
+
     for start in range(0, len(images), args.batch_size):
-        paths = images[start : start + args.batch_size]
-        pictures = [load_image(p) for p in paths]
-        results = model.segment(
-            processor, pictures, max_new_tokens=args.max_new_tokens, threshold=args.threshold, batch_size=args.batch_size, **call
-        )
-        for path, picture, result in zip(paths, pictures, results):
-            folder = args.out / path.stem if len(images) > 1 else args.out
-            record = write_outputs(path, picture, question, result, folder)
+        loaded = []
+        for path, folder in zip(images[start : start + args.batch_size], folders[start : start + args.batch_size]):
+            try:
+                loaded.append((path, folder, load_image(path)))
+            except ValueError as error:
+                report(path, folder, [str(error)])
+        results = segment_batch(model, processor, [picture for _, _, picture in loaded], query, options) if loaded else []
+        if len(results) != len(loaded):
+            results = [ValueError(f"model.segment gave {len(results)} results for {len(loaded)} images")] * len(loaded)
+        for (path, folder, picture), result in zip(loaded, results):
+            if isinstance(result, Exception):
+                report(path, folder, [str(result)])
+                continue
+            record = write_outputs(path, picture, query, result, folder, out)
             present = [t["phrase"] for t in record["targets"] if not t["rejected"]]
             absent = [t["phrase"] for t in record["targets"] if t["rejected"]]
             progress.write(f"{path.name}: {result.answer!r} -> present {present}, not present {absent}")
-        progress.update(len(paths))
+            report(path, folder, record["problems"])
+        progress.update(min(args.batch_size, len(images) - start))
     progress.close()
+    if failed:
+        print(f"error: {len(failed)} of {len(images)} images have no complete result (see {args.out / SUMMARY})", file=sys.stderr)
+        return 1
     return 0
 
 

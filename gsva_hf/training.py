@@ -5,9 +5,12 @@ GSVA's recipe (`model/prepare_model_tokenizer.py`): everything frozen, LoRA on t
 SAM's image and prompt encoders frozen. Flags open the frozen parts for a from-scratch tiny model.
 """
 
+import errno
 import json
 import math
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -166,6 +169,27 @@ class GSVATrainer(Trainer):
         optimizer._gsva_split = True
         return optimizer
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, or none: a save that fails (disk full above all) removes the half-written
+        folder, which `--resume_from_checkpoint` would otherwise pick as the latest, and says what happened."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            if is_disk_full(error):
+                free = shutil.disk_usage(os.path.dirname(folder) or ".").free
+                raise OSError(
+                    errno.ENOSPC,
+                    f"no space left on device while saving checkpoint {folder} ({free / 2**20:.0f} MiB free; the "
+                    f"partial checkpoint was removed): {error}",
+                ) from error
+            error.add_note(f"while saving checkpoint {folder} (the partial checkpoint was removed)")
+            raise
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
@@ -182,6 +206,15 @@ class GSVATrainer(Trainer):
                 logs[name] = round(total / self._part_count, 6)
             self._part_sums, self._part_count = {}, 0
         super().log(logs, start_time)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether a save failed for lack of space: ENOSPC, or the messages torch's zip writer ("unexpected pos",
+    "file write failed") and safetensors ("No space left", StorageFull) give for it."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("unexpected pos", "file write failed", "No space left", "StorageFull"))
 
 
 def folder_has_weights(path: str | Path) -> bool:

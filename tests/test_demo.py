@@ -9,8 +9,8 @@ import os
 import time
 
 import pytest
-from PIL import Image, ImageDraw
 import torch
+from PIL import Image, ImageDraw
 
 from tests.conftest import REPO, free_port
 
@@ -66,6 +66,9 @@ def example_image(tmp_path):
 
 
 def test_query_parsing():
+    from gsva_hf.segment import parse_query
+
+    assert app.parse_query is parse_query  # one parser for the page and gsva-segment
     assert app.parse_query("the red circle; the blue square") == {"targets": ["the red circle", "the blue square"]}
     assert app.parse_query(" a \n\n b ; c \n") == {"targets": ["a", "b", "c"]}
     assert app.parse_query("What is left of the red circle?") == {"text": "What is left of the red circle?"}
@@ -93,6 +96,35 @@ def test_predict_draws_overlay_and_lists_the_rejected_phrase(tiny_model, tiny_pr
         predict(image, " ; ")
 
 
+class RecordingModel:
+    """The real model; keeps the image the page handed to `segment`."""
+
+    def __init__(self, model):
+        self.model, self.image = model, None
+
+    def segment(self, processor, image, **kwargs):
+        self.image = image
+        return self.model.segment(processor, image, **kwargs)
+
+
+def test_uploads_go_through_the_project_loader_and_errors_reach_the_page(tiny_model, tiny_processor, tmp_path):
+    import numpy as np
+
+    model = RecordingModel(tiny_model)
+    predict = app.make_predict(model, tiny_processor)
+    sixteen = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((24, 32), 32768, np.uint16)).save(sixteen)
+    picture, rows, _, _ = predict(str(sixteen), "the red circle")
+    assert model.image.mode == "RGB" and np.all(np.asarray(model.image) == 128)  # 32768 / 65535: mid grey, not white
+    assert [row[0] for row in rows] == ["the red circle"] and picture.width >= 512
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(sixteen.read_bytes()[:-30])
+    with pytest.raises(gr.Error, match="cut.png"):
+        predict(str(truncated), "the red circle")
+    with pytest.raises(gr.Error, match="aspect ratio of 300:1"):
+        predict(Image.new("RGB", (300, 1)), "the red circle")
+
+
 def test_main_names_a_missing_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--model", str(tmp_path / "nowhere")])
@@ -117,7 +149,7 @@ def test_page_in_headless_chromium(tiny_model, tiny_processor, tmp_path):
     folder = tmp_path / "model"
     tiny_model.save_pretrained(folder)
     tiny_processor.save_pretrained(folder)
-    model, processor = app.load_model(folder)  # the command's own loading path (trust_remote_code)
+    model, processor = app.load_model(folder)  # the command's own loading path
     image_path = example_image(tmp_path)
     demo = app.build_demo(ForcedModel(model, [ABSENT]), processor, {"max_new_tokens": 40}, example_image=image_path)
     port = free_port()

@@ -152,11 +152,11 @@ def test_segment_command_writes_masks_overlay_and_json(tiny_model, tiny_processo
     folder.mkdir()
     for name, size in (("a.png", (30, 40)), ("b.jpg", (25, 20))):
         Image.fromarray(RNG.integers(0, 255, size + (3,), dtype=np.uint8)).save(folder / name)
-    code = command.main([str(folder), "--targets", "the red circle; the cat", "--model", str(model_dir), "--out", str(tmp_path / "out"), "--max-new-tokens", "8"])
+    code = command.main([str(folder), "--targets", "the red circle; the cat", "--model", str(model_dir), "--out", str(tmp_path / "out")])
     assert code == 0
-    for stem, size in (("a", (30, 40)), ("b", (25, 20))):
+    for stem, size in (("a.png", (30, 40)), ("b.jpg", (25, 20))):
         record = json.loads((tmp_path / "out" / stem / "result.json").read_text())
-        assert record["question"] == "What are the red circle, the cat in this image? Please output segmentation masks."
+        assert record["asked"] == [t["asked"] for t in record["targets"]] == ["the red circle", "the cat"]
         assert Image.open(tmp_path / "out" / stem / "overlay.png").width >= size[1]
         for target in record["targets"]:
             decoded = mask_utils.decode({"size": target["rle"]["size"], "counts": target["rle"]["counts"].encode()})

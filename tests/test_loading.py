@@ -93,5 +93,12 @@ def test_folder_code_runs_only_when_trusted(folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == ["default modeling_gsva False", "trusted transformers_modules True"]
     (note,) = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
-    assert note.startswith(f"note: {folder} ships configuration_gsva.py, modeling_gsva.py") and "using the installed" in note
+    assert note.startswith(f"note: {folder} ships its own modeling_gsva.py;") and "using the installed" in note
     assert json.loads((folder / "config.json").read_text())["auto_map"]
+
+
+def test_folder_with_the_installed_code_loads_without_a_note(folder, capsys):
+    from gsva_hf.loading import load_gsva
+
+    load_gsva(folder, "fp32", "cpu")
+    assert "note:" not in capsys.readouterr().err
