@@ -253,7 +253,7 @@ def peak_memory(device: str):
 
 def prepared_benchmark(args) -> list[dict]:
     from configuration_gsva import GSVAConfig
-    from gsva_hf.segment import DTYPES
+    from gsva_hf.loading import DTYPES
     from modeling_gsva import GSVAForCausalLM
 
     if args.threads:
@@ -359,7 +359,7 @@ def saved_model_benchmark(args) -> list[dict]:
     LLM quantized, the rest in `--dtype`; "none"): weight memory, then images/s and peak memory per batch size."""
     from benchmarks.write_bench_preset import write_bench_preset
     from configuration_gsva import GSVAConfig
-    from gsva_hf.segment import DTYPES
+    from gsva_hf.loading import DTYPES
     from modeling_gsva import GSVAForCausalLM
 
     if args.threads:
