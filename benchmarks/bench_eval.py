@@ -159,13 +159,21 @@ def print_stages(row: dict) -> None:
 
 
 def loop_benchmark(args) -> list[dict]:
-    if args.data is None:
-        from gsva_hf.data.synthetic import write_synthetic_grefcoco
+    if args.data is not None:
+        return _loop_benchmark(args)
+    from gsva_hf.data.synthetic import write_synthetic_grefcoco
 
-        args.data = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    args.data = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    try:
         write_synthetic_grefcoco(
             args.data, num_images={"train": 0, "val": args.val_images, "testA": 0, "testB": 0}, seed=0
         )
+        return _loop_benchmark(args)
+    finally:
+        shutil.rmtree(args.data, ignore_errors=True)
+
+
+def _loop_benchmark(args) -> list[dict]:
     runs = defaultdict(list)
     for _ in range(args.repeats):
         for variant in args.variants.split(","):
