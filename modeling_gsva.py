@@ -375,10 +375,25 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def postprocess_masks(low_res: torch.Tensor, resized_size, original_size, sam_size: int) -> torch.Tensor:
-        """SAM's post-processing: upsample to the padded input, crop the resized image, resize to the original."""
-        logits = F.interpolate(low_res[:, None].float(), (sam_size, sam_size), mode="bilinear", align_corners=False)
-        logits = logits[..., : int(resized_size[0]), : int(resized_size[1])]
-        logits = F.interpolate(logits, tuple(int(v) for v in original_size), mode="bilinear", align_corners=False)
+        """SAM's post-processing: upsample to the padded input, crop the resized image, resize to the original.
+
+        Only the low-resolution rows and columns that the crop keeps are upsampled. With an integer ratio r,
+        bilinear upsampling (align_corners=False) reads output pixel i from input position (i + 0.5) / r - 0.5
+        whatever the input's extent, so upsampling the slice by r gives the full result's numbers on the crop.
+        """
+        height, width = int(resized_size[0]), int(resized_size[1])
+        logits = low_res[:, None].float()
+        ratio = sam_size // logits.shape[-1]
+        if ratio * logits.shape[-1] == sam_size and logits.shape[-2] == logits.shape[-1]:
+            # Output row i < height interpolates input rows floor((i + 0.5) / r - 0.5) and the next: < ceil(h / r) + 1.
+            rows, cols = (min(logits.shape[-1], -(-size // ratio) + 1) for size in (height, width))
+            logits = F.interpolate(logits[..., :rows, :cols], scale_factor=ratio, mode="bilinear", align_corners=False)
+        else:
+            logits = F.interpolate(logits, (sam_size, sam_size), mode="bilinear", align_corners=False)
+        logits = logits[..., :height, :width]
+        original = tuple(int(v) for v in original_size)
+        if original != (height, width):
+            logits = F.interpolate(logits, original, mode="bilinear", align_corners=False)
         return logits[:, 0]
 
     def gather_slot_states(
@@ -554,7 +569,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
     def score_teacher_forced(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         pixel_values: torch.Tensor,
         sam_pixel_values: torch.Tensor,
         original_sizes: torch.Tensor,
@@ -567,25 +582,64 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         At each ground-truth `[SEG]`/`[REJ]` slot the decision is `slot_decisions` with the ground truth, read one
         position earlier. With `reeval` every `[REJ]` is rewritten to `[SEG]` and the model runs again so every
         slot gets a mask.
+
+        Same numbers as two full passes with less work: one pass up to the last slot gives the decisions (LM head
+        at the slots only) and every state before its first `[REJ]`; the rows with a slot after their first `[REJ]`
+        rerun from the earliest such `[REJ]` on, on the first pass's KV cache of the shared prefix; SAM's mask
+        decoder runs once for all slots.
         """
-        first = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False)
-        rejected, gt_is_seg = [], []
-        for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
-            rejected.append(self.slot_decisions(first.logits[row, positions - 1], is_seg))
-            gt_is_seg.append(is_seg)
-        mask_ids = input_ids
-        if reeval:
-            mask_ids = input_ids.masked_fill(input_ids == self.config.rej_token_id, self.config.seg_token_id)
-        second = self(
-            input_ids=mask_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            sam_pixel_values=sam_pixel_values,
-            original_sizes=original_sizes,
-            resized_sizes=resized_sizes,
-            use_cache=False,
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        slots = self.target_slots(input_ids)
+        # A row's states before its first [REJ] are the same in both passes: only rows with a slot after it rerun,
+        # from the earliest such first [REJ] on.
+        first_rej = {
+            row: int(positions[~is_seg][0]) for row, (positions, is_seg) in enumerate(slots) if reeval and not is_seg.all()
+        }
+        redo = [row for row, position in first_rej.items() if int(slots[row][0][-1]) > position]
+        end = max((int(positions[-1]) for positions, _ in slots if positions.numel()), default=1)
+        embeddings = self.embed_inputs(input_ids, pixel_values)[:, :end]
+        first = self.get_decoder()(
+            inputs_embeds=embeddings, attention_mask=attention_mask[:, :end], use_cache=bool(redo), return_dict=True
         )
-        return GSVATeacherForcedOutput(predicted_rejected=rejected, pred_masks=second.pred_masks, gt_is_seg=gt_is_seg)
+        slot_states, gt_is_seg = self.gather_slot_states(first.last_hidden_state, input_ids)
+        slot_logits = self.get_output_embeddings()(torch.cat(slot_states)).split([len(s) for s in slot_states])
+        rejected = [self.slot_decisions(logits, is_seg) for logits, is_seg in zip(slot_logits, gt_is_seg)]
+        if redo:
+            start = min(first_rej[row] for row in redo)
+            rerun = self._rerun_from(start, first.cache, embeddings, input_ids, attention_mask, redo)
+            for k, row in enumerate(redo):
+                before = slots[row][0].to(rerun.device) - 1
+                late = before >= start
+                slot_states[row][late] = rerun[k, before[late] - start]
+        del first
+        mask_states = slot_states if reeval else [s[is_seg.to(s.device)] for s, is_seg in zip(slot_states, gt_is_seg)]
+        sam_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
+        masks, _ = self.masks_from_hidden_states(mask_states, sam_embeddings, resized_sizes, original_sizes)
+        if not reeval:
+            masks = self.scatter_to_slots(masks, gt_is_seg)
+        return GSVATeacherForcedOutput(predicted_rejected=rejected, pred_masks=masks, gt_is_seg=gt_is_seg)
+
+    def _rerun_from(self, start: int, cache, embeddings, input_ids, attention_mask, redo: list[int]) -> torch.Tensor:
+        """Last-layer states `[len(redo), end - start, d]` of the rows `redo` from `start` on, every `[REJ]` read
+        as `[SEG]`, on the first pass's cache cropped to `start` (positions are token indices, as in a full pass)."""
+        end = embeddings.shape[1]
+        index = torch.tensor(redo, device=embeddings.device)
+        cache.crop(start - end)
+        if len(redo) < embeddings.shape[0]:
+            cache.batch_select_indices(index)
+        tail_ids = input_ids[index, start:end]
+        seg = self.get_input_embeddings()(tail_ids.new_full((1, 1), self.config.seg_token_id))
+        tail = torch.where((tail_ids == self.config.rej_token_id)[..., None], seg, embeddings[index, start:end])
+        rerun = self.get_decoder()(
+            inputs_embeds=tail,
+            attention_mask=attention_mask[index, :end],
+            position_ids=torch.arange(start, end, device=tail.device)[None],
+            cache=cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        return rerun.last_hidden_state
 
     def _special_suppressed(self, kwargs: dict) -> dict:
         """Image and image-boundary tokens are never generated (unless the caller sets `suppress_tokens`)."""

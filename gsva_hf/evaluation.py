@@ -109,8 +109,9 @@ def evaluate_dataset(
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             batch["sam_pixel_values"] = batch["sam_pixel_values"].to(model.dtype)
             out = model.score_teacher_forced(**batch, reeval=is_gres)
+            scorer = new_accumulator(name, protocol, ignore_mode)
             predictions = [
-                (out.pred_masks[row].float().cpu(), out.predicted_rejected[row].cpu().tolist(), None)
+                (scorer.scored_form(out.pred_masks[row]).cpu(), out.predicted_rejected[row].cpu().tolist(), None)
                 for row in range(len(samples))
             ]
         elif mode == "targets":

@@ -154,7 +154,9 @@ def check_gt_mask(gt_mask: MaskLike) -> np.ndarray:
     array = _to_numpy(gt_mask, "gt_mask")
     _check_2d(array, "gt_mask")
     if array.dtype == np.bool_:
-        return array.astype(np.uint8)
+        return array.view(np.uint8)
+    if array.dtype == np.uint8 and (array.size == 0 or array.max() <= 1):
+        return array  # the common 0/1 mask: one pass, no copy
     valid = (array == 0) | (array == 1) | (array == IGNORE_INDEX)
     if not valid.all():
         found = np.unique(array[~valid])[:5].tolist()
@@ -174,9 +176,11 @@ def intersection_and_union(
     """
     _check_same_shape(pred_mask, gt_mask)
     target = gt_mask == 1
-    pred = pred_mask if ignore_index is None else pred_mask & (gt_mask != ignore_index)
+    pred = pred_mask
+    if ignore_index is not None and (gt_mask.dtype != np.uint8 or gt_mask.size and gt_mask.max() >= ignore_index):
+        pred = pred_mask & (gt_mask != ignore_index)
     intersection = int(np.count_nonzero(pred & target))
-    union = int(np.count_nonzero(pred | target))
+    union = int(np.count_nonzero(pred)) + int(np.count_nonzero(target)) - intersection
     return intersection, union
 
 
@@ -227,7 +231,7 @@ def resize_gt_mask(gt_mask: MaskLike, size: Size = RELA_EVAL_SIZE) -> np.ndarray
     height, width = _size_hw(size)
     rows = _nearest_indices(gt.shape[0], height)
     cols = _nearest_indices(gt.shape[1], width)
-    return gt[rows[:, None], cols[None, :]]
+    return gt.take(rows, axis=0).take(cols, axis=1)
 
 
 def resize_pred_mask(pred_mask: MaskLike, size: Size = RELA_EVAL_SIZE) -> np.ndarray:
@@ -247,7 +251,7 @@ def resize_pred_mask(pred_mask: MaskLike, size: Size = RELA_EVAL_SIZE) -> np.nda
     binary = binarize(array)
     rows = _nearest_indices(binary.shape[0], height)
     cols = _nearest_indices(binary.shape[1], width)
-    return binary[rows[:, None], cols[None, :]]
+    return binary.take(rows, axis=0).take(cols, axis=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,6 +453,13 @@ class GresAccumulator(_Accumulator):
             config["eval_size"] = tuple(config["eval_size"])
         return super().from_state_dict({**state, "config": config})
 
+    def scored_form(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` in the form `add` scores them, computed where they live: the bool mask `add` would threshold
+        (so no float map needs to travel or be copied), or the logits themselves when the protocol resizes first."""
+        if self.eval_size is not None:
+            return logits
+        return logits >= self.threshold if self.protocol == "gsva" else logits > self.threshold
+
     def add(
         self, pred_mask: MaskLike, gt_mask: MaskLike, pred_rejected: Any, sample_id: str | int | None = None
     ) -> SampleResult:
@@ -586,13 +597,17 @@ class RefSegAccumulator(_Accumulator):
     def config(self) -> dict[str, Any]:
         return {"ignore_mode": self.ignore_mode, "threshold": self.threshold, "keep_samples": self.keep_samples}
 
+    def scored_form(self, logits: torch.Tensor) -> torch.Tensor:
+        """The bool mask `add` would threshold from `logits`, computed where they live."""
+        return logits > self.threshold
+
     def add(self, pred_mask: MaskLike, gt_mask: MaskLike, sample_id: str | int | None = None) -> SampleResult:
         """Score one target: (H, W) prediction (bool / 0-1 / float logits) against an (H, W) 0/1/255 GT."""
         gt = check_gt_mask(gt_mask)
         pred = _to_numpy(pred_mask, "pred_mask")
         _check_2d(pred, "pred_mask")
         _check_same_shape(pred, gt)
-        if self.ignore_mode == "gsva":
+        if self.ignore_mode == "gsva" and gt.size and gt.max() == IGNORE_INDEX:
             gt = np.where(gt == IGNORE_INDEX, 1, gt).astype(np.uint8)
         binary = binarize(pred, self.threshold, inclusive=False)
         inter, union = intersection_and_union(binary, gt)

@@ -405,3 +405,36 @@ def test_evaluate_module_matches_accumulator_and_hand_values():
     assert out["samples"][0]["outcome"] == "TN"
     with pytest.raises(ValueError, match=r"predictions\[0\] holds values other than 0/1"):
         metric.compute(predictions=[np.full((2, 2), 0.3)], references=[EMPTY], pred_rejected=[False])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, bool])
+def test_intersection_and_union_equal_plain_counts_for_every_gt_dtype(dtype):
+    """The no-copy paths (0/1 uint8, bool) and the general one count like the set definitions, 255 left out."""
+    from gsva_hf.metrics import check_gt_mask, intersection_and_union
+
+    rng = np.random.default_rng(4)
+    pred = rng.random((37, 23)) > 0.5
+    labels = rng.choice([0, 1, 255] if dtype is not bool else [0, 1], size=(37, 23))
+    gt = check_gt_mask(labels.astype(dtype))
+    assert gt.dtype == np.uint8
+    counted = labels != 255
+    inter = sum(1 for p, g, c in zip(pred.flat, labels.flat, counted.flat) if c and p and g == 1)
+    union = sum(1 for p, g, c in zip(pred.flat, labels.flat, counted.flat) if c and (p or g == 1))
+    assert intersection_and_union(pred, gt) == (inter, union)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: GresAccumulator(), lambda: GresAccumulator("rela", eval_size=6), lambda: RefSegAccumulator()]
+)
+def test_scored_form_scores_like_the_logits(make):
+    """What evaluation hands over (a bool mask, or the logits for ReLA) gives the sums the logits give."""
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.choice([-1.0, 0.0, 0.5], size=(2, 9, 7)).astype(np.float32))  # exact zeros
+    gts = [rng.integers(0, 2, (9, 7)).astype(np.uint8), np.zeros((9, 7), np.uint8)]
+    direct, handed = make(), make()
+    for pred, gt in zip(logits, gts):
+        flag = () if isinstance(direct, RefSegAccumulator) else (False,)
+        direct.add(pred, gt, *flag)
+        handed.add(make().scored_form(pred), gt, *flag)
+    assert handed.sums == direct.sums
+    assert make().scored_form(logits).dtype == (torch.float32 if getattr(direct, "eval_size", None) else torch.bool)

@@ -1,0 +1,463 @@
+"""Teacher-forced evaluation speed and peak memory: `score_teacher_forced` against the two-full-pass reference.
+
+Evaluation loop (default): `gsva_hf.evaluation.evaluate_dataset` over a synthetic gRefCOCO-layout split, each
+variant in its own process (alternating, `--repeats` times) so that peak RSS is the whole process's; the variants'
+metrics and decisions are checked to agree. `--stages` prints where one run's seconds go.
+
+    python benchmarks/bench_eval.py                              # bundled tiny model, 40 images, 1 thread
+    python benchmarks/bench_eval.py --stages                     # the per-stage table of one run
+    python benchmarks/bench_eval.py --worker reference           # one process, one variant (for outside timers)
+
+Prepared batches (`--prepared`): a preset with random weights, random images with `--targets` expressions each
+(a quarter `[REJ]`), `score_teacher_forced` images/s and peak memory per batch size, attention and variant, and
+`--target-mode` also times `segment(processor, images, targets=...)`, `--stages` splits one call into its stages
+and `--layers N` keeps the preset's widths with N blocks in the LLM, CLIP and SAM's encoder:
+
+    python benchmarks/bench_eval.py --prepared --preset configs/gsva-7b --device cuda --dtype bf16 \
+        --image-size 480 --targets 10 --batch-sizes 1,8,16 --attn sdpa,flash_attention_2 --target-mode
+
+Saved and reloaded (`--load-ins`): the same timing after `load_gsva`, e.g. with the LLM in 4-bit (bitsandbytes):
+
+    python benchmarks/bench_eval.py --load-ins 4bit,none --preset configs/gsva-7b --device cuda --dtype bf16 \
+        --image-size 480 --targets 10 --batch-sizes 1,8
+"""
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import reference_eval  # noqa: E402
+from benchmarks.common import preset_processor, timed  # noqa: E402
+
+VARIANTS = ("current", "reference")
+
+
+def variant_context(variant: str):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return reference_eval.reference_evaluation() if variant == "reference" else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------- evaluation loop
+def stage_timers(model) -> tuple[dict, Counter, list]:
+    """Wrap the loop's stages (data, collation, CLIP, LLM, SAM encoder/decoder, post-processing, metrics)."""
+    from gsva_hf.data.collator import GSVACollator
+    from gsva_hf.data.refer_seg import ReferSegValDataset
+    from gsva_hf.metrics import GresAccumulator
+    from modeling_gsva import GSVAForCausalLM
+
+    seconds, calls, restore = defaultdict(float), Counter(), []
+
+    def wrap(owner, name, label, static=False):
+        original = owner.__dict__[name]
+        function = original.__func__ if static else original
+
+        @functools.wraps(function)
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+                calls[label] += 1
+
+        setattr(owner, name, staticmethod(timed_call) if static else timed_call)
+        restore.append((owner, name, original))
+
+    wrap(ReferSegValDataset, "__getitem__", "data: read and decode")
+    wrap(GSVACollator, "__call__", "collate: CLIP/SAM pre-processing, tokenising")
+    wrap(GSVAForCausalLM, "get_image_features", "CLIP tower + projector")
+    wrap(type(model.get_decoder()), "forward", "LLM decoder (all passes)")
+    wrap(GSVAForCausalLM, "get_sam_image_embeddings", "SAM image encoder")
+    wrap(type(model.sam.mask_decoder), "forward", "SAM mask decoder")
+    wrap(GSVAForCausalLM, "postprocess_masks", "mask post-processing", static=True)
+    wrap(reference_eval, "full_upsample_postprocess", "mask post-processing")
+    wrap(GresAccumulator, "add", "metric accumulation")
+    return seconds, calls, restore
+
+
+def run_worker(args) -> dict:
+    """One variant, one evaluation loop in this process; returns seconds, peak RSS and the results."""
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.loading import load_gsva
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
+    dataset = build_val_dataset(args.data, args.val_dataset)
+    rss_before = psutil.Process().memory_info().rss / 2**20
+    timers = stage_timers(model) if args.stages else None
+    with variant_context(args.worker):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = evaluate_dataset(model, processor, dataset, batch_size=args.batch_size, progress=False)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    row = {
+        "variant": args.worker,
+        "loop_s": seconds,
+        "loop_cpu_s": cpu_seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_loop_mib": rss_before,
+        "images": len(dataset),
+        "targets": result.metrics["count"],
+        "metrics": result.metrics,
+        "decisions": [record["pred_rejected"] for record in result.records],
+    }
+    if timers is not None:
+        stage_seconds, calls, restore = timers
+        for owner, name, original in restore:
+            setattr(owner, name, original)
+        row["stages"] = {label: {"s": s, "calls": calls[label]} for label, s in stage_seconds.items()}
+    return row
+
+
+def worker_command(args, variant: str) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", str(args.model)]
+    command += ["--data", str(args.data), "--val-dataset", args.val_dataset, "--batch-size", str(args.batch_size)]
+    command += ["--threads", str(args.threads), "--dtype", args.dtype]
+    return command + (["--stages"] if args.stages else [])
+
+
+def spawn(args, variant: str) -> dict:
+    env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        worker_command(args, variant), capture_output=True, text=True, env={**os.environ, **env}, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} worker failed (rc {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_stages(row: dict) -> None:
+    total = row["loop_s"]
+    print(f"\n{row['variant']}: {row['images']} images, {row['targets']} targets, loop {total:.3f} s")
+    print("| stage | s | share of the loop | calls |")
+    print("|---|---|---|---|")
+    for label, stage in row["stages"].items():
+        print(f"| {label} | {stage['s']:.3f} | {100 * stage['s'] / total:.1f}% | {stage['calls']} |")
+    inside = sum(stage["s"] for stage in row["stages"].values())
+    print(
+        f"| rest (Python glue, batching, tensors to lists) | {total - inside:.3f} | {100 * (total - inside) / total:.1f}% | |"
+    )
+
+
+def loop_benchmark(args) -> list[dict]:
+    if args.data is not None:
+        return _loop_benchmark(args)
+    from gsva_hf.data.synthetic import write_synthetic_grefcoco
+
+    args.data = Path(tempfile.mkdtemp(prefix="bench_eval_"))
+    try:
+        write_synthetic_grefcoco(
+            args.data, num_images={"train": 0, "val": args.val_images, "testA": 0, "testB": 0}, seed=0
+        )
+        return _loop_benchmark(args)
+    finally:
+        shutil.rmtree(args.data, ignore_errors=True)
+
+
+def _loop_benchmark(args) -> list[dict]:
+    runs = defaultdict(list)
+    for _ in range(args.repeats):
+        for variant in args.variants.split(","):
+            runs[variant].append(spawn(args, variant))
+    first = {variant: rows[0] for variant, rows in runs.items()}
+    if len(first) == 2:
+        current, reference = first["current"], first["reference"]
+        if current["decisions"] != reference["decisions"]:
+            raise AssertionError("the variants' [REJ] decisions differ")
+        worst = max(abs(current["metrics"][k] - reference["metrics"][k]) for k in current["metrics"])
+        if worst > 1e-6:
+            raise AssertionError(
+                f"the variants' metrics differ by {worst}: {current['metrics']} vs {reference['metrics']}"
+            )
+    summary = []
+    for variant, rows in runs.items():
+        summary.append(
+            {
+                "variant": variant,
+                "loop_s_median": statistics.median(r["loop_s"] for r in rows),
+                "loop_s_all": [round(r["loop_s"], 3) for r in rows],
+                "loop_cpu_s_median": statistics.median(r["loop_cpu_s"] for r in rows),
+                "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in rows),
+                "rss_before_loop_mib_median": statistics.median(r["rss_before_loop_mib"] for r in rows),
+                "images": rows[0]["images"],
+                "targets": rows[0]["targets"],
+                "metrics": rows[0]["metrics"],
+            }
+        )
+    print(
+        f"{summary[0]['images']} images, {summary[0]['targets']} targets, batch {args.batch_size}, {args.threads} thread(s)"
+    )
+    print("| variant | evaluation loop s (median) | runs | loop CPU s (median) | peak RSS MiB | RSS before loop MiB |")
+    print("|---|---|---|---|---|---|")
+    for row in summary:
+        print(
+            f"| {row['variant']} | {row['loop_s_median']:.3f} | {row['loop_s_all']} | {row['loop_cpu_s_median']:.3f} | "
+            f"{row['peak_rss_mib_median']:.0f} | {row['rss_before_loop_mib_median']:.0f} |"
+        )
+    if len(summary) == 2:
+        wall, cpu = (summary[1][key] / summary[0][key] for key in ("loop_s_median", "loop_cpu_s_median"))
+        print(
+            f"speed-up (reference / current, medians): wall {wall:.2f}x, CPU {cpu:.2f}x; metrics within 1e-6, same decisions"
+        )
+    if args.stages:
+        for variant, rows in runs.items():
+            print_stages(rows[0])
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- prepared batches
+def prepared_inputs(processor, batch: int, targets: int, image_size: int, device: str, dtype) -> tuple[dict, list]:
+    """`batch` random images (image_size x 4/3 of it) with `targets` expressions each, every fourth one `[REJ]`."""
+    from processing_gsva import eval_answer, eval_question
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
+    names = [f"the shape number {i}" for i in range(targets)]
+    rejected = [i % 4 == 1 for i in range(targets)]
+    inputs = processor(
+        images=images, text=[eval_question(names)] * batch, answers=[eval_answer(names, rejected)] * batch
+    )
+    inputs = {k: v.to(device) for k, v in inputs.items() if k != "labels"}
+    for key in ("pixel_values", "sam_pixel_values"):
+        inputs[key] = inputs[key].to(dtype)
+    return inputs, images, names
+
+
+@contextlib.contextmanager
+def peak_memory(device: str):
+    """Peak CUDA memory allocated in the block (MiB), or this process's peak RSS so far on CPU."""
+    box = {}
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield box
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            box["mib"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            box["mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prepared_benchmark(args) -> list[dict]:
+    from configuration_gsva import GSVAConfig
+    from gsva_hf.loading import DTYPES
+    from modeling_gsva import GSVAForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    config = GSVAConfig.from_pretrained(args.preset)
+    processor = preset_processor(args.preset, config)
+    if args.layers:
+        # Same widths, fewer blocks: per-layer costs and the proportions of the stages at a preset's shapes.
+        config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = args.layers
+        sam_vision = config.sam_config.vision_config
+        sam_vision.num_hidden_layers = args.layers
+        sam_vision.global_attn_indexes = [i for i in sam_vision.global_attn_indexes if i < args.layers]
+    rows = []
+    print("| attn | batch | variant | images/s | s/batch | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for attn in args.attn.split(","):
+        try:
+            torch.manual_seed(0)
+            with torch.device(args.device):
+                model = GSVAForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype).eval()
+        except (ImportError, ValueError) as error:
+            print(f"| {attn} | - | - | unavailable: {str(error).splitlines()[0][:100]} | | |", flush=True)
+            continue
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            inputs, images, names = prepared_inputs(processor, batch, args.targets, args.image_size, args.device, dtype)
+            outputs = {}
+            for variant in args.variants.split(","):
+                with variant_context(variant), torch.no_grad(), peak_memory(args.device) as memory:
+                    seconds = timed(lambda: model.score_teacher_forced(**inputs), args.repeats, args.device)
+                    outputs[variant] = model.score_teacher_forced(**inputs)
+                rows.append(_row(attn, batch, variant, seconds, memory["mib"]))
+            if len(outputs) == 2:
+                _check_agree(outputs["current"], outputs["reference"])
+            if args.stages:
+                for variant in outputs:
+                    print_stages(_stage_row(model, inputs, variant, batch, args.targets, args.device))
+            if args.target_mode:
+                rows.append(_target_mode(model, processor, images, names, attn, batch, args))
+        model = None  # frees the weights before the next build
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _stage_row(model, inputs, variant, batch, targets, device) -> dict:
+    """One `score_teacher_forced` call with the stage timers on (GPU: synchronised, so seconds are the stage's)."""
+    seconds, calls, restore = stage_timers(model)
+    try:
+        with variant_context(variant), torch.no_grad():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.score_teacher_forced(**inputs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            total = time.perf_counter() - start
+    finally:
+        for owner, name, original in restore:
+            setattr(owner, name, original)
+    stages = {label: {"s": s, "calls": calls[label]} for label, s in seconds.items()}
+    return {"variant": variant, "images": batch, "targets": batch * targets, "loop_s": total, "stages": stages}
+
+
+def _row(attn, batch, variant, seconds, mib) -> dict:
+    row = {
+        "attn": attn,
+        "batch": batch,
+        "variant": variant,
+        "images_per_s": batch / seconds,
+        "s_per_batch": seconds,
+        "peak_mib": mib,
+    }
+    print(f"| {attn} | {batch} | {variant} | {batch / seconds:.2f} | {seconds:.3f} | {mib:.0f} |", flush=True)
+    return row
+
+
+def _check_agree(current, reference) -> None:
+    """Decisions identical; masks within bf16 noise of the reference (printed, not asserted: random weights)."""
+    same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(current.predicted_rejected, reference.predicted_rejected))
+    worst = max(
+        (float(((a.float() - b.float()).abs() / (1 + b.float().abs())).max()) for a, b in zip(current.pred_masks, reference.pred_masks) if a.numel()),
+        default=0.0,
+    )  # fmt: skip
+    print(f"|  |  | agreement | decisions identical: {same} | max relative mask difference {worst:.2e} | |", flush=True)
+
+
+def _target_mode(model, processor, images, names, attn, batch, args) -> dict:
+    """`segment(..., targets=...)`: guarded, the call may not exist in this build or may fail."""
+    try:
+        with torch.no_grad(), peak_memory(args.device) as memory:
+            call = functools.partial(model.segment, processor, images, targets=[names] * batch, batch_size=batch)
+            seconds = timed(call, args.repeats, args.device)
+        return _row(attn, batch, "target mode", seconds, memory["mib"])
+    except Exception as error:  # noqa: BLE001 - a benchmark row that names the failure instead of stopping the run
+        message = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+        print(f"| {attn} | {batch} | target mode | failed: {message} | | |", flush=True)
+        return {"attn": attn, "batch": batch, "variant": "target mode", "error": message}
+
+
+def saved_model_benchmark(args) -> list[dict]:
+    """A random model saved and loaded back through `load_gsva` once per `--load-ins` entry ("4bit", "8bit": the
+    LLM quantized, the rest in `--dtype`; "none"): weight memory, then images/s and peak memory per batch size."""
+    from benchmarks.write_bench_preset import write_bench_preset
+    from configuration_gsva import GSVAConfig
+    from gsva_hf.loading import DTYPES
+    from modeling_gsva import GSVAForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="bench_eval_model_"))
+    start = time.perf_counter()
+    write_bench_preset(args.preset, folder)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(folder), dtype=DTYPES[args.dtype])
+    model.save_pretrained(folder)
+    del model
+    print(f"random model written to {folder} in {time.perf_counter() - start:.0f} s", flush=True)
+    try:
+        return _time_loaded(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _time_loaded(args, folder: Path) -> list[dict]:
+    from gsva_hf.loading import DTYPES, load_gsva
+
+    rows = []
+    print("| LLM weights | batch | weights MiB | images/s | s/batch | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for load_in in args.load_ins.split(","):
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        model, processor = load_gsva(
+            folder, dtype=args.dtype, device=args.device, load_in=None if load_in == "none" else load_in
+        )
+        weights = model.get_memory_footprint() / 2**20
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            inputs, _, _ = prepared_inputs(
+                processor, batch, args.targets, args.image_size, args.device, DTYPES[args.dtype]
+            )
+            with torch.no_grad(), peak_memory(args.device) as memory:
+                seconds = timed(lambda: model.score_teacher_forced(**inputs), args.repeats, args.device)
+            row = {"load_in": load_in, "batch": batch, "weights_mib": weights, "images_per_s": batch / seconds,
+                   "s_per_batch": seconds, "peak_mib": memory["mib"]}  # fmt: skip
+            rows.append(row)
+            print(
+                f"| {load_in} | {batch} | {weights:.0f} | {batch / seconds:.2f} | {seconds:.3f} | {memory['mib']:.0f} |",
+                flush=True,
+            )
+        model = None  # frees the weights before the next build
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "gsva_hf" / "assets" / "gsva-tiny-synthetic")
+    parser.add_argument("--data", type=Path, help="GSVA data root holding the split (default: a synthetic one)")
+    parser.add_argument("--val-dataset", default="grefcoco|unc|val")
+    parser.add_argument(
+        "--val-images", type=int, default=40, help="images of the synthetic split written when no --data"
+    )
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default="current,reference")
+    parser.add_argument("--stages", action="store_true", help="also time the loop's stages (one table per variant)")
+    parser.add_argument("--worker", choices=VARIANTS, help="run one variant in this process and print its JSON row")
+    parser.add_argument("--prepared", action="store_true", help="time score_teacher_forced on prepared batches")
+    parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--targets", type=int, default=10, help="expressions per image (prepared batches)")
+    parser.add_argument("--image-size", type=int, default=120, help="image height, width 4/3 of it (prepared batches)")
+    parser.add_argument("--target-mode", action="store_true", help="also time segment(targets=...) (prepared batches)")
+    parser.add_argument("--layers", type=int, help="cut the LLM, CLIP and SAM encoder to this many blocks (prepared)")
+    parser.add_argument(
+        "--load-ins",
+        help='save a random model and time it loaded per entry, e.g. "4bit,none" (the LLM in 4-bit, then not)',
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    if args.load_ins:
+        rows = saved_model_benchmark(args)
+    else:
+        rows = prepared_benchmark(args) if args.prepared else loop_benchmark(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""score_teacher_forced's single pass + prefix-reuse rerun against two full passes, and the cropped upsampling."""
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.reference_eval import full_upsample_postprocess, two_pass_score_teacher_forced
+from modeling_gsva import GSVAForCausalLM
+from processing_gsva import eval_answer, eval_question
+
+RNG = np.random.default_rng(3)
+NAMES = ["the red circle", "a small blue square on the left", "the green star", "two yellow things", "the cat"]
+
+
+def batch_of(processor, rows):
+    """rows: per image (height, width, rejected flags); sentence lengths differ so rows pad differently."""
+    images, questions, answers = [], [], []
+    for height, width, rejected in rows:
+        images.append(RNG.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        sentences = NAMES[: len(rejected)]
+        questions.append(eval_question(sentences))
+        answers.append(eval_answer(sentences, rejected))
+    batch = processor(images=images, text=questions, answers=answers)
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def sharpen_decisions(model):
+    """Large random `[SEG]`/`[REJ]` rows of the LM head, so the argmax at the slots varies between them."""
+    generator = torch.Generator().manual_seed(1)
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        for token in (model.config.seg_token_id, model.config.rej_token_id):
+            weight[token] = 30 * torch.randn(weight.shape[1], generator=generator)
+
+
+def assert_same(out, reference):
+    assert len(out.pred_masks) == len(reference.pred_masks)
+    for got, want, flags, want_flags in zip(out.pred_masks, reference.pred_masks, out.gt_is_seg, reference.gt_is_seg):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert flags.tolist() == want_flags.tolist()
+    assert [r.tolist() for r in out.predicted_rejected] == [r.tolist() for r in reference.predicted_rejected]
+
+
+MIXED = [
+    (40, 50, [False, True, False, True]),  # [REJ] early, a slot after it
+    (30, 20, [False]),  # no [REJ]: no rerun
+    (25, 60, [False, False, True, False, True]),  # first [REJ] later, longest row
+    (33, 33, [False, False, True]),  # [REJ] is the last slot: its states are all prefix states
+    (18, 45, [True, True]),  # only [REJ]s
+]
+
+
+@pytest.mark.parametrize("reeval", [True, False])
+def test_batched_mixed_rows_match_two_full_passes(tiny_model, tiny_processor, reeval):
+    sharpen_decisions(tiny_model)
+    batch = batch_of(tiny_processor, MIXED)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "rows should be padded differently"
+    out = tiny_model.score_teacher_forced(**batch, reeval=reeval)
+    reference = two_pass_score_teacher_forced(tiny_model, **batch, reeval=reeval)
+    assert_same(out, reference)
+    decisions = torch.cat(out.predicted_rejected)
+    assert decisions.any() and not decisions.all(), "the test needs both decisions to be exercised"
+    if not reeval:
+        assert all(float(mask[~flags].abs().sum()) == 0 for mask, flags in zip(out.pred_masks, out.gt_is_seg))
+
+
+@pytest.mark.parametrize("rejected", [[False, True, False], [False, False], [True], [True, False, True, False]])
+def test_single_rows_match_two_full_passes(tiny_model, tiny_processor, rejected):
+    sharpen_decisions(tiny_model)
+    batch = batch_of(tiny_processor, [(37, 29, rejected)])
+    assert_same(tiny_model.score_teacher_forced(**batch), two_pass_score_teacher_forced(tiny_model, **batch))
+
+
+def test_rerun_feeds_only_the_rows_and_tokens_after_the_first_rej(tiny_model, tiny_processor):
+    """The second decoder call gets the rows with a slot after a [REJ], from the earliest first [REJ] on."""
+    batch = batch_of(tiny_processor, MIXED)
+    config = tiny_model.config
+    slots = [
+        torch.nonzero((row == config.seg_token_id) | (row == config.rej_token_id)).flatten()
+        for row in batch["input_ids"]
+    ]
+    rej = [torch.nonzero(row == config.rej_token_id).flatten() for row in batch["input_ids"]]
+    end = max(int(s[-1]) for s in slots)
+    redo = [i for i in range(len(MIXED)) if len(rej[i]) and int(slots[i][-1]) > int(rej[i][0])]
+    start = min(int(rej[i][0]) for i in redo)
+    assert redo == [0, 2, 4]
+    shapes = []
+    decoder = tiny_model.get_decoder()
+    hook = decoder.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    try:
+        tiny_model.score_teacher_forced(**batch)
+    finally:
+        hook.remove()
+    assert shapes == [(len(MIXED), end), (len(redo), end - start)]
+
+
+def test_no_rej_in_the_batch_runs_the_language_model_once(tiny_model, tiny_processor):
+    batch = batch_of(tiny_processor, [(40, 50, [False, False]), (30, 20, [False])])
+    calls = []
+    hook = tiny_model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        out = tiny_model.score_teacher_forced(**batch)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert_same(out, two_pass_score_teacher_forced(tiny_model, **batch))
+
+
+@pytest.mark.parametrize(
+    "sam_size, low, resized, original",
+    [
+        (1024, 256, (768, 1024), (480, 640)),
+        (1024, 256, (1024, 683), (600, 400)),
+        (1024, 256, (1024, 1024), (1024, 1024)),
+        (128, 32, (37, 51), (23, 31)),
+        (128, 32, (1, 1), (1, 1)),
+        (128, 32, (127, 5), (300, 12)),
+        (100, 32, (100, 75), (40, 30)),  # no integer ratio: the full upsampling path
+    ],
+)
+def test_cropped_upsampling_equals_full_upsampling_then_crop(sam_size, low, resized, original):
+    low_res = 10 * torch.randn(3, low, low, generator=torch.Generator().manual_seed(0))
+    got = GSVAForCausalLM.postprocess_masks(low_res, resized, original, sam_size)
+    want = full_upsample_postprocess(low_res, resized, original, sam_size)
+    assert got.shape == want.shape == (3, *original) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
