@@ -9,6 +9,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+
 @strict
 class GSVAConfig(PreTrainedConfig):
     r"""

@@ -42,3 +42,29 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return GSVAForCausalLM(copy.deepcopy(tiny_config)).eval()
+
+
+@pytest.fixture()
+def saved_tiny_folder(tiny_model, tiny_processor, tmp_path):
+    """The random tiny model and its processor saved as a folder (code files, `auto_map`, weights)."""
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    return folder
+
+
+def card_snippet_lines(folder, targets) -> str:
+    """What a model card's usage snippet prints for `folder`'s example image, computed in this process."""
+    from PIL import Image
+
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
+
+    model = GSVAForCausalLM.from_pretrained(folder).eval()
+    processor = GSVAProcessor.from_pretrained(folder)
+    image = Image.open(Path(folder) / "example.png").convert("RGB")
+    expected = model.segment(processor, image, targets=list(targets))[0]
+    lines = [
+        f"{t.phrase!r}: rejected={t.rejected}, mask pixels={int(t.mask.sum())}, score={t.score:.2f}" for t in expected.targets
+    ]
+    return "\n".join([expected.answer, *lines]) + "\n"

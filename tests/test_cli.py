@@ -24,11 +24,8 @@ PHRASES = "the red circle; the cat"
 
 
 @pytest.fixture()
-def model_dir(tiny_model, tiny_processor, tmp_path):
-    folder = tmp_path / "model"
-    tiny_model.save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    return folder
+def model_dir(saved_tiny_folder):
+    return saved_tiny_folder
 
 
 def noise_image(path, size=(30, 40), seed=0):

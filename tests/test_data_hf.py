@@ -5,7 +5,8 @@ the column and the expected form."""
 import numpy as np
 import pytest
 
-from gsva_hf.data.hf_datasets import HFReferData, main as convert_main, tree_to_hf
+from gsva_hf.data.hf_datasets import HFReferData, tree_to_hf
+from gsva_hf.data.hf_datasets import main as convert_main
 from gsva_hf.data.mixed import build_val_dataset
 from gsva_hf.data.refer import ReferDataError
 from gsva_hf.data.refer_seg import ReferSegDataset

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from gsva_hf import hub
 from gsva_hf.segment import DEFAULT_MODEL
 from tests._fresh_process import ISOLATE
-from tests.conftest import REPO
+from tests.conftest import REPO, card_snippet_lines
 
 REPO_ID = "someone/gsva-tiny-test"
 SHARD_LIMIT = 1_000_000  # "1MB": the tiny model (~5 MB in fp32) needs several shards
@@ -123,18 +123,8 @@ def test_dry_run_loads_in_a_fresh_process_and_the_card_snippet_runs(layout, tmp_
     assert printed_drawn.strip()
 
     # The same call in this process gives the lines the snippet must have printed.
-    from modeling_gsva import GSVAForCausalLM
-    from processing_gsva import GSVAProcessor
 
-    model = GSVAForCausalLM.from_pretrained(layout).eval()
-    processor = GSVAProcessor.from_pretrained(layout)
-    image = Image.open(layout / "example.png").convert("RGB")
-    expected = model.segment(processor, image, targets=list(hub.REAL_TARGETS))[0]
-    lines = [
-        f"{t.phrase!r}: rejected={t.rejected}, mask pixels={int(t.mask.sum())}, score={t.score:.2f}"
-        for t in expected.targets
-    ]
-    assert printed == "\n".join([expected.answer, *lines]) + "\n"
+    assert printed == card_snippet_lines(layout, hub.REAL_TARGETS)
 
 
 def test_card_metadata_parses_with_huggingface_hub(layout):

@@ -16,11 +16,8 @@ from tests.conftest import REPO
 
 
 @pytest.fixture()
-def folder(tiny_model, tiny_processor, tmp_path):
-    path = tmp_path / "model"
-    tiny_model.save_pretrained(path)
-    tiny_processor.save_pretrained(path)
-    return path
+def folder(saved_tiny_folder):
+    return saved_tiny_folder
 
 
 def rewrite_weights(folder, change):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tests._fresh_process import ISOLATE
-from tests.conftest import REPO
+from tests.conftest import REPO, card_snippet_lines
 
 LOADER = ISOLATE + textwrap.dedent(
     """
@@ -120,11 +120,7 @@ def test_bundled_model_loads_as_its_card_says_in_a_fresh_process(tmp_path):
     """The card's lines, run as written from the clone's root by a process that cannot import the project."""
     import re
 
-    from PIL import Image
-
     from gsva_hf import hub
-    from modeling_gsva import GSVAForCausalLM
-    from processing_gsva import GSVAProcessor
 
     card = (hub.BUNDLED_MODEL / "README.md").read_text()
     (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
@@ -138,15 +134,7 @@ def test_bundled_model_loads_as_its_card_says_in_a_fresh_process(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout.split("=== snippet ===\n")[1]
 
-    model = GSVAForCausalLM.from_pretrained(hub.BUNDLED_MODEL).eval()
-    processor = GSVAProcessor.from_pretrained(hub.BUNDLED_MODEL)
-    image = Image.open(hub.BUNDLED_MODEL / "example.png").convert("RGB")
-    expected = model.segment(processor, image, targets=list(hub.SYNTHETIC_TARGETS))[0]
-    lines = [
-        f"{t.phrase!r}: rejected={t.rejected}, mask pixels={int(t.mask.sum())}, score={t.score:.2f}"
-        for t in expected.targets
-    ]
-    assert printed == "\n".join([expected.answer, *lines]) + "\n"
+    assert printed == card_snippet_lines(hub.BUNDLED_MODEL, hub.SYNTHETIC_TARGETS)
 
 
 def test_refresh_bundled_rewrites_code_and_keeps_the_weights(tmp_path):
