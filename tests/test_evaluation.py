@@ -133,3 +133,23 @@ def test_eval_hf_reproduces_the_numbers_training_records(tmp_path):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads(report_path.read_text())["metrics"] == recorded
+
+
+def test_targets_mode_scores_one_decision_per_expression_through_segment(eval_setup, tiny_processor):
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.metrics import GresAccumulator
+    from modeling_gsva import GSVAForCausalLM
+
+    model = GSVAForCausalLM.from_pretrained(eval_setup / "model").eval()
+    dataset = build_val_dataset(eval_setup / "data", "grefcoco|unc|val")
+    result = evaluate_dataset(model, tiny_processor, dataset, mode="targets", batch_size=2, progress=False)
+    expected = GresAccumulator()
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        (segmented,) = model.segment(tiny_processor, [sample.image], targets=[list(sample.targets)])
+        assert [t.phrase for t in segmented.targets] == list(sample.targets)
+        assert result.records[index]["pred_rejected"] == [t.rejected for t in segmented.targets]
+        for slot, target in enumerate(segmented.targets):
+            expected.add(target.mask, sample.masks[slot].astype(np.uint8), target.rejected, f"{index}:{slot}")
+    assert result.metrics == pytest.approx(expected.compute(), abs=1e-6)
