@@ -69,7 +69,9 @@ def test_masks_from_generate_equal_a_full_forward_over_the_generated_answer(tiny
     images = images_of((40, 50), (20, 30))
     batch = tiny_processor(images=images, text=["what is the red circle?", "a longer question about the dog here?"])
     torch.manual_seed(0)
+    calls = EncoderCalls(tiny_model)
     out = tiny_model.generate(**batch, max_new_tokens=16, return_dict_in_generate=True, **sampling)
+    assert calls.images == 2  # once per image, however many sequences each gets
     assert sum(int(flags.sum()) for flags in out.target_is_seg) > 0
     copies = sampling.get("num_return_sequences", 1)
     repeated = {k: v.repeat_interleave(copies, dim=0) for k, v in batch.items()}

@@ -728,7 +728,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         out.cache = None
 
         # `states[:, j]` belongs to `sequences[:, prompt_length - 1 + j]`; tokens after a row's end are padding.
-        eos = self.generation_config.eos_token_id
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
         eos_ids = torch.tensor([e for e in (eos if isinstance(eos, list) else [eos]) if e is not None], device=sequences.device)
         answers = sequences[:, prompt_length:].clone()
         answer_ids, finished = [], []
@@ -744,17 +744,16 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         slot_states, flags = self.gather_slot_states(states, aligned)
         slot_logits = [self.get_output_embeddings()(chosen) for chosen in slot_states]
 
-        def repeat(tensor):
-            return None if tensor is None else tensor.repeat_interleave(copies, dim=0)
-
+        if sam_image_embeddings is None:
+            sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
         slots = self._slot_outputs(
             slot_states,
             slot_logits,
             flags,
-            repeat(sam_pixel_values),
-            repeat(sam_image_embeddings),
-            repeat(resized_sizes),
-            repeat(original_sizes),
+            None,
+            sam_image_embeddings.repeat_interleave(copies, dim=0),
+            resized_sizes.repeat_interleave(copies, dim=0),
+            original_sizes.repeat_interleave(copies, dim=0),
         )
         return GSVAGenerateOutput(**dict(out.items()), **slots, answer_ids=answer_ids, finished=finished)
 
