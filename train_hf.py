@@ -30,6 +30,7 @@ from gsva_hf.data.collator import GSVACollator
 from gsva_hf.training import (
     GSVATrainer,
     ProgressLineCallback,
+    check_checkpoint_complete,
     count_parameters,
     export_model,
     folder_has_weights,
@@ -316,6 +317,7 @@ def train_and_finish(run: TrainingRun) -> dict:
     if not run.training_args.export_only:
         run.trainer.train(resume_from_checkpoint=checkpoint)
     elif checkpoint:
+        check_checkpoint_complete(checkpoint)
         run.trainer._load_from_checkpoint(checkpoint)
     else:
         raise ValueError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")

@@ -173,6 +173,12 @@ class GSVATrainer(Trainer):
             error.add_note(f"while saving checkpoint {folder} (the partial checkpoint was removed)")
             raise
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """The Trainer's `train`, refusing to resume from a checkpoint whose save never finished."""
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_checkpoint_complete(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
@@ -189,6 +195,27 @@ class GSVATrainer(Trainer):
                 logs[name] = round(total / self._part_count, 6)
             self._part_sums, self._part_count = {}, 0
         super().log(logs, start_time)
+
+
+def check_checkpoint_complete(folder) -> None:
+    """The Trainer writes `trainer_state.json` last, so a checkpoint folder without it is a save that was cut short
+    (a killed process); resuming from it would load half a state."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--resume_from_checkpoint {folder}: no such checkpoint folder")
+    if not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
+        parent = os.path.dirname(os.path.abspath(folder))
+        complete = sorted(
+            (name for name in os.listdir(parent) if os.path.isfile(os.path.join(parent, name, TRAINER_STATE_NAME))),
+            key=lambda name: int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else -1,
+        )
+        hint = f"; the latest complete one is {os.path.join(parent, complete[-1])}" if complete else ""
+        raise ValueError(
+            f"--resume_from_checkpoint {folder}: the checkpoint is incomplete (no {TRAINER_STATE_NAME}, which the "
+            f"Trainer writes last: its save was interrupted); remove it{hint}"
+        )
 
 
 def is_disk_full(error: BaseException) -> bool:

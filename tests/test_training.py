@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -182,6 +183,13 @@ def test_resumed_run_ends_with_the_same_weights(synthetic_dir, tmp_path):
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+    # A save killed before its end (no trainer_state.json, the Trainer's last file) is refused, naming a good one.
+    cut = tmp_path / "resumed" / "checkpoint-9"
+    shutil.copytree(tmp_path / "resumed" / "checkpoint-3", cut)
+    (cut / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint-9: the checkpoint is incomplete .* latest complete one is .*checkpoint-6"):
+        resumed.trainer.train(resume_from_checkpoint=str(cut))
 
 
 @pytest.mark.slow
