@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-import processing_gsva
 from gsva_hf import segment as command
 from processing_gsva import SegmentationResult, SegmentedTarget, load_image
 from tests.conftest import REPO
@@ -294,12 +293,14 @@ def test_size_and_aspect_limits_name_the_file_its_size_and_the_limit(tmp_path, t
         load_image(header_only_png(tmp_path / "big.png", 8000, 6000))
     with pytest.raises(ValueError, match=r"bomb\.png.*400000000 pixels.*limit is 40 megapixels"):
         load_image(header_only_png(tmp_path / "bomb.png", 20000, 20000))
-    with pytest.raises(ValueError, match=r"257x1, an aspect ratio of 257:1, beyond the limit of 256:1"):
-        load_image(np.zeros((1, 257, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"2049x1, an aspect ratio of 2049:1, beyond the limit of 2048:1"):
+        load_image(np.zeros((1, 2049, 3), np.uint8))
+    # The processor holds each image to its own SAM's limit: 2 x longest edge (128 for the tiny model) to 1.
     tiny_processor(images=[np.zeros((1, 256, 3), np.uint8)], text=["what?"])  # at the limit: fine
-    monkeypatch.setattr(processing_gsva, "MAX_ASPECT_RATIO", 10**6)
-    with pytest.raises(Exception):  # past it, SAM's resize (longest edge 128) breaks: the limit is where it breaks
-        tiny_processor(images=[np.zeros((1, 257, 3), np.uint8)], text=["what?"])
+    with pytest.raises(ValueError, match=r"image 0 is 257x1, an aspect ratio of 257:1, beyond this model's limit of 256:1"):
+        tiny_processor(images=[load_image(np.zeros((1, 257, 3), np.uint8))], text=["what?"])
+    with pytest.raises(Exception):  # past it, SAM's own resize breaks: the limit is where it breaks
+        tiny_processor.sam_image_processor([Image.new("RGB", (257, 1))], return_tensors="pt")
 
 
 # ------------------------------------------------------------------------------------------ eval_hf

@@ -193,9 +193,9 @@ def mask_to_rle(mask: torch.Tensor) -> dict:
 # Size limits of `load_image`. Memory grows ~40 bytes per pixel through the processors and full-size masks (a
 # 12000x12000 image took 5.4 GB), so larger images are refused rather than swapped through. SAM resizes the long side
 # to `longest_edge` and rounds the short side: it becomes 0 (a processor crash) beyond 2 * longest_edge : 1, which
-# is 2048:1 for SAM's 1024 and 256:1 for the 128-pixel tiny model; 256:1 is safe for both.
+# is 2048:1 for SAM's 1024; the processor checks its own SAM's limit (256:1 for the 128-pixel tiny model).
 MAX_IMAGE_MEGAPIXELS = 40
-MAX_ASPECT_RATIO = 256
+MAX_ASPECT_RATIO = 2048
 
 
 def load_image(image, name: str | None = None) -> Image.Image:
@@ -542,6 +542,7 @@ class GSVAProcessor(ProcessorMixin):
         if len(image_list) != len(conversations):
             raise ValueError(f"got {len(image_list)} images but {len(conversations)} conversations")
         pil_images = [load_image(image) for image in image_list]
+        self._check_aspect_ratios(pil_images)
 
         encoded = [self.encode_conversation(rounds) for rounds in conversations]
         with_labels = all(rounds[-1][1] is not None for rounds in conversations)
@@ -576,6 +577,21 @@ class GSVAProcessor(ProcessorMixin):
         data["original_sizes"] = torch.as_tensor(sam["original_sizes"], dtype=torch.long)
         data["resized_sizes"] = torch.as_tensor(sam["reshaped_input_sizes"], dtype=torch.long)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _check_aspect_ratios(self, images: list[Image.Image]) -> None:
+        """SAM resizes the long side to its `longest_edge`; beyond 2 * longest_edge : 1 the short side would round
+        to 0 pixels and SAM's processor fail, so such an image is refused here, naming this model's limit."""
+        longest = (getattr(self.sam_image_processor, "size", None) or {}).get("longest_edge")
+        if not longest:
+            return
+        for index, image in enumerate(images):
+            width, height = image.size
+            if max(width, height) > 2 * longest * min(width, height):
+                raise ValueError(
+                    f"image {index} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
+                    f"beyond this model's limit of {2 * longest}:1 (SAM resizes the long side to {longest} pixels and "
+                    "the short side would become 0); crop it first"
+                )
 
     # ------------------------------------------------------------------ outputs
     def decode_answer(self, token_ids) -> str:
