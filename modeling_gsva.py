@@ -7,6 +7,7 @@ per present target and `[REJ]` per absent one. The last-layer hidden state at th
 Shipped with a Hub repository for ``trust_remote_code``: imports only torch, transformers and its sibling files.
 """
 
+import copy
 import itertools
 import shutil
 from dataclasses import dataclass
@@ -642,9 +643,17 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         return rerun.last_hidden_state
 
     def _special_suppressed(self, kwargs: dict) -> dict:
-        """Image and image-boundary tokens are never generated (unless the caller sets `suppress_tokens`)."""
-        if kwargs.get("suppress_tokens") is None and getattr(self.generation_config, "suppress_tokens", None) is None:
-            kwargs["suppress_tokens"] = [self.config.image_token_id, self.config.im_start_token_id, self.config.im_end_token_id]
+        """Image and image-boundary tokens are never generated: they join whatever `suppress_tokens` the call or its
+        generation config already holds (set on a copy of a given config, so transformers sees no conflict)."""
+        special = [self.config.image_token_id, self.config.im_start_token_id, self.config.im_end_token_id]
+        config = kwargs.get("generation_config")
+        if config is not None:
+            config = copy.deepcopy(config)
+            config.suppress_tokens = sorted(set(config.suppress_tokens or []) | set(special))
+            kwargs["generation_config"] = config
+        else:
+            own = kwargs.get("suppress_tokens") or self.generation_config.suppress_tokens or []
+            kwargs["suppress_tokens"] = sorted(set(own) | set(special))
         return kwargs
 
     def _slot_outputs(
@@ -693,14 +702,14 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """
         kwargs = self._special_suppressed(kwargs)
         input_ids = kwargs.pop("input_ids", inputs)
-        wants_masks = bool(kwargs.get("return_dict_in_generate")) and (
+        config = kwargs.get("generation_config") or self.generation_config
+        wants_masks = bool(kwargs.get("return_dict_in_generate", config.return_dict_in_generate)) and (
             sam_pixel_values is not None or sam_image_embeddings is not None
         )
         if not wants_masks:
             return super().generate(input_ids, **kwargs)
         if original_sizes is None or resized_sizes is None:
             raise ValueError("masks from generate need original_sizes and resized_sizes (from GSVAProcessor)")
-        config = kwargs.get("generation_config") or self.generation_config
         if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) != 1:
             raise ValueError("masks from generate need num_beams=1 (greedy or sampling)")
         copies = int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1)
@@ -776,6 +785,8 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         `slot_decisions` (larger of the two logits, conditioned on the earlier decisions) and the `[SEG]` state is
         the last state of that pass. Every asked phrase gets exactly one decision, in order.
         """
+        if sam_pixel_values is None and sam_image_embeddings is None:
+            raise ValueError("decide_targets needs sam_pixel_values (or sam_image_embeddings) from GSVAProcessor")
         slot_ids = self._slot_ids(input_ids.device)
         rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
         slots = [torch.nonzero(torch.isin(ids, slot_ids)).flatten() for ids in rows]
@@ -854,6 +865,11 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         text: a question per image (free generation, `generate`): the model's own answer decides the targets.
         A thin processor -> model -> processor loop over batches of `batch_size` images.
         """
+        if (generate_kwargs.get("num_return_sequences") or 1) > 1:
+            raise ValueError(
+                "segment() returns one result per image; for several answers per image call model.generate(..., "
+                "num_return_sequences=n, return_dict_in_generate=True) and processor.post_process_instance_segmentation"
+            )
         image_list = list(images) if isinstance(images, (list, tuple)) else [images]
         queries = processor.segmentation_queries(len(image_list), text=text, targets=targets)
         results = []

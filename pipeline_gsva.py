@@ -11,6 +11,8 @@ empty). A list of images gives a list of such lists.
 Shipped with a Hub repository for ``trust_remote_code``: imports only torch, transformers and its sibling files.
 """
 
+import warnings
+
 import numpy as np
 from PIL import Image
 from transformers import Pipeline
@@ -40,8 +42,8 @@ class GSVASegmentationPipeline(Pipeline):
         """images: one image (path, PIL, array) or a list; `targets` (phrases) or `text` (a question), per image or shared."""
         single = not isinstance(images, (list, tuple))
         image_list = [images] if single else list(images)
-        if targets is not None and single and targets and all(isinstance(t, str) for t in targets):
-            targets = [list(targets)]
+        if (kwargs.get("generate_kwargs") or {}).get("num_return_sequences", 1) > 1:
+            raise ValueError("the pipeline returns one result list per image; num_return_sequences must be 1")
         queries = self.processor.segmentation_queries(len(image_list), text=text, targets=targets)
         preprocess, forward, postprocess = self._sanitize_parameters(text=text, targets=targets, **kwargs)
         step = batch_size or self._batch_size or 1
@@ -83,6 +85,9 @@ class GSVASegmentationPipeline(Pipeline):
         results = self.processor.post_process_instance_segmentation(
             model_outputs, threshold=0.0 if threshold is None else threshold, targets=targets
         )
+        for result in results:
+            for problem in result.warnings:
+                warnings.warn(f"gsva-segmentation: answer {result.answer!r}: {problem}", stacklevel=3)
         return [
             [
                 {

@@ -399,8 +399,12 @@ def main(argv=None) -> int:
         model, processor = load_model(
             args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
         )
+        if "targets" in query:
+            processor.targets_conversation(query["targets"])
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    except (ImportError, RuntimeError, AssertionError) as error:
+        parser.error(f"cannot load the model with --device {args.device} --load-in {args.load_in}: {error}")
     out.remove(previous)
     for entry in skipped:
         print(f"note: {entry} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); skipped", file=sys.stderr)

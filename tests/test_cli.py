@@ -376,3 +376,15 @@ def test_eval_takes_the_loading_flags_in_its_flag_style(tmp_path):
     for spelling in ("--trust_remote_code", "--trust-remote-code"):
         args = eval_hf.parse_args(base + [spelling, "--revision", "abc123"])
         assert args.trust_remote_code is True and args.revision == "abc123"
+
+
+def test_phrases_and_devices_that_cannot_work_are_usage_errors(model_dir, tmp_path, capsys):
+    image = noise_image(tmp_path / "one.png")
+    for extra, said in (
+        (["...; ."], "more than full stops"),
+        (["the red circle", "--device", "nonsense"], "cannot load the model with --device nonsense"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            command.main([str(image), *extra, "--model", str(model_dir), "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

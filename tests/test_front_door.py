@@ -259,3 +259,52 @@ def test_pipeline_from_a_saved_folder_in_a_fresh_process(tiny_model, tiny_proces
     for (label, rejected, score, mode, size, area), target in zip(out["one"], expected.targets, strict=True):
         assert (label, rejected, mode, size) == (target.phrase, target.rejected, "L", [30, 20])
         assert score == pytest.approx(target.score, abs=1e-5) and area == int(target.mask.sum())
+
+
+def test_misused_inputs_and_outputs_are_refused_with_what_to_do(tiny_model, tiny_processor):
+    image = images_of((20, 30))[0]
+    with pytest.raises(ValueError, match="a mix of phrases and lists"):
+        tiny_model.segment(tiny_processor, [image, image], targets=[["the red circle"], "blue"])
+    with pytest.raises(ValueError, match="not a string"):
+        tiny_processor(images=image, targets="the red circle")
+    with pytest.raises(ValueError, match="one result per image"):
+        tiny_model.segment(tiny_processor, image, text="what?", do_sample=True, num_return_sequences=2)
+    inputs = tiny_processor(images=image, targets=["a", "b"])
+    with pytest.raises(ValueError, match="needs sam_pixel_values"):
+        tiny_model.decide_targets(**{k: v for k, v in inputs.items() if k != "sam_pixel_values"})
+    decided = tiny_model.decide_targets(**inputs)
+    with pytest.raises(ValueError, match="got 2 target lists for 1 images"):
+        tiny_processor.post_process_instance_segmentation(decided, targets=[["a", "b"], ["c"]])
+    prompt = tiny_processor(images=image, text="what?")
+    plain = tiny_model.generate(input_ids=prompt["input_ids"], pixel_values=prompt["pixel_values"], max_new_tokens=3, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="hold no masks"):
+        tiny_processor.post_process_instance_segmentation(plain)
+
+
+def test_phrases_are_normalised_once_for_the_prompt_and_the_answer(tiny_processor):
+    question, answer = tiny_processor.targets_conversation([". The Red circle .", "the red\ncircle", "a.b"])
+    assert question == " What are the red circle, the red circle, a.bin this image? Please output segmentation masks."
+    assert answer == "Sure,the red circle:[SEG], the red circle:[SEG], a.b:[SEG]."
+
+
+def test_generation_config_and_own_suppressed_tokens_are_honoured(tiny_model, tiny_processor):
+    from transformers import GenerationConfig
+
+    sharpen_slot_tokens(tiny_model, seed=1)
+    batch = tiny_processor(images=images_of((40, 50)), text=["what is the red circle?"])
+    config = GenerationConfig(max_new_tokens=8, return_dict_in_generate=True, suppress_tokens=[5])
+    out = tiny_model.generate(**batch, generation_config=config)
+    assert out.target_is_seg is not None and config.suppress_tokens == [5]
+    # The image token is suppressed alongside the caller's own: pushing it to the top still never generates it.
+    image_id = tiny_model.config.image_token_id
+    ids = tiny_model.generate(**batch, max_new_tokens=4, suppress_tokens=[5], sequence_bias={(image_id,): 1e4})
+    assert image_id not in ids[0, batch["input_ids"].shape[1] :].tolist()
+
+
+def test_pipeline_warns_when_an_answer_is_cut(tiny_model, tiny_processor):
+    from pipeline_gsva import GSVASegmentationPipeline
+
+    pipe = GSVASegmentationPipeline(model=tiny_model, processor=tiny_processor, device="cpu")
+    with pytest.warns(UserWarning, match="cut at max_new_tokens"):
+        pipe(images_of((20, 30))[0], text="what is the red circle?", max_new_tokens=2)
+    assert [d["label"] for d in pipe(images_of((20, 30))[0], targets=["a", "b"])] == ["a", "b"]

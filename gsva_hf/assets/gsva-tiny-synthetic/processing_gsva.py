@@ -609,8 +609,8 @@ class GSVAProcessor(ProcessorMixin):
     @staticmethod
     def targets_conversation(phrases: list[str]) -> tuple[str, str]:
         """Target mode's (question, answer template): GSVA's evaluation prompt verbatim, one `[SEG]` slot per
-        phrase (the model then decides each slot). Phrases are normalised as GSVA's evaluation does."""
-        cleaned = [clean_sentence(p) for p in _checked_phrases(phrases)]
+        phrase (the model then decides each slot). Phrases are normalised by `target_phrase`."""
+        cleaned = [target_phrase(p) for p in _checked_phrases(phrases)]
         if not all(cleaned):
             raise ValueError(f"targets must hold more than full stops and spaces, got {phrases!r}")
         return eval_question(cleaned), eval_answer(cleaned, [False] * len(cleaned))
@@ -627,7 +627,16 @@ class GSVAProcessor(ProcessorMixin):
             return questions
         if isinstance(targets, str):
             raise ValueError("targets must be a list of phrases (or one list per image), not a string")
-        per_image = [list(targets)] if targets and all(isinstance(t, str) for t in targets) else [list(t) for t in targets]
+        targets = list(targets)
+        if targets and all(isinstance(t, str) for t in targets):
+            per_image = [targets]
+        elif all(isinstance(t, (list, tuple)) for t in targets):
+            per_image = [list(t) for t in targets]
+        else:
+            raise ValueError(
+                "targets must be one list of phrases for every image, or one list of phrases per image; got a mix of "
+                f"phrases and lists: {targets!r}"
+            )
         if len(per_image) == 1 and count > 1:
             per_image = per_image * count
         if len(per_image) != count:
@@ -658,9 +667,16 @@ class GSVAProcessor(ProcessorMixin):
             named in `warnings`), or `model.decide_targets(...)` with `targets`, the phrases asked per image.
         threshold: mask logit threshold (GSVA: 0). return_rle: add each mask's COCO RLE.
         """
+        if outputs.get("target_is_seg") is None:
+            raise ValueError(
+                "these outputs hold no masks: use model.decide_targets(**processor(images=..., targets=...)) or "
+                "model.generate(**processor(images=..., text=...), return_dict_in_generate=True)"
+            )
         from_targets = outputs.get("answer_ids") is None
         if from_targets and targets is None:
             raise ValueError("target-mode outputs need `targets`, the phrases asked per image")
+        if from_targets and len(targets) != len(outputs["target_is_seg"]):
+            raise ValueError(f"got {len(targets)} target lists for {len(outputs['target_is_seg'])} images")
         results = []
         fields = zip(outputs["target_is_seg"], outputs["slot_scores"], outputs["pred_masks"])
         for row, (flags, scores, logits) in enumerate(fields):
@@ -670,8 +686,7 @@ class GSVAProcessor(ProcessorMixin):
                 phrases = list(targets[row])
                 if len(phrases) != len(flags):
                     raise ValueError(f"image {row}: {len(phrases)} phrases asked but the outputs hold {len(flags)} slots")
-                cleaned = [clean_sentence(p) for p in phrases]
-                answer = eval_answer(cleaned, [not f for f in flags])
+                answer = eval_answer([target_phrase(p) for p in phrases], [not f for f in flags])
             else:
                 answer = self.decode_answer(outputs["answer_ids"][row].tolist())
                 phrases = self.answer_phrases(answer)
@@ -698,6 +713,12 @@ class GSVAProcessor(ProcessorMixin):
                 entries.append(SegmentedTarget(phrase, not is_seg, mask, float(scores[slot]), mask_score, rle))
             results.append(SegmentationResult(answer=answer, targets=entries, warnings=warnings))
         return results
+
+
+def target_phrase(phrase: str) -> str:
+    """A user's phrase as target mode writes it: GSVA's `clean_sentence`, with runs of whitespace made one space
+    (a stray space or line break next to a removed full stop would otherwise reach the prompt)."""
+    return " ".join(clean_sentence(phrase).split())
 
 
 def _checked_phrases(phrases) -> list[str]:
