@@ -364,3 +364,18 @@ def test_mask_path_starts_with_pytorch_default_init_and_loading_keeps_weights(ti
     loaded = GSVAForCausalLM.from_pretrained(tmp_path)
     for (name, saved), (_, restored) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(saved, restored), name
+
+    # A tensor the checkpoint lacks is drawn with GSVA's init; every loaded one stays as saved.
+    from safetensors.torch import load_file, save_file
+
+    missing = "sam.mask_decoder.iou_prediction_head.proj_in.weight"
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors[missing]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    partial = GSVAForCausalLM.from_pretrained(tmp_path)
+    drawn = partial.get_parameter(missing)
+    assert not torch.equal(drawn, model.get_parameter(missing))
+    assert drawn.abs().max() <= 1 / drawn.shape[1] ** 0.5 and drawn.std() > 0.8 / (3 * drawn.shape[1]) ** 0.5
+    for name, saved in model.state_dict().items():
+        if name != missing:
+            assert torch.equal(saved, partial.state_dict()[name]), name

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput, can_return_tuple
 
@@ -233,21 +234,19 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         self.sam = AutoModel.from_config(config.sam_config)
         self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
         self.post_init()
-        self._init_like_original()
 
-    def _init_like_original(self):
-        """SAM and `text_hidden_fcs` start as in GSVA: PyTorch's default layer init (segment-anything's modules,
-        Fourier features with std 1) instead of transformers' normal(0.02), which trains the mask path of a
-        from-scratch model much more slowly. SAM is a sub-model whose init transformers dispatches to SAM's own
-        `_init_weights`, so this runs after `post_init`; on the meta device (from_pretrained) it is skipped and the
-        checkpoint's weights are loaded instead."""
-        if self.text_hidden_fcs[0][0].weight.device.type == "meta":
-            return
-        with torch.no_grad():
-            for module in list(self.sam.modules()) + list(self.text_hidden_fcs.modules()):
-                if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
-                    module.reset_parameters()
-            self.sam.shared_image_embedding.positional_embedding.normal_(0.0, 1.0)
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        """transformers' initialisation (each sub-model's own `_init_weights`), then SAM and `text_hidden_fcs` as in
+        GSVA: PyTorch's default layer init (segment-anything's modules, Fourier features with std 1) instead of
+        transformers' normal(0.02), which trains the mask path of a from-scratch model much more slowly. The guarded
+        init functions leave loaded weights alone, so only tensors a checkpoint lacks are drawn."""
+        super().initialize_weights()
+        for module in list(self.sam.modules()) + list(self.text_hidden_fcs.modules()):
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
+                module.reset_parameters()
+        init.normal_(self.sam.shared_image_embedding.positional_embedding, 0.0, 1.0)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write an `auto_map` for every Auto class that loads GSVA and, next to the code, the pipeline file with
