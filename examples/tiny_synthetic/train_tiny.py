@@ -29,6 +29,7 @@ from examples.tiny_synthetic.from_scratch import (  # noqa: E402
     draw_input_embeddings,
     draw_language_model,
 )
+from gsva_hf.data.synthetic import check_negative_kinds  # noqa: E402
 from gsva_hf.training import folder_has_weights  # noqa: E402
 from train_hf import flag  # noqa: E402
 
@@ -55,10 +56,29 @@ class TinyArguments:
     eval_at_minutes: str = flag("", "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20")
 
 
+def parse_negative_kinds(text: str, flag: str) -> dict | None:
+    """`color=2,shape=1,both=1` -> {"color": 2.0, ...} for `negative_kinds`; '' -> None (all candidates alike)."""
+    if not text.strip():
+        return None
+    weights = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or weight is None or key not in ("both", "color", "shape") or key in weights:
+            raise ValueError(f"{flag}: expected distinct kind=weight pairs of 'both', 'color', 'shape', got {item!r} in {text!r}")
+        weights[key] = weight
+    check_negative_kinds(weights, flag)
+    return weights
+
+
+
 def ensure_synthetic_data(tiny: TinyArguments, dataset_dir: str) -> None:
     """Write the synthetic task when asked and missing; when present, it must have been written with the asked
     settings (a silently reused older task would make the run's numbers about other data)."""
-    from gsva_hf.data.synthetic import MANIFEST_NAME, parse_negative_kinds, write_synthetic_grefcoco
+    from gsva_hf.data.synthetic import MANIFEST_NAME, write_synthetic_grefcoco
 
     negative_kinds = parse_negative_kinds(tiny.synthetic_negative_kinds, "--synthetic_negative_kinds")
     if not tiny.make_synthetic_data:

@@ -409,24 +409,6 @@ def check_negative_kinds(weights, where: str) -> None:
         )
 
 
-def parse_negative_kinds(text: str, flag: str) -> dict | None:
-    """`color=2,shape=1,both=1` -> {"color": 2.0, ...} for `negative_kinds`; '' -> None (all candidates alike)."""
-    if not text.strip():
-        return None
-    weights = {}
-    for item in text.split(","):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = None
-        if not sep or weight is None or key not in ("both", "color", "shape") or key in weights:
-            raise ValueError(f"{flag}: expected distinct kind=weight pairs of 'both', 'color', 'shape', got {item!r} in {text!r}")
-        weights[key] = weight
-    check_negative_kinds(weights, flag)
-    return weights
-
-
 def read_image_objects(dataset_dir, split: str) -> tuple[list[dict], dict[int, list[dict]]]:
     """The images of `split` (records of synthetic_labels.json) and, per image, its objects as instances.json
     annotations with their `color` and `shape` added."""
@@ -646,18 +628,12 @@ def main(argv=None):
     parser.add_argument("--train-hard-negative-rate", type=float,
                         default=SPLIT_DEFAULTS["train"]["hard_negative_rate"],
                         help="the same share for train (default %(default)s)")
-    parser.add_argument("--train-negative-kinds", default="",
-                        help="how often train draws each kind of hard negative, e.g. 'color=2,shape=1,both=1' (default: "
-                        "all candidates alike)")
     parser.add_argument("--hf-out", metavar="DIR",
                         help="also save the written splits as a `datasets` DatasetDict in DIR (read it with "
                         "'hf:DIR|<split>'; see gsva_hf.data.hf_datasets)")
     args = parser.parse_args(argv)
     split_options = {s: {"hard_negative_rate": args.eval_hard_negative_rate} for s in ("val", "testA", "testB")}
     split_options["train"] = {"hard_negative_rate": args.train_hard_negative_rate}
-    negative_kinds = parse_negative_kinds(args.train_negative_kinds, "--train-negative-kinds")
-    if negative_kinds is not None:
-        split_options["train"]["negative_kinds"] = negative_kinds
     manifest = write_synthetic_grefcoco(
         args.out,
         num_images={s: getattr(args, s) for s in SPLITS},

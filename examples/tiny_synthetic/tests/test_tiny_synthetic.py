@@ -493,3 +493,13 @@ def test_the_vision_stage_prints_progress_lines(tiny_model, tiny_processor, synt
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("vision step")]
     assert [line.split()[2] for line in lines] == ["2/4", "4/4"]
     assert " loss " in lines[0] and "lr 0.001" in lines[0] and "ETA" in lines[0] and "ETA" not in lines[1]
+
+
+def test_negative_kinds_flag_is_parsed_and_checked():
+    from examples.tiny_synthetic.train_tiny import parse_negative_kinds
+
+    assert parse_negative_kinds(" color=2, shape=1 ,both=0.5", "--x") == {"color": 2.0, "shape": 1.0, "both": 0.5}
+    assert parse_negative_kinds("", "--x") is None
+    for text in ("colour=1", "color=x", "color=1,color=2", "color", "color=0", "color=-1,shape=2", "color=inf"):
+        with pytest.raises(ValueError, match="--x"):
+            parse_negative_kinds(text, "--x")
