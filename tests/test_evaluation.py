@@ -28,14 +28,11 @@ def eval_setup(tmp_path_factory, tiny_processor, tiny_config):
     return root
 
 
-def run_eval(root, output, *extra, processes=1):
-    launcher = [sys.executable, str(REPO / "eval_hf.py")]
-    if processes > 1:
-        launcher = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()),
-            str(REPO / "eval_hf.py"),
-        ]  # fmt: skip
-    command = launcher + [
+def run_eval_in_processes(root, output, processes: int, *extra):
+    """`eval_hf.py` under torchrun with `processes` CPU processes (gloo)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port()),
+        str(REPO / "eval_hf.py"),
         "--model", str(root / "model"), "--dataset_dir", str(root / "data"), "--val_dataset", "grefcoco|unc|val",
         "--output", str(output), "--batch_size", "2", "--no_progress", *extra,
     ]  # fmt: skip
@@ -45,12 +42,23 @@ def run_eval(root, output, *extra, processes=1):
     return result.stdout, json.loads(output.read_text())
 
 
-def test_teacher_forced_eval_matches_an_independent_computation(eval_setup, tiny_processor):
+def run_eval_here(root, output, capsys, *extra):
+    """`eval_hf.main` in this process (the one-process CLI path without a subprocess's start-up)."""
+    import eval_hf
+
+    eval_hf.main([
+        "--model", str(root / "model"), "--dataset_dir", str(root / "data"), "--val_dataset", "grefcoco|unc|val",
+        "--output", str(output), "--batch_size", "2", "--no_progress", *extra,
+    ])  # fmt: skip
+    return capsys.readouterr().out, json.loads(output.read_text())
+
+
+def test_teacher_forced_eval_matches_an_independent_computation(eval_setup, tiny_processor, capsys):
     """The CLI's numbers equal a hand-rolled loop over the same model with GSVA's formulas."""
     from gsva_hf.data.refer_seg import ReferSegValDataset
     from modeling_gsva import GSVAForCausalLM
 
-    stdout, report = run_eval(eval_setup, eval_setup / "one.json")
+    stdout, report = run_eval_here(eval_setup, eval_setup / "one.json", capsys)
     assert re.search(r"grefcoco giou: \d\.\d{4}, ciou: \d\.\d{4}, N_acc: (\d\.\d{4}|nan), T_acc: (\d\.\d{4}|nan)\.", stdout)
 
     model = GSVAForCausalLM.from_pretrained(eval_setup / "model").eval()
@@ -81,17 +89,17 @@ def test_teacher_forced_eval_matches_an_independent_computation(eval_setup, tiny
 
 
 @pytest.mark.slow
-def test_two_processes_give_exactly_the_numbers_of_one(eval_setup):
-    _, one = run_eval(eval_setup, eval_setup / "single.json")
-    _, two = run_eval(eval_setup, eval_setup / "double.json", processes=2)
+def test_two_processes_give_exactly_the_numbers_of_one(eval_setup, capsys):
+    _, one = run_eval_here(eval_setup, eval_setup / "single.json", capsys)
+    _, two = run_eval_in_processes(eval_setup, eval_setup / "double.json", 2)
     assert two["processes"] == 2
     assert two["metrics"] == one["metrics"]
     assert [r["index"] for r in two["images"]] == list(range(len(one["images"])))
     assert two["samples"] == one["samples"]
 
 
-def test_generate_mode_scores_the_models_own_answers(eval_setup):
-    stdout, report = run_eval(eval_setup, eval_setup / "gen.json", "--mode", "generate", "--max_new_tokens", "6")
+def test_generate_mode_scores_the_models_own_answers(eval_setup, capsys):
+    stdout, report = run_eval_here(eval_setup, eval_setup / "gen.json", capsys, "--mode", "generate", "--max_new_tokens", "6")
     assert report["mode"] == "generate" and "grefcoco giou" in stdout
     assert all("answer" in record for record in report["images"])
     slots = sum(len(r["targets"]) for r in report["images"])
@@ -100,8 +108,8 @@ def test_generate_mode_scores_the_models_own_answers(eval_setup):
     assert all(len(r["pred_rejected"]) == len(r["targets"]) for r in report["images"])
 
 
-def test_rela_protocol_and_refcoco_style_datasets(eval_setup):
-    _, report = run_eval(eval_setup, eval_setup / "rela.json", "--protocol", "rela")
+def test_rela_protocol_and_refcoco_style_datasets(eval_setup, capsys):
+    _, report = run_eval_here(eval_setup, eval_setup / "rela.json", capsys, "--protocol", "rela")
     assert report["config"]["protocol"] == "rela" and report["config"]["eval_size"] == [480, 480]
     assert set(report["metrics"]) >= {"giou", "ciou", "n_acc", "t_acc", "pr@0.7"}
     assert np.isfinite(report["metrics"]["giou"])
