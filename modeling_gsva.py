@@ -660,14 +660,11 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         slot_states: list[torch.Tensor],
         slot_logits: list[torch.Tensor],
         flags: list[torch.Tensor],
-        sam_pixel_values: torch.Tensor | None,
-        sam_image_embeddings: torch.Tensor | None,
+        sam_image_embeddings: torch.Tensor,
         resized_sizes: torch.Tensor,
         original_sizes: torch.Tensor,
     ) -> dict:
-        """Scores and masks for decided slots (generated or target mode); SAM's image encoder runs once per image."""
-        if sam_image_embeddings is None:
-            sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
+        """Scores and masks for decided slots (generated or target mode), one SAM image embedding per row."""
         seg_states = [states[is_seg.to(states.device)] for states, is_seg in zip(slot_states, flags)]
         masks, iou = self.masks_from_hidden_states(seg_states, sam_image_embeddings, resized_sizes, original_sizes)
         return {
@@ -758,7 +755,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             slot_states,
             slot_logits,
             flags,
-            None,
             sam_image_embeddings.repeat_interleave(copies, dim=0),
             resized_sizes.repeat_interleave(copies, dim=0),
             original_sizes.repeat_interleave(copies, dim=0),
@@ -834,11 +830,12 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                     decided[row][position] = self.config.rej_token_id if rejected[row] else self.config.seg_token_id
                     slot_states[row].append(last[row])
                     slot_logits[row].append(logits[row])
+        if sam_image_embeddings is None:
+            sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
         outputs = self._slot_outputs(
             [torch.stack(states) for states in slot_states],
             [torch.stack(logits) for logits in slot_logits],
             [ids[positions] == self.config.seg_token_id for ids, positions in zip(decided, slots)],
-            sam_pixel_values,
             sam_image_embeddings,
             resized_sizes,
             original_sizes,

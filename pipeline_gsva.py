@@ -28,15 +28,11 @@ class GSVASegmentationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(
-        self, text=None, targets=None, threshold=None, max_new_tokens=None, generate_kwargs=None, **unknown
-    ):
+    def _sanitize_parameters(self, threshold=None, max_new_tokens=None, generate_kwargs=None, **unknown):
         if unknown:
             raise TypeError(f"gsva-segmentation pipeline got unexpected arguments: {sorted(unknown)}")
-        preprocess = {"text": text, "targets": targets}
         forward = {"max_new_tokens": max_new_tokens, "generate_kwargs": generate_kwargs or {}}
-        postprocess = {"threshold": threshold, "targets": targets}
-        return preprocess, forward, postprocess
+        return {}, forward, {"threshold": threshold}
 
     def __call__(self, images, text=None, targets=None, batch_size=None, **kwargs):
         """images: one image (path, PIL, array) or a list; `targets` (phrases) or `text` (a question), per image or shared."""
@@ -45,40 +41,27 @@ class GSVASegmentationPipeline(Pipeline):
         if (kwargs.get("generate_kwargs") or {}).get("num_return_sequences", 1) > 1:
             raise ValueError("the pipeline returns one result list per image; num_return_sequences must be 1")
         queries = self.processor.segmentation_queries(len(image_list), text=text, targets=targets)
-        preprocess, forward, postprocess = self._sanitize_parameters(text=text, targets=targets, **kwargs)
+        _, forward, postprocess = self._sanitize_parameters(**kwargs)
+        key = "text" if text is not None else "targets"
         step = batch_size or self._batch_size or 1
         results = []
         for start in range(0, len(image_list), step):
             chunk = slice(start, start + step)
-            key = "text" if text is not None else "targets"
             inputs = self.preprocess(image_list[chunk], **{key: queries[chunk]})
-            outputs = self.forward(inputs, **forward)
-            results += self.postprocess(outputs, threshold=postprocess["threshold"], targets=inputs.get("queries"))
+            outputs = self.forward(inputs, targets_mode=targets is not None, **forward)
+            results += self.postprocess(outputs, targets=queries[chunk] if targets is not None else None, **postprocess)
         return results[0] if single else results
 
     def preprocess(self, images, text=None, targets=None):
-        images = images if isinstance(images, (list, tuple)) else [images]
-        if targets is not None:
-            inputs = dict(self.processor(images=images, targets=targets))
-            inputs["queries"] = self.processor.segmentation_queries(len(images), targets=targets)
-            return inputs
-        return dict(self.processor(images=images, text=text))
+        return dict(self.processor(images=images, text=text, targets=targets))
 
-    def _forward(self, model_inputs, max_new_tokens=None, generate_kwargs=None):
-        model_inputs = dict(model_inputs)
-        queries = model_inputs.pop("queries", None)
-        for key in ("pixel_values", "sam_pixel_values"):
-            model_inputs[key] = model_inputs[key].to(self.model.dtype)
-        if queries is not None:
-            outputs = self.model.decide_targets(**model_inputs)
-        else:
-            outputs = self.model.generate(
-                **model_inputs,
-                max_new_tokens=max_new_tokens or 128,
-                return_dict_in_generate=True,
-                **(generate_kwargs or {}),
-            )
-            outputs.cache = None
+    def _forward(self, model_inputs, targets_mode=False, max_new_tokens=None, generate_kwargs=None):
+        if targets_mode:
+            return self.model.decide_targets(**model_inputs)
+        outputs = self.model.generate(
+            **model_inputs, max_new_tokens=max_new_tokens or 128, return_dict_in_generate=True, **(generate_kwargs or {})
+        )
+        outputs.cache = None
         return outputs
 
     def postprocess(self, model_outputs, threshold=None, targets=None):
