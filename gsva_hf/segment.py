@@ -399,7 +399,7 @@ def main(argv=None) -> int:
         model, processor = load_model(
             args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
         )
-        if "targets" in query:
+        if "targets" in query:  # phrases target mode cannot write (only full stops) are a usage error, before any image
             processor.targets_conversation(query["targets"])
     except (OSError, ValueError) as error:
         parser.error(str(error))
