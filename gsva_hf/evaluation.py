@@ -1,7 +1,8 @@
 """GSVA's evaluation loop: teacher-forced (the paper's protocol) or generated answers, one or many processes.
 
 Every image's targets are scored into that image's own accumulator; accumulators are merged in dataset order,
-so 1 and N processes give bit-identical numbers and every sample counts exactly once.
+and processes share out whole batches, so 1 and N processes give bit-identical numbers and every sample counts
+exactly once.
 """
 
 from dataclasses import dataclass, field
@@ -87,19 +88,19 @@ def evaluate_dataset(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     name = dataset_name(dataset)
     is_gres = name in GRES_DATASETS
-    indices = list(range(len(dataset)))
+    # Processes share out whole batches, so every batch is the one a single process would run: same numbers.
+    batches = [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
     if accelerator is not None and accelerator.num_processes > 1:
-        with accelerator.split_between_processes(indices) as mine:
-            indices = list(mine)
+        with accelerator.split_between_processes(batches) as mine:
+            batches = list(mine)
     collator = GSVACollator(processor, return_samples=True)
     model_device = next(model.parameters()).device
     local: list[tuple[int, dict, dict]] = []
     from tqdm.auto import tqdm
 
     show = progress and (accelerator is None or accelerator.is_local_main_process)
-    bar = tqdm(total=len(indices), desc=f"eval {name} ({mode})", unit="image", disable=not show)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
+    bar = tqdm(total=sum(map(len, batches)), desc=f"eval {name} ({mode})", unit="image", disable=not show)
+    for chunk in batches:
         samples = [dataset[i] for i in chunk]
         if mode == "teacher_forced":
             batch = collator(samples)
@@ -108,7 +109,8 @@ def evaluate_dataset(
             batch = {k: v.to(model_device) for k, v in batch.items() if k != "labels"}
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             batch["sam_pixel_values"] = batch["sam_pixel_values"].to(model.dtype)
-            out = model.score_teacher_forced(**batch, reeval=is_gres)
+            # A target that is absent and rejected scores the same whatever its mask: no mask is computed for it.
+            out = model.score_teacher_forced(**batch, reeval=is_gres, mask_confirmed_rejections=False)
             scorer = new_accumulator(name, protocol, ignore_mode)
             predictions = [
                 (scorer.scored_form(out.pred_masks[row]).cpu(), out.predicted_rejected[row].cpu().tolist(), None)

@@ -409,11 +409,13 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             flags.append(is_seg)
         return states, flags
 
-    def scatter_to_slots(self, seg_values: list[torch.Tensor], flags: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Place per-`[SEG]` values at their slots; `[REJ]` slots get zeros, as in GSVA."""
+    def scatter_to_slots(
+        self, seg_values: list[torch.Tensor], flags: list[torch.Tensor], fill: float = 0.0
+    ) -> list[torch.Tensor]:
+        """Place per-`[SEG]` values at their slots; the other slots get `fill` (zeros for `[REJ]`, as in GSVA)."""
         out = []
         for values, is_seg in zip(seg_values, flags):
-            full = values.new_zeros((is_seg.shape[0],) + tuple(values.shape[1:]))
+            full = values.new_full((is_seg.shape[0],) + tuple(values.shape[1:]), fill)
             full[is_seg.to(values.device)] = values
             out.append(full)
         return out
@@ -575,50 +577,104 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         original_sizes: torch.Tensor,
         resized_sizes: torch.Tensor,
         reeval: bool = True,
+        mask_confirmed_rejections: bool = True,
         **unused,
     ) -> GSVATeacherForcedOutput:
         """GSVA's evaluation forward over ground-truth conversations.
 
         At each ground-truth `[SEG]`/`[REJ]` slot the decision is `slot_decisions` with the ground truth, read one
         position earlier. With `reeval` every `[REJ]` is rewritten to `[SEG]` and the model runs again so every
-        slot gets a mask.
+        slot gets a mask. `mask_confirmed_rejections=False` leaves out the masks that GSVA's gRefCOCO metrics never
+        read: a slot whose ground truth is `[REJ]` and which the model rejects gets the lowest float32 logit
+        everywhere (an empty mask), and neither SAM nor the rerun runs for it.
 
         Same numbers as two full passes with less work: one pass up to the last slot gives the decisions (LM head
-        at the slots only) and every state before its first `[REJ]`; the rows with a slot after their first `[REJ]`
-        rerun from the earliest such `[REJ]` on, on the first pass's KV cache of the shared prefix; SAM's mask
-        decoder runs once for all slots.
+        at the slots only) and every state before its first `[REJ]`; the rows with a masked slot after their first
+        `[REJ]` rerun from the earliest such `[REJ]` on, on the first pass's KV cache of the shared prefix; SAM
+        encodes only images with a masked slot and its mask decoder runs once for all of them.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         slots = self.target_slots(input_ids)
-        # A row's states before its first [REJ] are the same in both passes: only rows with a slot after it rerun,
-        # from the earliest such first [REJ] on.
         first_rej = {
             row: int(positions[~is_seg][0]) for row, (positions, is_seg) in enumerate(slots) if reeval and not is_seg.all()
         }
-        redo = [row for row, position in first_rej.items() if int(slots[row][0][-1]) > position]
+        may_redo = any(int(slots[row][0][-1]) > position for row, position in first_rej.items())
         end = max((int(positions[-1]) for positions, _ in slots if positions.numel()), default=1)
         embeddings = self.embed_inputs(input_ids, pixel_values)[:, :end]
-        first = self.get_decoder()(
-            inputs_embeds=embeddings, attention_mask=attention_mask[:, :end], use_cache=bool(redo), return_dict=True
-        )
-        slot_states, gt_is_seg = self.gather_slot_states(first.last_hidden_state, input_ids)
+        first_states, cache = self._decode_sharing_prefix(embeddings, input_ids, attention_mask, use_cache=may_redo)
+        slot_states, gt_is_seg = self.gather_slot_states(first_states, input_ids)
         slot_logits = self.get_output_embeddings()(torch.cat(slot_states)).split([len(s) for s in slot_states])
         rejected = [self.slot_decisions(logits, is_seg) for logits, is_seg in zip(slot_logits, gt_is_seg)]
+        if not reeval:
+            masked = [is_seg.clone() for is_seg in gt_is_seg]
+        elif mask_confirmed_rejections:
+            masked = [torch.ones_like(is_seg) for is_seg in gt_is_seg]
+        else:
+            masked = [is_seg | ~rej.to(is_seg.device) for is_seg, rej in zip(gt_is_seg, rejected)]
+        # A row's states before its first [REJ] are the same in both passes: only rows with a masked slot after it
+        # rerun, from the earliest such first [REJ] on.
+        redo = [
+            row for row, position in first_rej.items() if bool(masked[row][slots[row][0] > position].any())
+        ]
         if redo:
             start = min(first_rej[row] for row in redo)
-            rerun = self._rerun_from(start, first.cache, embeddings, input_ids, attention_mask, redo)
+            rerun = self._rerun_from(start, cache, embeddings, input_ids, attention_mask, redo)
             for k, row in enumerate(redo):
                 before = slots[row][0].to(rerun.device) - 1
                 late = before >= start
                 slot_states[row][late] = rerun[k, before[late] - start]
-        del first
-        mask_states = slot_states if reeval else [s[is_seg.to(s.device)] for s, is_seg in zip(slot_states, gt_is_seg)]
-        sam_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-        masks, _ = self.masks_from_hidden_states(mask_states, sam_embeddings, resized_sizes, original_sizes)
-        if not reeval:
-            masks = self.scatter_to_slots(masks, gt_is_seg)
+        del first_states, cache
+        rows = [row for row, keep in enumerate(masked) if keep.any()]
+        masks = [torch.empty(0)] * len(masked)
+        if rows:
+            index = torch.tensor(rows, device=sam_pixel_values.device)
+            sam_embeddings = self.get_sam_image_embeddings(sam_pixel_values.index_select(0, index))
+            states = [slot_states[row][masked[row].to(slot_states[row].device)] for row in rows]
+            computed, _ = self.masks_from_hidden_states(
+                states, sam_embeddings, resized_sizes[index], original_sizes[index]
+            )
+            for row, part in zip(rows, computed):
+                masks[row] = part
+        for row, (height, width) in enumerate(original_sizes.tolist()):
+            if row not in rows:
+                masks[row] = torch.zeros((0, int(height), int(width)), device=sam_pixel_values.device)
+        if not all(bool(keep.all()) for keep in masked):
+            fill = 0.0 if not reeval else torch.finfo(torch.float32).min
+            masks = self.scatter_to_slots(masks, masked, fill=fill)
         return GSVATeacherForcedOutput(predicted_rejected=rejected, pred_masks=masks, gt_is_seg=gt_is_seg)
+
+    def _decode_sharing_prefix(
+        self, embeddings: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor, use_cache: bool
+    ) -> tuple[torch.Tensor, object]:
+        """Last-layer states `[B, L, d]` (and the KV cache) of one causal pass over `embeddings` of right-padded rows.
+
+        The text that every row starts with, up to the image (GSVA's system prompt), runs once and its cache is
+        repeated over the batch; the rest runs on it at its own positions, so each row's states are a full pass's.
+        A batch of one takes the same two steps, so a row's numbers do not depend on its batch.
+        """
+        decoder = self.get_decoder()
+        batch, length = embeddings.shape[:2]
+        common = (input_ids[:, :length] == input_ids[:1, :length]).all(0) & attention_mask[:, :length].bool().all(0)
+        common &= input_ids[0, :length] != self.config.image_token_id
+        shared = int(common.int().cumprod(0).sum())
+        if shared < 2 or shared == length:
+            out = decoder(
+                inputs_embeds=embeddings, attention_mask=attention_mask[:, :length], use_cache=use_cache, return_dict=True
+            )
+            return out.last_hidden_state, out.cache
+        head = decoder(inputs_embeds=embeddings[:1, :shared], use_cache=True, return_dict=True)
+        head.cache.batch_repeat_interleave(batch)
+        tail = decoder(
+            inputs_embeds=embeddings[:, shared:],
+            attention_mask=attention_mask[:, :length],
+            position_ids=torch.arange(shared, length, device=embeddings.device)[None],
+            cache=head.cache,
+            use_cache=True,
+            return_dict=True,
+        )
+        states = torch.cat([head.last_hidden_state.expand(batch, -1, -1), tail.last_hidden_state], dim=1)
+        return states, tail.cache if use_cache else None
 
     def _rerun_from(self, start: int, cache, embeddings, input_ids, attention_mask, redo: list[int]) -> torch.Tensor:
         """Last-layer states `[len(redo), end - start, d]` of the rows `redo` from `start` on, every `[REJ]` read
