@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--output", type=Path, help="JSON file (default: MODEL/eval_<dataset>_<mode>.json)")
+    parser.add_argument("--output", type=Path, help="JSON file (default: ./eval_<model>_<dataset>_<mode>.json, the model as given with / as _)")
     parser.add_argument("--no_progress", action="store_true")
     add_loading_arguments(parser, underscores=True)
     args = parser.parse_args(argv)
@@ -55,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def output_path(args: argparse.Namespace, spec: str) -> Path:
     name = re.sub(r"[^\w.+-]+", "_", spec)
     if args.output is None:
-        return args.model / f"eval_{name}_{args.mode}.json"
+        # In the working folder, never inside the model's (a repo id, a Hub cache, an installed package).
+        model = re.sub(r"[^\w.+-]+", "_", str(args.model).strip("./")) or "model"
+        return Path(f"eval_{model}_{name}_{args.mode}.json")
     if len(specs(args)) > 1:
         return args.output.with_name(f"{args.output.stem}_{name}{args.output.suffix}")
     return args.output
@@ -140,6 +142,7 @@ def main(argv=None) -> dict:
                 log_line=result.log_line,
                 images=result.records,
             )
+            print(f"wrote {output_path(args, spec)}", flush=True)
     # Tear the process group down before exit: a gloo group left alive can abort a rank at interpreter shutdown.
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -329,9 +329,10 @@ def test_eval_refuses_missing_images_and_unwritable_output_before_evaluating(tmp
         raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
 
     monkeypatch.setattr(eval_hf.tempfile, "NamedTemporaryFile", read_only)
-    model_folder = tmp_path / "read_only_model"
-    with pytest.raises(SystemExit, match=r"read_only_model/eval_grefcoco_unc_val_teacher_forced\.json.*--output"):
-        eval_hf.main(["--model", str(model_folder), "--dataset_dir", str(data)])
+    # The default output is in the working folder, named after the model as given, never inside the model folder.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"output eval_models_read_only_grefcoco_unc_val_teacher_forced\.json .*--output"):
+        eval_hf.main(["--model", "models/read_only", "--dataset_dir", str(data)])
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
