@@ -607,7 +607,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         slot_logits = self.get_output_embeddings()(torch.cat(slot_states)).split([len(s) for s in slot_states])
         rejected = [self.slot_decisions(logits, is_seg) for logits, is_seg in zip(slot_logits, gt_is_seg)]
         if not reeval:
-            masked = [is_seg.clone() for is_seg in gt_is_seg]
+            masked = list(gt_is_seg)
         elif mask_confirmed_rejections:
             masked = [torch.ones_like(is_seg) for is_seg in gt_is_seg]
         else:
@@ -626,7 +626,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 slot_states[row][late] = rerun[k, before[late] - start]
         del first_states, cache
         rows = [row for row, keep in enumerate(masked) if keep.any()]
-        masks = [torch.empty(0)] * len(masked)
+        masks = [torch.zeros((0, int(h), int(w)), device=sam_pixel_values.device) for h, w in original_sizes.tolist()]
         if rows:
             index = torch.tensor(rows, device=sam_pixel_values.device)
             sam_embeddings = self.get_sam_image_embeddings(sam_pixel_values.index_select(0, index))
@@ -636,9 +636,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             )
             for row, part in zip(rows, computed):
                 masks[row] = part
-        for row, (height, width) in enumerate(original_sizes.tolist()):
-            if row not in rows:
-                masks[row] = torch.zeros((0, int(height), int(width)), device=sam_pixel_values.device)
         if not all(bool(keep.all()) for keep in masked):
             fill = 0.0 if not reeval else torch.finfo(torch.float32).min
             masks = self.scatter_to_slots(masks, masked, fill=fill)
