@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from gsva_hf.segment import DTYPES, add_loading_arguments
 
 SHOWN_PROBLEMS = 20
@@ -45,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--output", type=Path, help="JSON file (default: ./eval_<model>_<dataset>_<mode>.json, the model as given with / as _)")
     parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument(
+        "--cpu_malloc",
+        choices=MALLOC_CHOICES,
+        default="keep",
+        help="on the CPU, keep: glibc's malloc keeps freed memory for the next batch (no page faults per batch); "
+        "default: the C library's own settings",
+    )
     add_loading_arguments(parser, underscores=True)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -102,6 +110,7 @@ def main(argv=None) -> dict:
     from gsva_hf.segment import load_model
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    apply_malloc_choice(args.cpu_malloc, str(accelerator.device))
     datasets = {spec: build_val_dataset(args.dataset_dir, spec) for spec in specs(args)}
     for spec, dataset in datasets.items():
         check_images(dataset, spec)

@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from configuration_gsva import GSVAConfig
+from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from gsva_hf.data.collator import GSVACollator
 from gsva_hf.training import (
     GSVATrainer,
@@ -101,6 +102,10 @@ class GSVATrainingArguments(TrainingArguments):
     export_only: bool = flag(False, "only merge and export --resume_from_checkpoint")
     max_shard_size: str = flag("5GB", "largest safetensors shard of the export")
     torch_threads: int = flag(1, "CPU threads per process (0: torch's default); 1 is fastest on a shared machine")
+    cpu_malloc: str = flag(
+        "keep", "on the CPU, keep: glibc's malloc keeps freed memory for the next step; default: the C library's own",
+        choices=list(MALLOC_CHOICES),
+    )
     mask_head_learning_rate: float | None = flag(None, "learning rate of SAM and text_hidden_fcs (None: learning_rate)")
 
 
@@ -161,6 +166,8 @@ def setup(training_args: GSVATrainingArguments) -> None:
         sys.stdout.reconfigure(line_buffering=True)
     if training_args.torch_threads:
         torch.set_num_threads(training_args.torch_threads)
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    apply_malloc_choice(training_args.cpu_malloc, "cpu" if on_cpu else "cuda")
     torch.set_flush_denormal(True)
     set_seed(training_args.seed)
 

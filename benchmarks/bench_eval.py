@@ -96,10 +96,12 @@ def stage_timers(model) -> tuple[dict, Counter, list]:
 
 def run_worker(args) -> dict:
     """One variant, one evaluation loop in this process; returns seconds, peak RSS and the results."""
+    from gsva_hf.cpu_memory import apply_malloc_choice
     from gsva_hf.data.mixed import build_val_dataset
     from gsva_hf.evaluation import evaluate_dataset
     from gsva_hf.loading import load_gsva
 
+    apply_malloc_choice(args.cpu_malloc, "cpu")
     torch.set_num_threads(args.threads)
     model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
     dataset = build_val_dataset(args.data, args.val_dataset)
@@ -111,6 +113,7 @@ def run_worker(args) -> dict:
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     row = {
         "variant": args.worker,
+        "cpu_malloc": args.cpu_malloc,
         "loop_s": seconds,
         "loop_cpu_s": cpu_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -128,17 +131,17 @@ def run_worker(args) -> dict:
     return row
 
 
-def worker_command(args, variant: str) -> list[str]:
+def worker_command(args, variant: str, malloc: str) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", str(args.model)]
     command += ["--data", str(args.data), "--val-dataset", args.val_dataset, "--batch-size", str(args.batch_size)]
-    command += ["--threads", str(args.threads), "--dtype", args.dtype]
+    command += ["--threads", str(args.threads), "--dtype", args.dtype, "--cpu-malloc", malloc]
     return command + (["--stages"] if args.stages else [])
 
 
-def spawn(args, variant: str) -> dict:
+def spawn(args, variant: str, malloc: str) -> dict:
     env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        worker_command(args, variant), capture_output=True, text=True, env={**os.environ, **env}, check=False
+        worker_command(args, variant, malloc), capture_output=True, text=True, env={**os.environ, **env}, check=False
     )
     if result.returncode != 0:
         raise RuntimeError(f"{variant} worker failed (rc {result.returncode}):\n{result.stderr[-3000:]}")
@@ -147,7 +150,8 @@ def spawn(args, variant: str) -> dict:
 
 def print_stages(row: dict) -> None:
     total = row["loop_s"]
-    print(f"\n{row['variant']}: {row['images']} images, {row['targets']} targets, loop {total:.3f} s")
+    name = f"{row['variant']} (malloc {row['cpu_malloc']})" if "cpu_malloc" in row else row["variant"]
+    print(f"\n{name}: {row['images']} images, {row['targets']} targets, loop {total:.3f} s")
     print("| stage | s | share of the loop | calls |")
     print("|---|---|---|---|")
     for label, stage in row["stages"].items():
@@ -174,54 +178,55 @@ def loop_benchmark(args) -> list[dict]:
 
 
 def _loop_benchmark(args) -> list[dict]:
+    """Every (variant, malloc) pair runs once per repeat, in turn, each in a fresh process."""
     runs = defaultdict(list)
     for _ in range(args.repeats):
-        for variant in args.variants.split(","):
-            runs[variant].append(spawn(args, variant))
-    first = {variant: rows[0] for variant, rows in runs.items()}
-    if len(first) == 2:
-        current, reference = first["current"], first["reference"]
-        if current["decisions"] != reference["decisions"]:
-            raise AssertionError("the variants' [REJ] decisions differ")
-        worst = max(abs(current["metrics"][k] - reference["metrics"][k]) for k in current["metrics"])
+        for malloc in args.cpu_malloc.split(","):
+            for variant in args.variants.split(","):
+                runs[(variant, malloc)].append(spawn(args, variant, malloc))
+    first = [rows[0] for rows in runs.values()]
+    for row in first[1:]:
+        if row["decisions"] != first[0]["decisions"]:
+            raise AssertionError(f"[REJ] decisions differ: {row['variant']}/{row['cpu_malloc']} vs the first run")
+        worst = max(abs(row["metrics"][k] - first[0]["metrics"][k]) for k in row["metrics"])
         if worst > 1e-6:
-            raise AssertionError(
-                f"the variants' metrics differ by {worst}: {current['metrics']} vs {reference['metrics']}"
-            )
-    summary = []
-    for variant, rows in runs.items():
-        summary.append(
-            {
-                "variant": variant,
-                "loop_s_median": statistics.median(r["loop_s"] for r in rows),
-                "loop_s_all": [round(r["loop_s"], 3) for r in rows],
-                "loop_cpu_s_median": statistics.median(r["loop_cpu_s"] for r in rows),
-                "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in rows),
-                "rss_before_loop_mib_median": statistics.median(r["rss_before_loop_mib"] for r in rows),
-                "images": rows[0]["images"],
-                "targets": rows[0]["targets"],
-                "metrics": rows[0]["metrics"],
-            }
-        )
+            raise AssertionError(f"metrics differ by {worst}: {row['metrics']} vs {first[0]['metrics']}")
+    summary = {}
+    for (variant, malloc), rows in runs.items():
+        summary[(variant, malloc)] = {
+            "variant": variant,
+            "cpu_malloc": malloc,
+            "loop_s_median": statistics.median(r["loop_s"] for r in rows),
+            "loop_s_all": [round(r["loop_s"], 3) for r in rows],
+            "loop_cpu_s_median": statistics.median(r["loop_cpu_s"] for r in rows),
+            "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in rows),
+            "rss_before_loop_mib_median": statistics.median(r["rss_before_loop_mib"] for r in rows),
+            "images": rows[0]["images"],
+            "targets": rows[0]["targets"],
+            "metrics": rows[0]["metrics"],
+        }
+    some = next(iter(summary.values()))
+    print(f"{some['images']} images, {some['targets']} targets, batch {args.batch_size}, {args.threads} thread(s)")
     print(
-        f"{summary[0]['images']} images, {summary[0]['targets']} targets, batch {args.batch_size}, {args.threads} thread(s)"
+        "| variant | malloc | evaluation loop s (median) | runs | loop CPU s (median) | peak RSS MiB | RSS before loop MiB |"
     )
-    print("| variant | evaluation loop s (median) | runs | loop CPU s (median) | peak RSS MiB | RSS before loop MiB |")
-    print("|---|---|---|---|---|---|")
-    for row in summary:
+    print("|---|---|---|---|---|---|---|")
+    for row in summary.values():
         print(
-            f"| {row['variant']} | {row['loop_s_median']:.3f} | {row['loop_s_all']} | {row['loop_cpu_s_median']:.3f} | "
-            f"{row['peak_rss_mib_median']:.0f} | {row['rss_before_loop_mib_median']:.0f} |"
+            f"| {row['variant']} | {row['cpu_malloc']} | {row['loop_s_median']:.3f} | {row['loop_s_all']} | "
+            f"{row['loop_cpu_s_median']:.3f} | {row['peak_rss_mib_median']:.0f} | {row['rss_before_loop_mib_median']:.0f} |"
         )
-    if len(summary) == 2:
-        wall, cpu = (summary[1][key] / summary[0][key] for key in ("loop_s_median", "loop_cpu_s_median"))
-        print(
-            f"speed-up (reference / current, medians): wall {wall:.2f}x, CPU {cpu:.2f}x; metrics within 1e-6, same decisions"
-        )
+    pairs = [(("reference", m), ("current", m), f"malloc {m} for both") for m in args.cpu_malloc.split(",")]
+    pairs.append((("reference", "default"), ("current", "keep"), "eval_hf.py's defaults against GSVA's two passes"))
+    for before, after, label in pairs:
+        if before in summary and after in summary:
+            wall, cpu = (summary[before][key] / summary[after][key] for key in ("loop_s_median", "loop_cpu_s_median"))
+            print(f"speed-up, {label} (reference / current, medians): wall {wall:.2f}x, CPU {cpu:.2f}x")
+    print("metrics within 1e-6 and the same decisions in every run")
     if args.stages:
-        for variant, rows in runs.items():
+        for rows in runs.values():
             print_stages(rows[0])
-    return summary
+    return list(summary.values())
 
 
 # ------------------------------------------------------------------------------------------- prepared batches
@@ -431,6 +436,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="current,reference")
+    parser.add_argument(
+        "--cpu-malloc",
+        default="keep,default",
+        help="malloc settings to run each variant under: keep (eval_hf.py's default on CPU) and/or default",
+    )
     parser.add_argument("--stages", action="store_true", help="also time the loop's stages (one table per variant)")
     parser.add_argument("--worker", choices=VARIANTS, help="run one variant in this process and print its JSON row")
     parser.add_argument("--prepared", action="store_true", help="time score_teacher_forced on prepared batches")

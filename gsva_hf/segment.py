@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from .loading import DTYPES, load_gsva
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"}
@@ -380,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length for a question (phrases need none)")
     parser.add_argument("--threshold", type=float, default=0.0, help="mask logit threshold")
+    parser.add_argument(
+        "--cpu-malloc",
+        choices=MALLOC_CHOICES,
+        default="keep",
+        help="on the CPU, keep: glibc's malloc keeps freed memory for the next batch; default: the C library's own",
+    )
     return parser
 
 
@@ -390,6 +397,7 @@ def main(argv=None) -> int:
         parser.error("give TEXT or --targets (one of them)")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    apply_malloc_choice(args.cpu_malloc, args.device)
     try:
         query = parse_query(args.text) if args.targets is None else parse_query(args.targets, allow_question=False)
         images, skipped = collect_images(args.image)

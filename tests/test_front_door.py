@@ -157,6 +157,32 @@ def test_target_mode_masks_equal_a_full_forward_over_the_decided_answer(tiny_mod
         torch.testing.assert_close(decided.slot_scores[row], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_target_mode_runs_the_system_prompt_once_then_one_chunk_per_slot(tiny_model, tiny_processor):
+    phrases = [["man in red", "the dog", "a car"], ["a cat"], ["left", "right"]]
+    inputs = tiny_processor(images=images_of((40, 50), (20, 30), (33, 21)), targets=phrases)
+    config = tiny_model.config
+    rows = [ids[mask.bool()] for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    shared = int(torch.nonzero(rows[0] == config.image_token_id)[0])
+    assert all(torch.equal(row[:shared], rows[0][:shared]) for row in rows)
+    slots = [torch.nonzero((row == config.seg_token_id) | (row == config.rej_token_id)).flatten() for row in rows]
+    bounds = [[shared, *positions.tolist()] for positions in slots]
+    # Per step the chunk is as wide as the longest row's: its text up to the slot (step 0), else slot token + text.
+    widths = [
+        max(bound[step + 1] - bound[step] if step < len(bound) - 1 else 0 for bound in bounds)
+        for step in range(max(map(len, slots)))
+    ]
+    shapes = []
+    hook = tiny_model.get_decoder().register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            tiny_model.decide_targets(**inputs)
+    finally:
+        hook.remove()
+    assert shapes == [(1, shared)] + [(3, width) for width in widths]
+
+
 def test_target_mode_batched_equals_one_by_one(tiny_model, tiny_processor):
     sharpen_slot_tokens(tiny_model, seed=4)
     phrases = [["man in red", "the dog", "a car", "sky"], ["a cat"], ["left", "right"]]

@@ -652,9 +652,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """
         decoder = self.get_decoder()
         batch, length = embeddings.shape[:2]
-        common = (input_ids[:, :length] == input_ids[:1, :length]).all(0) & attention_mask[:, :length].bool().all(0)
-        common &= input_ids[0, :length] != self.config.image_token_id
-        shared = int(common.int().cumprod(0).sum())
+        shared = self._shared_prompt_length(input_ids[:, :length], attention_mask[:, :length])
         if shared < 2 or shared == length:
             out = decoder(
                 inputs_embeds=embeddings, attention_mask=attention_mask[:, :length], use_cache=use_cache, return_dict=True
@@ -672,6 +670,12 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         )
         states = torch.cat([head.last_hidden_state.expand(batch, -1, -1), tail.last_hidden_state], dim=1)
         return states, tail.cache if use_cache else None
+
+    def _shared_prompt_length(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> int:
+        """How many leading positions hold the same real, non-image token in every row (GSVA's system prompt)."""
+        common = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+        common &= input_ids[0] != self.config.image_token_id
+        return int(common.int().cumprod(0).sum())
 
     def _rerun_from(self, start: int, cache, embeddings, input_ids, attention_mask, redo: list[int]) -> torch.Tensor:
         """Last-layer states `[len(redo), end - start, d]` of the rows `redo` from `start` on, every `[REJ]` read
@@ -828,8 +832,9 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """Target mode: the answer is fixed up to its slots; the model decides only `[SEG]` or `[REJ]` at each.
 
         Takes `**processor(images=..., targets=[...])`: each row holds GSVA's answer template with one slot per
-        asked phrase. One pass reads the image, the question and the answer up to the first slot; then, per slot,
-        the decided slot token and the text up to the next slot are fed on the same KV cache. The decision is
+        asked phrase. The system prompt runs once for the batch; one pass reads the image, the question and the answer
+        up to the first slot; then, per slot, the decided slot token and the text up to the next slot are fed on the
+        same KV cache. The decision is
         `slot_decisions` (larger of the two logits, conditioned on the earlier decisions) and the `[SEG]` state is
         the last state of that pass. Every asked phrase gets exactly one decision, in order.
         """
@@ -845,11 +850,24 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 raise ValueError(f"row {row}: a slot at position 0 has no preceding state")
         count = max(len(positions) for positions in slots)
         decided = [ids.clone() for ids in rows]
-        # Chunk k of a row: the text before its first slot (k = 0), else its slot k-1 token and the text up to slot k.
-        bounds = [[0, *positions.tolist()] for positions in slots]
-        seen = torch.zeros(len(rows), dtype=torch.long, device=input_ids.device)
-        full_mask = input_ids.new_zeros((len(rows), 0))
+        # The system prompt, common to every row up to the image, runs once; its cache is repeated over the batch.
+        # Every row keeps at least the token before its first slot for the first chunk.
+        first = min(int(positions[0]) for positions in slots)
+        shared = min(
+            first - 1,
+            self._shared_prompt_length(torch.stack([ids[:first] for ids in rows]), input_ids.new_ones((len(rows), first))),
+        )
         cache = None
+        if shared >= 2:
+            head = self.get_decoder()(inputs_embeds=self.embed_inputs(rows[0][None, :shared], None), use_cache=True)
+            cache = head.cache
+            cache.batch_repeat_interleave(len(rows))
+        else:
+            shared = 0
+        # Chunk k of a row: the text before its first slot (k = 0), else its slot k-1 token and the text up to slot k.
+        bounds = [[shared, *positions.tolist()] for positions in slots]
+        seen = torch.full((len(rows),), shared, dtype=torch.long, device=input_ids.device)
+        full_mask = input_ids.new_ones((len(rows), shared))
         slot_states = [[] for _ in rows]
         slot_logits = [[] for _ in rows]
         for step in range(count):
