@@ -1,12 +1,16 @@
 """Teacher-forced evaluation speed and peak memory: `score_teacher_forced` against the two-full-pass reference.
 
 Evaluation loop (default): `gsva_hf.evaluation.evaluate_dataset` over a synthetic gRefCOCO-layout split, each
-variant in its own process (alternating, `--repeats` times) so that peak RSS is the whole process's; the variants'
-metrics and decisions are checked to agree. `--stages` prints where one run's seconds go.
+variant in its own process (alternating, `--repeats` times, under each `--cpu-malloc` setting) so that peak RSS,
+system time and page faults are the whole process's; the variants' metrics and decisions are checked to agree.
+`--stages` prints where one run's seconds go. `--reference-batch-size 1` runs the reference at GSVA's only
+evaluation batch size (its `main.py` asserts 1).
 
     python benchmarks/bench_eval.py                              # bundled tiny model, 40 images, 1 thread
     python benchmarks/bench_eval.py --stages                     # the per-stage table of one run
     python benchmarks/bench_eval.py --worker reference           # one process, one variant (for outside timers)
+    python benchmarks/bench_eval.py --paired --cpu-malloc keep --repeats 15 --reference-batch-size 1
+                                                                 # both in one process, per-round ratios
 
 Prepared batches (`--prepared`): a preset with random weights, random images with `--targets` expressions each
 (a quarter `[REJ]`), `score_teacher_forced` images/s and peak memory per batch size, attention and variant, and
@@ -108,14 +112,19 @@ def run_worker(args) -> dict:
     rss_before = psutil.Process().memory_info().rss / 2**20
     timers = stage_timers(model) if args.stages else None
     with variant_context(args.worker):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         start, cpu_start = time.perf_counter(), time.process_time()
         result = evaluate_dataset(model, processor, dataset, batch_size=args.batch_size, progress=False)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        after = resource.getrusage(resource.RUSAGE_SELF)
     row = {
         "variant": args.worker,
         "cpu_malloc": args.cpu_malloc,
+        "batch_size": args.batch_size,
         "loop_s": seconds,
         "loop_cpu_s": cpu_seconds,
+        "loop_system_s": after.ru_stime - usage.ru_stime,
+        "loop_page_faults": after.ru_minflt - usage.ru_minflt,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_loop_mib": rss_before,
         "images": len(dataset),
@@ -133,7 +142,8 @@ def run_worker(args) -> dict:
 
 def worker_command(args, variant: str, malloc: str) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", str(args.model)]
-    command += ["--data", str(args.data), "--val-dataset", args.val_dataset, "--batch-size", str(args.batch_size)]
+    batch = args.reference_batch_size if variant == "reference" and args.reference_batch_size else args.batch_size
+    command += ["--data", str(args.data), "--val-dataset", args.val_dataset, "--batch-size", str(batch)]
     command += ["--threads", str(args.threads), "--dtype", args.dtype, "--cpu-malloc", malloc]
     return command + (["--stages"] if args.stages else [])
 
@@ -163,8 +173,9 @@ def print_stages(row: dict) -> None:
 
 
 def loop_benchmark(args) -> list[dict]:
+    run = paired_rounds if args.paired else _loop_benchmark
     if args.data is not None:
-        return _loop_benchmark(args)
+        return run(args)
     from gsva_hf.data.synthetic import write_synthetic_grefcoco
 
     args.data = Path(tempfile.mkdtemp(prefix="bench_eval_"))
@@ -172,9 +183,56 @@ def loop_benchmark(args) -> list[dict]:
         write_synthetic_grefcoco(
             args.data, num_images={"train": 0, "val": args.val_images, "testA": 0, "testB": 0}, seed=0
         )
-        return _loop_benchmark(args)
+        return run(args)
     finally:
         shutil.rmtree(args.data, ignore_errors=True)
+
+
+def paired_rounds(args) -> list[dict]:
+    """One process, the model loaded once, `--repeats` rounds of both variants in alternating order: the per-round
+    ratio cancels the slow drifts of a shared machine that separate processes see (peak memory needs those)."""
+    from gsva_hf.cpu_memory import apply_malloc_choice
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.loading import load_gsva
+
+    if "," in args.cpu_malloc:
+        raise SystemExit("--paired runs under one malloc setting: give --cpu-malloc keep or --cpu-malloc default")
+    apply_malloc_choice(args.cpu_malloc, "cpu")
+    torch.set_num_threads(args.threads)
+    model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
+    dataset = build_val_dataset(args.data, args.val_dataset)
+    sizes = {"current": args.batch_size, "reference": args.reference_batch_size or args.batch_size}
+
+    def loop(variant: str) -> tuple[float, dict]:
+        with variant_context(variant):
+            start = time.perf_counter()
+            result = evaluate_dataset(model, processor, dataset, batch_size=sizes[variant], progress=False)
+            return time.perf_counter() - start, result.metrics
+
+    for variant in VARIANTS:
+        loop(variant)  # warm-up
+    seconds = defaultdict(list)
+    for round_index in range(args.repeats):
+        for variant in VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]:
+            elapsed, metrics = loop(variant)
+            seconds[variant].append(elapsed)
+    ratios = [reference / current for current, reference in zip(seconds["current"], seconds["reference"])]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    print(
+        f"{len(dataset)} images, batch {sizes['current']} (reference: {sizes['reference']}), {args.threads} thread(s), "
+        f"malloc {args.cpu_malloc}, {args.repeats} paired rounds in one process"
+    )
+    print("| variant | loop s median | min | max |")
+    print("|---|---|---|---|")
+    for variant in VARIANTS:
+        runs = seconds[variant]
+        print(f"| {variant} | {statistics.median(runs):.3f} | {min(runs):.3f} | {max(runs):.3f} |")
+    print(
+        f"reference / current per round: median {statistics.median(ratios):.2f}x "
+        f"(quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}, range {min(ratios):.2f}-{max(ratios):.2f})"
+    )
+    return [{"variant": v, "batch_size": sizes[v], "loop_s": seconds[v]} for v in VARIANTS] + [{"ratios": ratios}]
 
 
 def _loop_benchmark(args) -> list[dict]:
@@ -196,9 +254,12 @@ def _loop_benchmark(args) -> list[dict]:
         summary[(variant, malloc)] = {
             "variant": variant,
             "cpu_malloc": malloc,
+            "batch_size": rows[0]["batch_size"],
             "loop_s_median": statistics.median(r["loop_s"] for r in rows),
             "loop_s_all": [round(r["loop_s"], 3) for r in rows],
             "loop_cpu_s_median": statistics.median(r["loop_cpu_s"] for r in rows),
+            "loop_system_s_median": statistics.median(r["loop_system_s"] for r in rows),
+            "loop_page_faults_median": statistics.median(r["loop_page_faults"] for r in rows),
             "peak_rss_mib_median": statistics.median(r["peak_rss_mib"] for r in rows),
             "rss_before_loop_mib_median": statistics.median(r["rss_before_loop_mib"] for r in rows),
             "images": rows[0]["images"],
@@ -206,15 +267,21 @@ def _loop_benchmark(args) -> list[dict]:
             "metrics": rows[0]["metrics"],
         }
     some = next(iter(summary.values()))
-    print(f"{some['images']} images, {some['targets']} targets, batch {args.batch_size}, {args.threads} thread(s)")
-    print(
-        "| variant | malloc | evaluation loop s (median) | runs | loop CPU s (median) | peak RSS MiB | RSS before loop MiB |"
+    batches = f"batch {args.batch_size}" + (
+        f" (reference: {args.reference_batch_size})" if args.reference_batch_size else ""
     )
-    print("|---|---|---|---|---|---|---|")
+    print(f"{some['images']} images, {some['targets']} targets, {batches}, {args.threads} thread(s)")
+    print(
+        "| variant | malloc | evaluation loop s (median) | runs | loop CPU s | of it system s | page faults | "
+        "peak RSS MiB | RSS before loop MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in summary.values():
         print(
             f"| {row['variant']} | {row['cpu_malloc']} | {row['loop_s_median']:.3f} | {row['loop_s_all']} | "
-            f"{row['loop_cpu_s_median']:.3f} | {row['peak_rss_mib_median']:.0f} | {row['rss_before_loop_mib_median']:.0f} |"
+            f"{row['loop_cpu_s_median']:.3f} | {row['loop_system_s_median']:.3f} | "
+            f"{row['loop_page_faults_median']:.0f} | {row['peak_rss_mib_median']:.0f} | "
+            f"{row['rss_before_loop_mib_median']:.0f} |"
         )
     pairs = [(("reference", m), ("current", m), f"malloc {m} for both") for m in args.cpu_malloc.split(",")]
     pairs.append((("reference", "default"), ("current", "keep"), "eval_hf.py's defaults against GSVA's two passes"))
@@ -432,6 +499,11 @@ def main(argv=None) -> None:
         "--val-images", type=int, default=40, help="images of the synthetic split written when no --data"
     )
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--reference-batch-size",
+        type=int,
+        help="the reference's batch size in the evaluation loop (default: --batch-size; GSVA's main.py asserts 1)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
@@ -442,6 +514,9 @@ def main(argv=None) -> None:
         help="malloc settings to run each variant under: keep (eval_hf.py's default on CPU) and/or default",
     )
     parser.add_argument("--stages", action="store_true", help="also time the loop's stages (one table per variant)")
+    parser.add_argument(
+        "--paired", action="store_true", help="both variants in one process, alternating rounds (ratios, no memory)"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help="run one variant in this process and print its JSON row")
     parser.add_argument("--prepared", action="store_true", help="time score_teacher_forced on prepared batches")
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")

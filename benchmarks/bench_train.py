@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import PeakMemory, preset_processor  # noqa: E402
 from configuration_gsva import GSVAConfig  # noqa: E402
+from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.training import prepare_for_training  # noqa: E402
@@ -65,8 +66,10 @@ def main(argv=None) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cpu-malloc", choices=MALLOC_CHOICES, default="keep", help="as train_hf.py --cpu_malloc")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    apply_malloc_choice(args.cpu_malloc, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
