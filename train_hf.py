@@ -166,8 +166,7 @@ def setup(training_args: GSVATrainingArguments) -> None:
         sys.stdout.reconfigure(line_buffering=True)
     if training_args.torch_threads:
         torch.set_num_threads(training_args.torch_threads)
-    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
-    apply_malloc_choice(training_args.cpu_malloc, "cpu" if on_cpu else "cuda")
+    apply_malloc_choice(training_args.cpu_malloc, training_args.device.type)
     torch.set_flush_denormal(True)
     set_seed(training_args.seed)
 

@@ -8,7 +8,7 @@ evaluation batch size (its `main.py` asserts 1).
 
     python benchmarks/bench_eval.py                              # bundled tiny model, 40 images, 1 thread
     python benchmarks/bench_eval.py --stages                     # the per-stage table of one run
-    python benchmarks/bench_eval.py --worker reference           # one process, one variant (for outside timers)
+    python benchmarks/bench_eval.py --worker reference --cpu-malloc keep --data DATA   # one process, one variant
     python benchmarks/bench_eval.py --paired --cpu-malloc keep --repeats 15 --reference-batch-size 1
                                                                  # both in one process, per-round ratios
 
@@ -105,7 +105,7 @@ def run_worker(args) -> dict:
     from gsva_hf.evaluation import evaluate_dataset
     from gsva_hf.loading import load_gsva
 
-    apply_malloc_choice(args.cpu_malloc, "cpu")
+    apply_malloc_choice(args.cpu_malloc, "cpu", flag="--cpu-malloc")
     torch.set_num_threads(args.threads)
     model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
     dataset = build_val_dataset(args.data, args.val_dataset)
@@ -196,9 +196,7 @@ def paired_rounds(args) -> list[dict]:
     from gsva_hf.evaluation import evaluate_dataset
     from gsva_hf.loading import load_gsva
 
-    if "," in args.cpu_malloc:
-        raise SystemExit("--paired runs under one malloc setting: give --cpu-malloc keep or --cpu-malloc default")
-    apply_malloc_choice(args.cpu_malloc, "cpu")
+    apply_malloc_choice(args.cpu_malloc, "cpu", flag="--cpu-malloc")
     torch.set_num_threads(args.threads)
     model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
     dataset = build_val_dataset(args.data, args.val_dataset)
@@ -208,17 +206,19 @@ def paired_rounds(args) -> list[dict]:
         with variant_context(variant):
             start = time.perf_counter()
             result = evaluate_dataset(model, processor, dataset, batch_size=sizes[variant], progress=False)
-            return time.perf_counter() - start, result.metrics
+            elapsed = time.perf_counter() - start
+        return elapsed, {"metrics": result.metrics, "decisions": [r["pred_rejected"] for r in result.records]}
 
-    for variant in VARIANTS:
-        loop(variant)  # warm-up
+    first = loop(VARIANTS[0])[1]  # warm-up, and what every later loop must agree with
     seconds = defaultdict(list)
-    for round_index in range(args.repeats):
+    for round_index in range(args.repeats + 1):
         for variant in VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]:
-            elapsed, metrics = loop(variant)
-            seconds[variant].append(elapsed)
+            elapsed, outcome = loop(variant)
+            _check_same_outcome(outcome, first, variant)
+            if round_index:
+                seconds[variant].append(elapsed)
     ratios = [reference / current for current, reference in zip(seconds["current"], seconds["reference"])]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
     print(
         f"{len(dataset)} images, batch {sizes['current']} (reference: {sizes['reference']}), {args.threads} thread(s), "
         f"malloc {args.cpu_malloc}, {args.repeats} paired rounds in one process"
@@ -230,9 +230,18 @@ def paired_rounds(args) -> list[dict]:
         print(f"| {variant} | {statistics.median(runs):.3f} | {min(runs):.3f} | {max(runs):.3f} |")
     print(
         f"reference / current per round: median {statistics.median(ratios):.2f}x "
-        f"(quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}, range {min(ratios):.2f}-{max(ratios):.2f})"
+        f"(quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}, range {min(ratios):.2f}-{max(ratios):.2f}); "
+        "metrics within 1e-6 and the same decisions in every loop"
     )
     return [{"variant": v, "batch_size": sizes[v], "loop_s": seconds[v]} for v in VARIANTS] + [{"ratios": ratios}]
+
+
+def _check_same_outcome(row: dict, first: dict, label: str) -> None:
+    if row["decisions"] != first["decisions"]:
+        raise AssertionError(f"[REJ] decisions differ: {label} vs the first run")
+    worst = max(abs(row["metrics"][k] - first["metrics"][k]) for k in row["metrics"])
+    if worst > 1e-6:
+        raise AssertionError(f"metrics differ by {worst} ({label}): {row['metrics']} vs {first['metrics']}")
 
 
 def _loop_benchmark(args) -> list[dict]:
@@ -244,11 +253,7 @@ def _loop_benchmark(args) -> list[dict]:
                 runs[(variant, malloc)].append(spawn(args, variant, malloc))
     first = [rows[0] for rows in runs.values()]
     for row in first[1:]:
-        if row["decisions"] != first[0]["decisions"]:
-            raise AssertionError(f"[REJ] decisions differ: {row['variant']}/{row['cpu_malloc']} vs the first run")
-        worst = max(abs(row["metrics"][k] - first[0]["metrics"][k]) for k in row["metrics"])
-        if worst > 1e-6:
-            raise AssertionError(f"metrics differ by {worst}: {row['metrics']} vs {first[0]['metrics']}")
+        _check_same_outcome(row, first[0], f"{row['variant']}/{row['cpu_malloc']}")
     summary = {}
     for (variant, malloc), rows in runs.items():
         summary[(variant, malloc)] = {
@@ -533,6 +538,10 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    if (args.worker or args.paired) and "," in args.cpu_malloc:
+        parser.error("--worker and --paired run under one malloc setting: give --cpu-malloc keep or default")
+    if args.paired and args.stages:
+        parser.error("--stages times separate processes; run it without --paired")
     if args.worker:
         print(json.dumps(run_worker(args)))
         return

@@ -11,8 +11,9 @@ import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# glibc's largest mmap threshold on 64-bit systems; blocks above it are still mapped and unmapped on their own.
-MMAP_THRESHOLD_MAX = 32 * 2**20
+# Blocks up to this size come from the heap (32 MiB is also the cap of glibc's own adaptive threshold on 64-bit
+# systems); larger ones are still mapped and unmapped on their own.
+MMAP_THRESHOLD = 32 * 2**20
 MALLOC_CHOICES = ("keep", "default")
 
 
@@ -30,22 +31,23 @@ def glibc():
 def keep_freed_memory() -> bool:
     """Stop glibc's malloc from handing freed heap memory back to the OS, for this whole process.
 
-    Blocks up to 32 MiB come from the heap and freed ones are reused by the next batch; nothing is trimmed, so the
-    resident size stays at its peak instead of falling between batches (the peak itself barely moves: 418 against
-    422 MiB on the bundled model's evaluation). Returns False, changing nothing, where the C library is not glibc.
+    Blocks up to 32 MiB come from the heap and freed ones are reused by the next batch; the main heap is never
+    trimmed, so the resident size stays at its high-water mark instead of falling between batches (the peak itself
+    barely moves: 418 against 422 MiB on the bundled model's evaluation). This replaces any `MALLOC_MMAP_THRESHOLD_`
+    / `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES` malloc setting of the environment. Returns False, changing
+    nothing, where the C library is not glibc; mallopt itself returns 1 on success.
     """
     libc = glibc()
     if libc is None:
         return False
-    # mallopt returns 1 on success; setting the mmap threshold first also turns off its adaptive raising.
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
 
 
-def apply_malloc_choice(choice: str, device: str) -> bool:
+def apply_malloc_choice(choice: str, device: str, flag: str = "--cpu_malloc") -> bool:
     """The command-line tools' `--cpu_malloc`: "keep" calls `keep_freed_memory` when the model runs on the CPU,
-    "default" leaves the C library's settings. Returns whether anything changed."""
+    "default" leaves the C library's settings. Returns whether anything changed; `flag` names the option in errors."""
     if choice not in MALLOC_CHOICES:
-        raise ValueError(f"--cpu_malloc must be one of {', '.join(MALLOC_CHOICES)}, got {choice!r}")
+        raise ValueError(f"{flag} must be one of {', '.join(MALLOC_CHOICES)}, got {choice!r}")
     if choice == "default" or not str(device).startswith("cpu"):
         return False
     return keep_freed_memory()

@@ -832,11 +832,11 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """Target mode: the answer is fixed up to its slots; the model decides only `[SEG]` or `[REJ]` at each.
 
         Takes `**processor(images=..., targets=[...])`: each row holds GSVA's answer template with one slot per
-        asked phrase. The system prompt runs once for the batch; one pass reads the image, the question and the answer
-        up to the first slot; then, per slot, the decided slot token and the text up to the next slot are fed on the
-        same KV cache. The decision is
-        `slot_decisions` (larger of the two logits, conditioned on the earlier decisions) and the `[SEG]` state is
-        the last state of that pass. Every asked phrase gets exactly one decision, in order.
+        asked phrase. The system prompt runs once for the batch; one pass reads the image, the question and the
+        answer up to the first slot; then, per slot, the decided slot token and the text up to the next slot are
+        fed on the same KV cache. The decision is `slot_decisions` (larger of the two logits, conditioned on the
+        earlier decisions) and the `[SEG]` state is the last state of that pass. Every asked phrase gets exactly
+        one decision, in order.
         """
         if sam_pixel_values is None and sam_image_embeddings is None:
             raise ValueError("decide_targets needs sam_pixel_values (or sam_image_embeddings) from GSVAProcessor")
