@@ -9,6 +9,7 @@ and target count.
 CPU, tiny preset:      python benchmarks/bench_inference.py
 GPU, GSVA-7B shapes:   python benchmarks/bench_inference.py --preset configs/gsva-7b --device cuda --dtype bf16 \
                            --batch-sizes 1,8 --image-size 480
+Free generation's cache: ... --modes generate --caches dynamic,static,static-compiled (static-compiled: CUDA only)
 Mask stage only, GSVA-7B's SAM ViT-H at 1024 px (the LLM and CLIP cut to one layer: not part of the stage):
                        python benchmarks/bench_inference.py --preset configs/gsva-7b --mask-stage-only
 """
@@ -44,7 +45,18 @@ def build(preset: Path, attn: str, device: str, dtype: torch.dtype, mask_stage_o
     return model, preset_processor(preset, config)
 
 
-def run_case(model, processor, mode: str, batch: int, targets: int, image_size: int, repeats: int, device: str) -> dict:
+# Free generation's KV cache: transformers' dynamic cache, a static one (torch.compile off), or a static one with
+# generate's own torch.compile of the decoding step (transformers does that on CUDA only).
+CACHES = {
+    "dynamic": {},
+    "static": {"cache_implementation": "static", "disable_compile": True},
+    "static-compiled": {"cache_implementation": "static"},
+}
+
+
+def run_case(
+    model, processor, mode: str, batch: int, targets: int, image_size: int, repeats: int, device: str, cache: str
+) -> dict:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (image_size, image_size * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
     names = [f"the shape number {i}" for i in range(targets)]
@@ -57,10 +69,20 @@ def run_case(model, processor, mode: str, batch: int, targets: int, image_size: 
     def segment():
         if mode == "targets":
             return model.segment(processor, images, targets=names, batch_size=batch)
-        return model.segment(processor, images, text=question, logits_processor=forced, max_new_tokens=len(forced_ids[0]) + 2, batch_size=batch)
+        return model.segment(
+            processor,
+            images,
+            text=question,
+            logits_processor=forced,
+            max_new_tokens=len(forced_ids[0]) + 2,
+            batch_size=batch,
+            **CACHES[cache],
+        )
 
+    graphs_before = _compiled_graphs()
     with PeakMemory(device) as memory:
         seconds = timed(segment, repeats, device)
+    compiled = _compiled_graphs() - graphs_before
     results = segment()
     assert all(len(r.targets) == targets for r in results), "forced answers did not yield the requested targets"
 
@@ -76,11 +98,20 @@ def run_case(model, processor, mode: str, batch: int, targets: int, image_size: 
     return {
         "batch": batch,
         "targets": targets,
+        "cache": cache,
+        "compiled_graphs": compiled,
         "images_per_s": batch / seconds,
         "seconds_per_batch": seconds,
         "mask_stage_ms_per_image": 1000 * mask_seconds / batch,
         "peak_mib": memory.peak_mib,
     }
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built so far in this process (0 where dynamo never ran)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def mask_stage_case(model, processor, targets: list[int], image_size: int, repeats: int, device: str) -> list[dict]:
@@ -122,6 +153,11 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", default="1,3,5")
     parser.add_argument("--image-size", type=int, default=240, help="image height (width is 4/3 of it)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--caches",
+        default="dynamic",
+        help=f"free generation's KV cache, comma-separated: {', '.join(CACHES)} (static-compiled: CUDA only)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument(
@@ -147,24 +183,30 @@ def main(argv=None) -> None:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return
-    print("| mode | attn | batch | targets | images/s | s/batch | mask stage ms/image | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    caches = args.caches.split(",")
+    unknown = [cache for cache in caches if cache not in CACHES]
+    if unknown:
+        parser.error(f"--caches: unknown {', '.join(unknown)}; choose from {', '.join(CACHES)}")
+    if "static-compiled" in caches and not args.device.startswith("cuda"):
+        parser.error("--caches static-compiled: transformers' generate compiles the decoding step on CUDA only")
+    print("| mode | attn | cache | batch | targets | images/s | s/batch | mask stage ms/image | peak MiB | compiled graphs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for attn in args.attn.split(","):
         model, processor = build(args.preset, attn, args.device, DTYPES[args.dtype])
         for mode in args.modes.split(","):
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                for targets in (int(t) for t in args.targets.split(",")):
-                    row = {
-                        "mode": mode,
-                        "attn": attn,
-                        **run_case(model, processor, mode, batch, targets, args.image_size, args.repeats, args.device),
-                    }
-                    rows.append(row)
-                    print(
-                        f"| {mode} | {attn} | {batch} | {targets} | {row['images_per_s']:.2f} | "
-                        f"{row['seconds_per_batch']:.3f} | {row['mask_stage_ms_per_image']:.1f} | {row['peak_mib']:.0f} |",
-                        flush=True,
-                    )
+            # Target mode runs its own passes on a dynamic cache; the cache choice is free generation's.
+            for cache in caches if mode == "generate" else ["dynamic"]:
+                for batch in (int(b) for b in args.batch_sizes.split(",")):
+                    for targets in (int(t) for t in args.targets.split(",")):
+                        case = (mode, batch, targets, args.image_size, args.repeats, args.device, cache)
+                        row = {"mode": mode, "attn": attn, **run_case(model, processor, *case)}
+                        rows.append(row)
+                        print(
+                            f"| {mode} | {attn} | {cache} | {batch} | {targets} | {row['images_per_s']:.2f} | "
+                            f"{row['seconds_per_batch']:.3f} | {row['mask_stage_ms_per_image']:.1f} | "
+                            f"{row['peak_mib']:.0f} | {row['compiled_graphs']} |",
+                            flush=True,
+                        )
         del model
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

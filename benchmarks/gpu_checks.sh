@@ -4,7 +4,8 @@
 # CHECKS=eval (default, under 8 minutes on one H100/H200): GSVA-7B in bf16 with random weights, 480x640 images,
 #   10 expressions per image: teacher-forced evaluation images/s against the two-full-pass reference (batch 1/8/16,
 #   SDPA and flash attention where installed), target mode `segment(targets=...)` (guarded), free generation, peak
-#   memory, and the 4-bit LLM's memory when bitsandbytes imports.
+#   memory, the 4-bit LLM's memory when bitsandbytes imports, and free generation on a dynamic cache, a static one
+#   and a static one with torch.compile (last: it gets what the budget leaves).
 # CHECKS=train: the training checks (bench_train, ZeRO-2 against the plain Trainer, export, segment, DeepSpeed
 #   tests). CHECKS=all: both (over 8 minutes: raise BUDGET).
 # Wheels in .whl/ (transformers, peft, deepspeed and their missing needs) are installed first when present, for a
@@ -77,6 +78,12 @@ eval_checks() {
   step saved_model "$(( TINY ? 60 : 170 ))" python3 benchmarks/bench_eval.py --load-ins "$LOADS" --preset "$PRESET" --device "$DEVICE" \
     --dtype "$DTYPE" --image-size "$IMAGE" --targets "$TARGETS" --batch-sizes "${BATCHES%,*}" --repeats 2 --threads "$THREADS" \
     --json "$OUT/bench_saved_model.json"
+  # Free generation's KV cache: dynamic, static, and static with generate's torch.compile of the decoding step (CUDA).
+  CACHES=dynamic,static
+  [[ $DEVICE == cuda* ]] && CACHES+=,static-compiled
+  step generate_caches 120 python3 benchmarks/bench_inference.py --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" \
+    --attn sdpa --modes generate --caches "$CACHES" --batch-sizes "${BATCHES%,*}" --targets 3 --image-size "$IMAGE" \
+    --repeats 2 --threads "$THREADS" --json "$OUT/bench_caches.json"
 }
 
 train_checks() {

@@ -63,7 +63,11 @@ def test_generate_takes_processor_output_and_runs_sam_once_per_image(tiny_model,
         assert out.pred_masks[row].shape[1:] == tuple(batch["original_sizes"][row].tolist())
 
 
-@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "num_return_sequences": 2}], ids=["greedy", "sampling"])
+@pytest.mark.parametrize(
+    "sampling",
+    [{}, {"do_sample": True, "num_return_sequences": 2}, {"cache_implementation": "static"}],
+    ids=["greedy", "sampling", "static-cache"],
+)
 def test_masks_from_generate_equal_a_full_forward_over_the_generated_answer(tiny_model, tiny_processor, sampling):
     sharpen_slot_tokens(tiny_model, seed=1)
     images = images_of((40, 50), (20, 30))
