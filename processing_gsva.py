@@ -437,64 +437,83 @@ class GSVAProcessor(ProcessorMixin):
         names = {"eos": self.tokenizer.eos_token, "bos": self.tokenizer.bos_token}
         return "".join(names.get(value, value) if kind == "special" else value for kind, value in self.render(rounds))
 
-    def _encode_text(self, text: str, answer_spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-        """Tokenize one chunk with no special-token matching; flag tokens inside answer character spans."""
-        if not text:
-            return [], []
-        encoding = self.tokenizer(
-            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-        )
-        flags = []
-        for start, end in encoding["offset_mapping"]:
-            flags.append(any(end > a_start and start < a_end for a_start, a_end in answer_spans))
-        return list(encoding["input_ids"]), flags
-
-    def encode_conversation(self, rounds: list[tuple[str, str | None]]) -> tuple[list[int], list[int]]:
-        """Token ids and labels (answers and their end-of-turn token only) for one conversation.
-
-        Text between special tokens is tokenized as one chunk (so ids match GSVA's legacy Llama tokenisation);
-        `[SEG]`/`[REJ]` in answers become their tokens, while questions never produce special tokens.
-        """
-        ids: list[int] = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
-        labels: list[int] = [IGNORE_INDEX] * len(ids)
+    def _plan_conversation(self, rounds: list[tuple[str, str | None]]) -> list[tuple]:
+        """The conversation as a list of steps: ("text", chunk, answer character spans) for the text between special
+        tokens, ("token", id, label) and ("eos",), whose label depends on whether an answer precedes it."""
+        bos = self.tokenizer.bos_token_id
+        plan: list[tuple] = [] if bos is None else [("token", bos, IGNORE_INDEX)]
         chunk, spans = "", []
 
         def flush():
             nonlocal chunk, spans
-            chunk_ids, flags = self._encode_text(chunk, spans)
-            ids.extend(chunk_ids)
-            labels.extend(i if f else IGNORE_INDEX for i, f in zip(chunk_ids, flags))
+            if chunk:
+                plan.append(("text", chunk, spans))
             chunk, spans = "", []
 
         for kind, value in self.render(rounds):
             if kind == "text":
                 chunk += value
             elif kind == "answer":
-                for part_index, part in enumerate(_split_answer(value)):
+                for part in _split_answer(value):
                     if part in (SEG_TOKEN, REJ_TOKEN):
                         flush()
                         token_id = self.token_ids["seg_token_id" if part == SEG_TOKEN else "rej_token_id"]
-                        ids.append(token_id)
-                        labels.append(token_id)
+                        plan.append(("token", token_id, token_id))
                     else:
                         spans.append((len(chunk), len(chunk) + len(part)))
                         chunk += part
             else:
                 flush()
                 if kind == "image":
-                    ids.extend([self.token_ids["image_token_id"]] * self.num_image_tokens)
-                    labels.extend([IGNORE_INDEX] * self.num_image_tokens)
+                    plan += [("token", self.token_ids["image_token_id"], IGNORE_INDEX)] * self.num_image_tokens
                 elif value == "eos":
-                    ids.append(self.tokenizer.eos_token_id)
-                    labels.append(self.tokenizer.eos_token_id if _previous_is_answer(labels) else IGNORE_INDEX)
+                    plan.append(("eos",))
                 elif value == "bos":
-                    ids.append(self.tokenizer.bos_token_id)
-                    labels.append(IGNORE_INDEX)
+                    plan.append(("token", bos, IGNORE_INDEX))
                 else:
-                    ids.append(self.tokenizer.convert_tokens_to_ids(value))
-                    labels.append(IGNORE_INDEX)
+                    plan.append(("token", self.tokenizer.convert_tokens_to_ids(value), IGNORE_INDEX))
         flush()
-        return ids, labels
+        return plan
+
+    def encode_conversations(self, conversations: list[list[tuple[str, str | None]]]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels (answers and their end-of-turn token only) for each conversation.
+
+        Text between special tokens is tokenized as one chunk (so ids match GSVA's legacy Llama tokenisation), all
+        chunks of all conversations in one tokenizer call; `[SEG]`/`[REJ]` in answers become their tokens, while
+        questions never produce special tokens.
+        """
+        plans = [self._plan_conversation(rounds) for rounds in conversations]
+        texts = [step[1] for plan in plans for step in plan if step[0] == "text"]
+        encodings = iter([])
+        if texts:
+            batch = self.tokenizer(
+                texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+            )
+            encodings = iter(zip(batch["input_ids"], batch["offset_mapping"]))
+        eos = self.tokenizer.eos_token_id
+        encoded = []
+        for plan in plans:
+            ids: list[int] = []
+            labels: list[int] = []
+            for step in plan:
+                if step[0] == "text":
+                    chunk_ids, offsets = next(encodings)
+                    ids.extend(chunk_ids)
+                    for token_id, (start, end) in zip(chunk_ids, offsets):
+                        in_answer = any(end > a_start and start < a_end for a_start, a_end in step[2])
+                        labels.append(token_id if in_answer else IGNORE_INDEX)
+                elif step[0] == "token":
+                    ids.append(step[1])
+                    labels.append(step[2])
+                else:
+                    ids.append(eos)
+                    labels.append(eos if _previous_is_answer(labels) else IGNORE_INDEX)
+            encoded.append((ids, labels))
+        return encoded
+
+    def encode_conversation(self, rounds: list[tuple[str, str | None]]) -> tuple[list[int], list[int]]:
+        """`encode_conversations` for one conversation."""
+        return self.encode_conversations([rounds])[0]
 
     # ------------------------------------------------------------------ call
     def __call__(
@@ -544,7 +563,7 @@ class GSVAProcessor(ProcessorMixin):
         pil_images = [load_image(image) for image in image_list]
         self._check_aspect_ratios(pil_images)
 
-        encoded = [self.encode_conversation(rounds) for rounds in conversations]
+        encoded = self.encode_conversations(conversations)
         with_labels = all(rounds[-1][1] is not None for rounds in conversations)
         if padding_side is None:
             padding_side = "right" if with_labels else "left"

@@ -235,6 +235,27 @@ def test_user_text_never_becomes_special_tokens(tiny_processor):
     assert row.count(tiny_processor.tokenizer.bos_token_id) == 1
 
 
+def test_conversations_encoded_together_equal_each_encoded_alone(tiny_processor):
+    """All chunks of a batch go through the tokenizer in one call; each row must be what it is on its own."""
+    conversations = [
+        [("what is [SEG] here?", "It is [SEG].")],
+        [("a?", "Sure,the dog:[SEG], the cat:[REJ]."), ("and now?", None)],
+        [("first", "one [REJ]"), ("second round", "two, [SEG] [SEG]")],
+        [("no answer yet", None)],
+        [("é  and\n lines", "</s> <s> plain text")],
+    ]
+    together = tiny_processor.encode_conversations(conversations)
+    assert together == [tiny_processor.encode_conversation(rounds) for rounds in conversations]
+    eos, ids = tiny_processor.tokenizer.eos_token_id, tiny_processor.token_ids
+    for rounds, (row, labels) in zip(conversations, together):
+        answered = [answer for _, answer in rounds if answer is not None]
+        # Labels are the row's own ids wherever set: every slot token and one end-of-turn per answer.
+        assert all(label in (IGNORE_INDEX, token) for token, label in zip(row, labels))
+        slots = sum(answer.count("[SEG]") + answer.count("[REJ]") for answer in answered)
+        assert sum(label in (ids["seg_token_id"], ids["rej_token_id"]) for label in labels) == slots
+        assert labels.count(eos) == len(answered)
+
+
 def test_every_gsva_token_is_one_id_and_missing_tokens_are_refused(tiny_processor):
     from transformers import PreTrainedTokenizerFast
 
