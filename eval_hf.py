@@ -25,6 +25,7 @@ from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from gsva_hf.segment import DTYPES, add_loading_arguments
 
 SHOWN_PROBLEMS = 20
+FILE_NAME_UNSAFE = re.compile(r"[^\w.+-]+")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,10 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def output_path(args: argparse.Namespace, spec: str) -> Path:
-    name = re.sub(r"[^\w.+-]+", "_", spec)
+    name = FILE_NAME_UNSAFE.sub("_", spec)
     if args.output is None:
         # In the working folder, never inside the model's (a repo id, a Hub cache, an installed package).
-        model = re.sub(r"[^\w.+-]+", "_", str(args.model).strip("./")) or "model"
+        model = FILE_NAME_UNSAFE.sub("_", str(args.model).strip("./")) or "model"
         return Path(f"eval_{model}_{name}_{args.mode}.json")
     if len(specs(args)) > 1:
         return args.output.with_name(f"{args.output.stem}_{name}{args.output.suffix}")

@@ -653,29 +653,36 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         decoder = self.get_decoder()
         batch, length = embeddings.shape[:2]
         shared = self._shared_prompt_length(input_ids[:, :length], attention_mask[:, :length])
-        if shared < 2 or shared == length:
+        if shared in (0, length):
             out = decoder(
                 inputs_embeds=embeddings, attention_mask=attention_mask[:, :length], use_cache=use_cache, return_dict=True
             )
             return out.last_hidden_state, out.cache
-        head = decoder(inputs_embeds=embeddings[:1, :shared], use_cache=True, return_dict=True)
-        head.cache.batch_repeat_interleave(batch)
+        prompt_states, cache = self._run_shared_prompt(embeddings[:1, :shared], batch)
         tail = decoder(
             inputs_embeds=embeddings[:, shared:],
             attention_mask=attention_mask[:, :length],
             position_ids=torch.arange(shared, length, device=embeddings.device)[None],
-            cache=head.cache,
+            cache=cache,
             use_cache=True,
             return_dict=True,
         )
-        states = torch.cat([head.last_hidden_state.expand(batch, -1, -1), tail.last_hidden_state], dim=1)
+        states = torch.cat([prompt_states.expand(batch, -1, -1), tail.last_hidden_state], dim=1)
         return states, tail.cache if use_cache else None
 
     def _shared_prompt_length(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> int:
-        """How many leading positions hold the same real, non-image token in every row (GSVA's system prompt)."""
+        """How many leading positions hold the same real, non-image token in every row (GSVA's system prompt);
+        0 when fewer than two do, as a one-token prompt is not worth a pass of its own."""
         common = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
         common &= input_ids[0] != self.config.image_token_id
-        return int(common.int().cumprod(0).sum())
+        shared = int(common.int().cumprod(0).sum())
+        return shared if shared >= 2 else 0
+
+    def _run_shared_prompt(self, prompt_embeds: torch.Tensor, batch: int) -> tuple[torch.Tensor, object]:
+        """The shared prompt `[1, n, d]` run once: its last-layer states and its KV cache repeated over `batch` rows."""
+        head = self.get_decoder()(inputs_embeds=prompt_embeds, use_cache=True, return_dict=True)
+        head.cache.batch_repeat_interleave(batch)
+        return head.last_hidden_state, head.cache
 
     def _rerun_from(self, start: int, cache, embeddings, input_ids, attention_mask, redo: list[int]) -> torch.Tensor:
         """Last-layer states `[len(redo), end - start, d]` of the rows `redo` from `start` on, every `[REJ]` read
@@ -852,18 +859,12 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         decided = [ids.clone() for ids in rows]
         # The system prompt, common to every row up to the image, runs once; its cache is repeated over the batch.
         # Every row keeps at least the token before its first slot for the first chunk.
-        first = min(int(positions[0]) for positions in slots)
-        shared = min(
-            first - 1,
-            self._shared_prompt_length(torch.stack([ids[:first] for ids in rows]), input_ids.new_ones((len(rows), first))),
-        )
+        before_first_slot = min(int(positions[0]) for positions in slots) - 1
+        head = torch.stack([ids[:before_first_slot] for ids in rows])
+        shared = self._shared_prompt_length(head, torch.ones_like(head))
         cache = None
-        if shared >= 2:
-            head = self.get_decoder()(inputs_embeds=self.embed_inputs(rows[0][None, :shared], None), use_cache=True)
-            cache = head.cache
-            cache.batch_repeat_interleave(len(rows))
-        else:
-            shared = 0
+        if shared:
+            _, cache = self._run_shared_prompt(self.embed_inputs(rows[0][None, :shared], None), len(rows))
         # Chunk k of a row: the text before its first slot (k = 0), else its slot k-1 token and the text up to slot k.
         bounds = [[shared, *positions.tolist()] for positions in slots]
         seen = torch.full((len(rows),), shared, dtype=torch.long, device=input_ids.device)

@@ -98,17 +98,27 @@ def stage_timers(model) -> tuple[dict, Counter, list]:
     return seconds, calls, restore
 
 
-def run_worker(args) -> dict:
-    """One variant, one evaluation loop in this process; returns seconds, peak RSS and the results."""
+def loop_setup(args):
+    """This process as `eval_hf.py` sets it up: the malloc setting, the threads, the model and the split."""
     from gsva_hf.cpu_memory import apply_malloc_choice
     from gsva_hf.data.mixed import build_val_dataset
-    from gsva_hf.evaluation import evaluate_dataset
     from gsva_hf.loading import load_gsva
 
     apply_malloc_choice(args.cpu_malloc, "cpu", flag="--cpu-malloc")
     torch.set_num_threads(args.threads)
     model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
-    dataset = build_val_dataset(args.data, args.val_dataset)
+    return model, processor, build_val_dataset(args.data, args.val_dataset)
+
+
+def variant_batch_size(args, variant: str) -> int:
+    return args.reference_batch_size if variant == "reference" and args.reference_batch_size else args.batch_size
+
+
+def run_worker(args) -> dict:
+    """One variant, one evaluation loop in this process; returns seconds, peak RSS and the results."""
+    from gsva_hf.evaluation import evaluate_dataset
+
+    model, processor, dataset = loop_setup(args)
     rss_before = psutil.Process().memory_info().rss / 2**20
     timers = stage_timers(model) if args.stages else None
     with variant_context(args.worker):
@@ -142,7 +152,7 @@ def run_worker(args) -> dict:
 
 def worker_command(args, variant: str, malloc: str) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", str(args.model)]
-    batch = args.reference_batch_size if variant == "reference" and args.reference_batch_size else args.batch_size
+    batch = variant_batch_size(args, variant)
     command += ["--data", str(args.data), "--val-dataset", args.val_dataset, "--batch-size", str(batch)]
     command += ["--threads", str(args.threads), "--dtype", args.dtype, "--cpu-malloc", malloc]
     return command + (["--stages"] if args.stages else [])
@@ -191,16 +201,10 @@ def loop_benchmark(args) -> list[dict]:
 def paired_rounds(args) -> list[dict]:
     """One process, the model loaded once, `--repeats` rounds of both variants in alternating order: the per-round
     ratio cancels the slow drifts of a shared machine that separate processes see (peak memory needs those)."""
-    from gsva_hf.cpu_memory import apply_malloc_choice
-    from gsva_hf.data.mixed import build_val_dataset
     from gsva_hf.evaluation import evaluate_dataset
-    from gsva_hf.loading import load_gsva
 
-    apply_malloc_choice(args.cpu_malloc, "cpu", flag="--cpu-malloc")
-    torch.set_num_threads(args.threads)
-    model, processor = load_gsva(args.model, dtype=args.dtype, device="cpu")
-    dataset = build_val_dataset(args.data, args.val_dataset)
-    sizes = {"current": args.batch_size, "reference": args.reference_batch_size or args.batch_size}
+    model, processor, dataset = loop_setup(args)
+    sizes = {variant: variant_batch_size(args, variant) for variant in VARIANTS}
 
     def loop(variant: str) -> tuple[float, dict]:
         with variant_context(variant):
