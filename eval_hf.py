@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cpu_malloc",
         choices=MALLOC_CHOICES,
         default="keep",
-        help="on the CPU, keep: glibc's malloc keeps freed memory for the next batch (no page faults per batch); "
+        help="on the CPU, keep: glibc's malloc keeps freed memory for the next batch (not faulted in again each batch); "
         "default: the C library's own settings",
     )
     add_loading_arguments(parser, underscores=True)
