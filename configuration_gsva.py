@@ -6,8 +6,72 @@ Shipped with a Hub repository for ``trust_remote_code``: imports only torch and 
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+SUB_CONFIGS = ("vision_config", "text_config", "sam_config")
+# Upper bounds on the sizes that decide how much memory building a model takes: several times the largest real
+# backbone (Llama-3-405B: hidden 16384, intermediate 53248, 126 layers; vocabularies up to 256k; SAM ViT-H), so a
+# mistyped or hostile config.json is refused before anything is allocated. Checked in every sub-config, nested ones too.
+SIZE_LIMITS = {
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "hidden_size": 65536,
+    "intermediate_size": 262144,
+    "head_dim": 8192,
+    "vocab_size": 2_097_152,
+    "max_position_embeddings": 16_777_216,
+    "image_size": 8192,
+    "patch_size": 1024,
+    "num_channels": 64,
+    "projection_dim": 65536,
+    "mlp_dim": 262144,
+    "output_channels": 65536,
+    "iou_head_depth": 64,
+    "iou_head_hidden_dim": 65536,
+    "num_multimask_outputs": 64,
+    "image_embedding_size": 1024,
+    "mask_input_channels": 4096,
+    "num_point_embeddings": 64,
+    "num_pos_feats": 65536,
+    "window_size": 8192,
+}
+# Sizes that may be 0 (no windowed attention); every other bounded size is at least 1.
+_MAY_BE_ZERO = {"window_size"}
+
+
+def check_config_dict(config_dict, where: str = "GSVA config") -> None:
+    """Refuse a raw GSVA config (as read from config.json) that is not an object or lacks a sub-config: a missing or
+    null `text_config` would silently build the 7B Llama default, `vision_config` CLIP ViT-L, `sam_config` SAM
+    ViT-B. `where` names the file in the message."""
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{where}: expected a JSON object with the GSVA config, got {type(config_dict).__name__}")
+    for key in SUB_CONFIGS:
+        value = config_dict.get(key)
+        if not isinstance(value, (dict, PreTrainedConfig)):
+            state = "is missing" if key not in config_dict else f"is {value!r:.40}"
+            raise ValueError(
+                f"{where}: field {key!r} {state}; a GSVA config.json holds {', '.join(SUB_CONFIGS)} as objects "
+                "(defaults are never filled in, they would build a different model)"
+            )
+
+
+def check_config_sizes(config, where: str = "GSVA config") -> None:
+    """Refuse sub-config sizes that are not ints within `SIZE_LIMITS` (nested configs such as SAM's included)."""
+    pending = [(name, getattr(config, name)) for name in SUB_CONFIGS]
+    while pending:
+        path, sub = pending.pop()
+        for key, value in vars(sub).items():
+            if isinstance(value, PreTrainedConfig):
+                pending.append((f"{path}.{key}", value))
+            elif key in SIZE_LIMITS and value is not None:
+                low = 0 if key in _MAY_BE_ZERO else 1
+                if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= SIZE_LIMITS[key]:
+                    raise ValueError(
+                        f"{where}: field {path}.{key} is {value!r:.40}; expected an int from {low} to {SIZE_LIMITS[key]}"
+                    )
 
 
 @strict
@@ -72,6 +136,7 @@ class GSVAConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        check_config_sizes(self)
         if self.out_dim != self.sam_config.prompt_encoder_config.hidden_size:
             raise ValueError(
                 f"GSVAConfig.out_dim ({self.out_dim}) must equal sam_config.prompt_encoder_config.hidden_size "
@@ -87,6 +152,24 @@ class GSVAConfig(PreTrainedConfig):
         if len(set(ids.values())) != len(ids):
             raise ValueError(f"GSVAConfig special token ids must be distinct, got {ids}")
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reader, then `check_config_dict` naming the file, before any sub-config is built."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_config_dict(config_dict, f"config.json of {pretrained_model_name_or_path}")
+        return config_dict, kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Refuse a dict without its sub-configs (AutoConfig reaches here directly); field type errors become a
+        ValueError naming the field."""
+        where = f"GSVA config {config_dict.get('_name_or_path') or ''}".rstrip() if isinstance(config_dict, dict) else "GSVA config"
+        check_config_dict(config_dict, where)
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except StrictDataclassError as error:
+            raise ValueError(f"{where}: {error}") from error
+
     @property
     def num_image_tokens(self) -> int:
         """Number of visual tokens one image becomes (256 for CLIP ViT-L/14 at 224 px without CLS)."""
@@ -94,7 +177,7 @@ class GSVAConfig(PreTrainedConfig):
         return per_side * per_side + (1 if self.vision_feature_select_strategy == "full" else 0)
 
 
-__all__ = ["GSVAConfig"]
+__all__ = ["GSVAConfig", "SIZE_LIMITS", "check_config_dict", "check_config_sizes"]
 
 GSVAConfig.register_for_auto_class("AutoConfig")
 # Lets AutoConfig (and AutoTokenizer, which reads config.json) resolve "gsva" once this module is imported.

@@ -9,11 +9,13 @@
 
 Prints GSVA's log line (`grefcoco giou: ..., ciou: ..., N_acc: ..., T_acc: ....`) per dataset and writes a
 JSON file with the metrics and per-sample results. Before evaluating anything it checks that every dataset's image
-files exist and open and that every output file can be written, and refuses (exit status 1) naming what is wrong,
-so no partial evaluation is computed and then lost. A model folder's own code runs only with --trust_remote_code.
+files exist and open and that every output file can be written, and refuses naming what is wrong, so no partial
+evaluation is computed and then lost. Exit status 2 for a usage error (one line; --debug for the traceback). A model
+folder's own code runs only with --trust_remote_code. Flags take `_` or `-` alike (--max_new_tokens, --max-new-tokens).
 """
 
 import argparse
+import json
 import os
 import re
 import tempfile
@@ -21,16 +23,19 @@ from pathlib import Path
 
 import torch
 
+from gsva_hf.cli import CommandParser, UsageError, name_the_cpu_for_deepspeed, usage_errors
 from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from gsva_hf.segment import DTYPES, add_loading_arguments
+
+PROG = "eval_hf.py"
 
 SHOWN_PROBLEMS = 20
 FILE_NAME_UNSAFE = re.compile(r"[^\w.+-]+")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path, help="saved GSVA folder")
+    parser = CommandParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="saved GSVA folder or Hub repo id")
     parser.add_argument("--dataset_dir", type=Path, help="GSVA's data tree (holds refer_seg/, reason_seg/); not needed for hf: specs")
     parser.add_argument("--val_dataset", default="grefcoco|unc|val", help='spec(s), "||"-joined: "grefcoco|unc|val||ReasonSeg|val"; "hf:PATH_OR_REPO|val" reads a datasets source')
     parser.add_argument(
@@ -57,7 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_loading_arguments(parser, underscores=True)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     return args
 
 
@@ -77,7 +84,13 @@ def specs(args: argparse.Namespace) -> list[str]:
 
 
 def check_writable(path: Path) -> None:
-    """Raise naming `path` unless a file can be created there (checked before any evaluation)."""
+    """Raise naming `path` unless a file can be created there (checked before any evaluation). An existing file is
+    replaced only when it is an earlier output of this command (never a link, a model's config, a user's file)."""
+    if path.is_symlink() or (path.exists() and not is_earlier_output(path)):
+        raise UsageError(
+            f"--output {path} exists and is not an evaluation JSON written by {PROG}; it is left as it is: "
+            "pass --output with a new file name"
+        )
     try:
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder")
@@ -87,7 +100,16 @@ def check_writable(path: Path) -> None:
         if path.exists() and not os.access(path, os.W_OK):
             raise PermissionError(f"{path} is read-only")
     except OSError as error:
-        raise SystemExit(f"error: cannot write the evaluation output {path} ({error}); pass --output FILE.json in a writable folder") from error
+        raise UsageError(f"cannot write the evaluation output {path} ({error}); pass --output FILE.json in a writable folder") from error
+
+
+def is_earlier_output(path: Path) -> bool:
+    """Whether `path` is a JSON object with what this command writes (the dataset spec, the mode and metrics)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and {"val_dataset", "mode", "metrics"} <= record.keys()
 
 
 def check_images(dataset, spec: str) -> None:
@@ -99,7 +121,7 @@ def check_images(dataset, spec: str) -> None:
     if problems:
         shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
         more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-        raise SystemExit(f"error: {spec}: {len(problems)} of {len(set(paths))} image files cannot be read:\n  {shown}{more}")
+        raise UsageError(f"{spec}: {len(problems)} of {len(set(paths))} image files cannot be read:\n  {shown}{more}")
 
 
 def main(argv=None) -> dict:
@@ -110,20 +132,24 @@ def main(argv=None) -> dict:
     from gsva_hf.evaluation import evaluate_dataset
     from gsva_hf.segment import load_model
 
+    name_the_cpu_for_deepspeed()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     apply_malloc_choice(args.cpu_malloc, str(accelerator.device))
-    datasets = {spec: build_val_dataset(args.dataset_dir, spec) for spec in specs(args)}
-    for spec, dataset in datasets.items():
-        check_images(dataset, spec)
-        if accelerator.is_main_process:
-            check_writable(output_path(args, spec))
-    model, processor = load_model(
-        args.model,
-        dtype=args.dtype,
-        device=str(accelerator.device),
-        trust_remote_code=args.trust_remote_code,
-        revision=args.revision,
-    )
+    with usage_errors(PROG, args.debug):
+        if not specs(args):
+            raise UsageError("--val_dataset is empty; give a spec such as 'grefcoco|unc|val'")
+        datasets = {spec: build_val_dataset(args.dataset_dir, spec) for spec in specs(args)}
+        for spec, dataset in datasets.items():
+            check_images(dataset, spec)
+            if accelerator.is_main_process:
+                check_writable(output_path(args, spec))
+        model, processor = load_model(
+            args.model,
+            dtype=args.dtype,
+            device=str(accelerator.device),
+            trust_remote_code=args.trust_remote_code,
+            revision=args.revision,
+        )
     all_metrics = {}
     for spec, dataset in datasets.items():
         result = evaluate_dataset(

@@ -18,16 +18,18 @@ setup(
     packages=find_packages(include=["gsva_hf", "gsva_hf.*"]),
     include_package_data=True,
     package_data={"gsva_hf.data": ["literals/*"], "gsva_hf": ["assets/*/*", "assets/*"]},
+    # The supported range of each dependency: CI runs the suite on the newest versions these allow and again on the
+    # oldest (.ci/oldest.txt pins the key ones to their lower bounds). torch 2.13 is the oldest CI can install.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.13,<3",
         "transformers>=5.24,<6",
-        "tokenizers>=0.22",
-        "peft>=0.21",
-        "accelerate>=1.10",
-        "datasets>=4.0",
-        "evaluate>=0.4",
-        "huggingface_hub>=1.0",
-        "safetensors>=0.6",
+        "tokenizers>=0.23.1,<0.24",
+        "peft>=0.21,<1",
+        "accelerate>=1.10,<2",
+        "datasets>=4.3,<6",
+        "evaluate>=0.4,<0.5",
+        "huggingface_hub>=1.31,<3",
+        "safetensors>=0.8,<1",
         # LLaVA v1 / Vicuna bases ship only a SentencePiece `tokenizer.model`; transformers reads it with both.
         "sentencepiece>=0.2",
         "protobuf>=4",
@@ -38,7 +40,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3", "selenium>=4.20", "gradio>=6.0,<7"],
-        "train": ["deepspeed>=0.15"],
+        "train": ["deepspeed>=0.18,<1"],
         "demo": ["gradio>=6.0,<7"],
     },
     entry_points={

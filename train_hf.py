@@ -5,32 +5,37 @@ Defaults are GSVA's recipe: LoRA r=8 / alpha 16 / dropout 0.05 on the LLM's q_pr
 steps then linear decay, gradient clipping 1.0. Every `TrainingArguments` flag also works (`--help-all`).
 
     python train_hf.py --model_name_or_path DIR --dataset_dir DATA --output_dir OUT
+    python train_hf.py --dataset_dir data/synthetic --dataset refer_seg --sample_rates 1 --refer_seg_data grefcoco
     python train_hf.py args.json --max_steps 100        # a JSON file of flags; flags after it override it
     torchrun --nproc_per_node 8 train_hf.py ... --bf16 --deepspeed configs/deepspeed_zero2.json
     python train_hf.py --export_only --resume_from_checkpoint OUT/checkpoint-500 --output_dir OUT ...
 
-The functions are the recipe's building blocks: examples/tiny_synthetic/train_tiny.py composes them with its own
-options for a model trained from scratch.
+An ordinary mistake (a missing path or data source, an unknown split, a bad flag value, an output folder holding an
+earlier run) stops the run before the model loads with one line and exit status 2; `--debug` alone shows the
+traceback. The functions are the recipe's building blocks: examples/tiny_synthetic/train_tiny.py composes them with
+its own options for a model trained from scratch.
 """
 
-import dataclasses
 import json
 import logging
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from configuration_gsva import GSVAConfig
+from gsva_hf.cli import UsageError, name_the_cpu_for_deepspeed, usage_errors
 from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from gsva_hf.data.collator import GSVACollator
+from gsva_hf.loading import check_finite_weights, check_gsva_folder, check_loading_info
 from gsva_hf.training import (
+    BaseModelRecord,
     GSVATrainer,
     ProgressLineCallback,
+    check_checkpoint_base,
     check_checkpoint_complete,
     count_parameters,
     export_model,
@@ -38,12 +43,20 @@ from gsva_hf.training import (
     merged_model,
     prepare_for_training,
 )
+from gsva_hf.training_setup import (
+    PROG,
+    OneLineErrorParser,
+    check_data,
+    check_output_dir,
+    check_own_learning_rates,
+    json_to_args,
+    project_help,
+    split_debug,
+)
 from modeling_gsva import GSVAForCausalLM
 from processing_gsva import GSVAProcessor
 
 logger = logging.getLogger("train_hf")
-
-
 def flag(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -68,7 +81,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_dir: str = flag("data/synthetic", "GSVA's data tree (holds refer_seg/, sem_seg/, ...)")
+    dataset_dir: str = flag("", "GSVA's data tree (holds refer_seg/, ade20k/, ...); required unless every source is hf:")
     dataset: str = flag("sem_seg||refer_seg||vqa||reason_seg", "training sources, ||-separated")
     sample_rates: str = flag("9,3,3,1", "relative sampling rate of each source")
     sem_seg_data: str = flag("ade20k||cocostuff||pascal_part||paco_lvis||mapillary", "semantic-segmentation sets")
@@ -107,55 +120,35 @@ class GSVATrainingArguments(TrainingArguments):
         choices=list(MALLOC_CHOICES),
     )
     mask_head_learning_rate: float | None = flag(None, "learning rate of SAM and text_hidden_fcs (None: learning_rate)")
+    dataloader_pin_memory: bool = flag(True, "pin batches in memory (only where an accelerator takes them)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataloader_pin_memory and not (torch.cuda.is_available() or getattr(torch, "xpu", None) and torch.xpu.is_available()):
+            # Pinning needs an accelerator; without one torch warns on every DataLoader.
+            self.dataloader_pin_memory = False
 
 
 PROJECT_DATACLASSES = (ModelArguments, DataArguments, GSVATrainingArguments)
 
 
-def project_fields(cls) -> list[dataclasses.Field]:
-    """The flags a dataclass declares itself (for the training arguments: GSVA's own and the defaults it changes)."""
-    own = cls.__dict__.get("__annotations__", {})
-    return [f for f in dataclasses.fields(cls) if f.name in own]
-
-
-def project_help(dataclass_types) -> str:
-    lines = [f"usage: {Path(sys.argv[0]).name} [ARGS.json] [--flag value ...]", ""]
-    for cls in dataclass_types:
-        lines.append(f"{cls.__name__}:")
-        for f in project_fields(cls):
-            lines.append(f"  --{f.name:<28} {f.metadata.get('help', '')} (default: {f.default!r})")
-        lines.append("")
-    lines.append("Every other transformers TrainingArguments flag works too: --help-all lists them.")
-    return "\n".join(lines)
-
-
-def json_to_args(path: str) -> list[str]:
-    """A JSON file of arguments as command-line flags, so flags after it override the file."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"cannot read the arguments file {path}: {error}") from error
-    if not isinstance(values, dict):
-        raise SystemExit(f"{path}: expected a JSON object of argument names to values")
-    flags = []
-    for key, value in values.items():
-        flags += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return flags
-
-
 def parse_arguments(argv=None, extra=()) -> tuple:
     """(ModelArguments, DataArguments, GSVATrainingArguments, *extra) from flags, a leading JSON file, or both;
-    `--help` lists the project's flags, `--help-all` also the Trainer's."""
+    `--help` lists the project's flags and the Trainer's common ones, `--help-all` every Trainer flag. Mistakes end
+    the command with one line and exit 2 (a bare `--debug`: the traceback)."""
     dataclass_types = (ModelArguments, DataArguments, *extra, GSVATrainingArguments)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith(".json"):
-        argv = json_to_args(argv[0]) + argv[1:]
+    name_the_cpu_for_deepspeed()
+    argv, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     if "-h" in argv or "--help" in argv:
         print(project_help(dataclass_types))
         raise SystemExit(0)
-    parser = HfArgumentParser(dataclass_types)
-    parsed = parser.parse_args_into_dataclasses(args=["--help" if a == "--help-all" else a for a in argv])
+    with usage_errors(PROG, debug):
+        if argv and argv[0].endswith(".json"):
+            argv = json_to_args(argv[0]) + argv[1:]
+        parser = OneLineErrorParser(dataclass_types)
+        parsed = parser.parse_args_into_dataclasses(args=["--help" if a == "--help-all" else a for a in argv])
     model_args, data_args, *extra_args, training_args = parsed
+    training_args.debug_errors = debug
     return (model_args, data_args, training_args, *extra_args)
 
 
@@ -171,41 +164,32 @@ def setup(training_args: GSVATrainingArguments) -> None:
     set_seed(training_args.seed)
 
 
-def check_own_learning_rates(training_args: GSVATrainingArguments, rates: dict[str, float | None]) -> None:
-    """Extra learning rates (flag -> value) must be usable numbers and must reach the optimizer: a DeepSpeed config
-    with its own optimizer or scheduler would build param groups the Trainer never splits, silently dropping them."""
-    given = [name for name, rate in rates.items() if rate is not None]
-    for name in given:
-        if not (math.isfinite(rates[name]) and rates[name] >= 0):
-            raise ValueError(f"--{name} must be a finite number >= 0, got {rates[name]}")
-    if given and training_args.deepspeed:
-        config = training_args.deepspeed
-        if isinstance(config, str):
-            config = json.loads(Path(config).read_text())
-        owned = [key for key in ("optimizer", "scheduler") if key in config]
-        if owned:
-            source = training_args.deepspeed if isinstance(training_args.deepspeed, str) else "(dict)"
-            raise ValueError(
-                f"--{given[0]} needs the Trainer's optimizer and scheduler, but the DeepSpeed config {source} defines "
-                f"{' and '.join(owned)}: remove it (configs/deepspeed_zero2.json has neither)"
-            )
-
-
 def load_model(model_args: ModelArguments, training_args: GSVATrainingArguments, configure=None, initialise=None):
-    """Weights when the folder has them; a config-only preset gives a random model, drawn directly on the training
+    """Weights when the folder has them, all of them (a missing, unexpected, mis-shaped or non-finite tensor is
+    refused, named, as `load_gsva` does); a config-only preset gives a random model, drawn directly on the training
     device (drawing GSVA-7B on the CPU under torchrun's one thread per process is slow). For presets only,
     `configure(config)` runs before the draw and `initialise(model)` after it."""
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     dtype = dtype if training_args.deepspeed else torch.float32
     path = Path(model_args.model_name_or_path)
+    if not path.exists() and not path.is_absolute() and (Path(__file__).parent / path).is_dir():
+        path = Path(__file__).parent / path  # a preset of this checkout (configs/...), from any working folder
     weights = {name: getattr(model_args, name) for name in ("ce_loss_weight", "bce_loss_weight", "dice_loss_weight", "seg_rej_ce_weight")}
+    source = f"--model_name_or_path {path}"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: no config.json (give a GSVA folder or a preset)")
+    # As strict as load_gsva: config and weight headers checked before building, and no tensor drawn at random.
+    check_gsva_folder(path)
     if folder_has_weights(path):
-        model = GSVAForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+        model, info = GSVAForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=model_args.attn_implementation, output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )  # fmt: skip
+        check_loading_info(source, info)
+        check_finite_weights(model, source)
         for key, value in weights.items():
             setattr(model.config, key, value)
     else:
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model_name_or_path {path}: no config.json (give a GSVA folder or a preset)")
         config = GSVAConfig.from_pretrained(path, **weights)
         if configure is not None:
             configure(config)
@@ -250,8 +234,10 @@ class TrainingRun:
     recorded: dict = field(default_factory=dict)
 
 
-def assemble_run(model, processor, model_args, data_args, training_args, trainer_class=GSVATrainer, **trainer_kwargs):
-    """Set what trains, build the dataset and the Trainer (progress lines instead of bare log dicts)."""
+def assemble_run(
+    model, processor, model_args, data_args, training_args, trainer_class=GSVATrainer, train_dataset=None, **trainer_kwargs
+):
+    """Set what trains, build the dataset (unless given) and the Trainer (progress lines instead of bare log dicts)."""
     trainable = prepare_for_training(
         model, lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
         lora_target_modules=model_args.lora_target_modules, train_vision_tower=model_args.train_vision_tower,
@@ -262,7 +248,7 @@ def assemble_run(model, processor, model_args, data_args, training_args, trainer
     trainer = trainer_class(
         model=trainable,
         args=training_args,
-        train_dataset=build_train_dataset(data_args, training_args),
+        train_dataset=build_train_dataset(data_args, training_args) if train_dataset is None else train_dataset,
         data_collator=GSVACollator(processor),
         processing_class=processor,
         mask_head_learning_rate=training_args.mask_head_learning_rate,
@@ -276,10 +262,13 @@ def assemble_run(model, processor, model_args, data_args, training_args, trainer
 
 def build_run(argv=None) -> TrainingRun:
     model_args, data_args, training_args = parse_arguments(argv)
-    setup(training_args)
-    check_own_learning_rates(training_args, {"mask_head_learning_rate": training_args.mask_head_learning_rate})
-    model, processor = load_model(model_args, training_args)
-    return assemble_run(model, processor, model_args, data_args, training_args)
+    with usage_errors(PROG, training_args.debug_errors):
+        check_output_dir(training_args)
+        setup(training_args)
+        check_own_learning_rates(training_args, {"mask_head_learning_rate": training_args.mask_head_learning_rate})
+        train_dataset = check_data(data_args, training_args, build_train_dataset)
+        model, processor = load_model(model_args, training_args)
+    return assemble_run(model, processor, model_args, data_args, training_args, train_dataset=train_dataset)
 
 
 def evaluate_after_training(model, processor, data_args: DataArguments, output_dir: Path, accelerator=None) -> dict | None:
@@ -287,6 +276,7 @@ def evaluate_after_training(model, processor, data_args: DataArguments, output_d
         return None
     from gsva_hf.data.mixed import build_val_dataset
     from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.metrics import strict_json
 
     dataset = build_val_dataset(data_args.dataset_dir, data_args.val_dataset)
     result = evaluate_dataset(
@@ -295,7 +285,7 @@ def evaluate_after_training(model, processor, data_args: DataArguments, output_d
     if accelerator is None or accelerator.is_main_process:
         print(result.log_line, flush=True)
         payload = {"val_dataset": data_args.val_dataset, "mode": data_args.eval_mode, "metrics": result.metrics}
-        (output_dir / "eval_results.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        (output_dir / "eval_results.json").write_text(strict_json(payload, str(output_dir / "eval_results.json")) + "\n")
     return result.metrics
 
 
@@ -306,7 +296,7 @@ def finish_run(run: TrainingRun) -> dict:
     export_dir = Path(training_args.export_dir or output_dir / "final")
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_args.json").write_text(json.dumps(run.recorded, indent=2) + "\n")
+        (output_dir / "train_args.json").write_text(json.dumps(run.recorded, indent=2, allow_nan=False) + "\n")
     trainer.accelerator.wait_for_everyone()
     final = merged_model(trainer.accelerator.unwrap_model(trainer.model)).eval()
     if trainer.is_world_process_zero():
@@ -318,15 +308,21 @@ def finish_run(run: TrainingRun) -> dict:
 
 
 def train_and_finish(run: TrainingRun) -> dict:
-    """Train (or, with --export_only, load the checkpoint), export, evaluate."""
+    """Train (or, with --export_only, load the checkpoint), export, evaluate. A checkpoint to resume or export is
+    checked first: complete, and trained from this --model_name_or_path (`check_checkpoint_base`); the run's own
+    checkpoints record that base (`BaseModelRecord`)."""
     checkpoint = run.training_args.resume_from_checkpoint
-    if not run.training_args.export_only:
-        run.trainer.train(resume_from_checkpoint=checkpoint)
-    elif checkpoint:
-        check_checkpoint_complete(checkpoint)
+    with usage_errors(PROG, getattr(run.training_args, "debug_errors", False)):
+        if run.training_args.export_only and not checkpoint:
+            raise UsageError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")
+        base = BaseModelRecord.of(run.trainer.model, run.model_args.model_name_or_path)
+        if isinstance(checkpoint, (str, Path)):
+            check_checkpoint_base(checkpoint, check_checkpoint_complete(checkpoint), base)
+    run.trainer.add_callback(base)
+    if run.training_args.export_only:
         run.trainer._load_from_checkpoint(checkpoint)
     else:
-        raise ValueError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")
+        run.trainer.train(resume_from_checkpoint=checkpoint)
     metrics = finish_run(run)
     # Tear the process group down before exit: a gloo group left alive can abort a rank at interpreter shutdown.
     run.trainer.accelerator.end_training()

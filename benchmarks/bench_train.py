@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     with torch.device(args.device):
         model = GSVAForCausalLM._from_config(config, attn_implementation=args.attn, dtype=DTYPES[args.dtype])
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     trainable = prepare_for_training(model, **RECIPES[args.recipe]).train()
     parameters = [p for p in trainable.parameters() if p.requires_grad]

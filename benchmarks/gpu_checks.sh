@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of BENCHMARKS.md as one script for a short lent-GPU session.
+# The GPU checks of BENCHMARKS.md as one script that fits a few minutes on a GPU machine.
 #   bash benchmarks/gpu_checks.sh [--tiny] OUT_DIR
 # CHECKS=eval (default, under 8 minutes on one H100/H200): GSVA-7B in bf16 with random weights, 480x640 images,
 #   10 expressions per image: teacher-forced evaluation images/s against the two-full-pass reference (batch 1/8/16,
 #   SDPA and flash attention where installed), target mode `segment(targets=...)` (guarded), free generation, peak
 #   memory, the 4-bit LLM's memory when bitsandbytes imports, and free generation on a dynamic cache, a static one
-#   and a static one with torch.compile (last: it gets what the budget leaves).
+#   and a static one with torch.compile (last: it gets what is left of BUDGET).
 # CHECKS=train: the training checks (bench_train, ZeRO-2 against the plain Trainer, export, segment, DeepSpeed
 #   tests). CHECKS=all: both (over 8 minutes: raise BUDGET).
 # Wheels in .whl/ (transformers, peft, deepspeed and their missing needs) are installed first when present, for a

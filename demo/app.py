@@ -12,7 +12,6 @@ with `--trust-remote-code` (a Hub repo id then needs `--revision`). The page wor
 default theme's fonts are served locally, and a share link is only made with `--share`.
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ if str(REPO) not in sys.path:
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from gsva_hf.cli import CommandParser, usage_errors  # noqa: E402
 from gsva_hf.segment import DEFAULT_MODEL, DTYPES, add_loading_arguments, check_result, load_model, overlay, parse_query  # noqa: E402
 from processing_gsva import load_image  # noqa: E402
 
@@ -113,7 +113,7 @@ def build_demo(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = CommandParser(prog="demo/app.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
         default=os.environ.get(MODEL_ENV, str(DEFAULT_MODEL)),
@@ -131,7 +131,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    try:
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be between 1 and 65535, got {args.port}")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    with usage_errors(parser.prog, args.debug):
         model, processor = load_model(
             args.model,
             args.dtype,
@@ -139,8 +143,6 @@ def main(argv=None) -> int:
             trust_remote_code=args.trust_remote_code,
             revision=args.revision,
         )
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
     # Gradio opens each upload's header with Pillow before the callback; `load_image` then refuses, with the size and
     # limit on the page, anything over the project's lower limit before decoding it, so Pillow's own bomb error (an
     # unexplained page error) is switched off in the serving process.

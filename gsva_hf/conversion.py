@@ -1138,6 +1138,9 @@ def _save(
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(output_dir)
+    from gsva_hf.training import give_umask_mode
+
+    give_umask_mode(output_dir)
     report.output_dir = output_dir
     report.token_ids = dict(processor.token_ids)
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

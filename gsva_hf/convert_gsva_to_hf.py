@@ -12,15 +12,14 @@
 
 import argparse
 import logging
-import sys
 
+from gsva_hf.cli import CommandParser, usage_errors
 from gsva_hf.conversion import DTYPES, ConversionError, convert_bases, convert_release, write_random
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_gsva_to_hf", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
+    parser = CommandParser(
+        prog="gsva-convert-to-hf", description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]),
     )
     parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
     source = parser.add_argument_group("sources")
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
         decoder_heads=args.sam_decoder_heads, seed=args.seed, vision_tower=args.vision_tower,
         allow_non_finite=args.allow_non_finite, **common,
     )
-    try:
+    with usage_errors("gsva-convert-to-hf", args.debug):
         if args.random:
             if args.release or args.llava:
                 raise ConversionError("--random takes no --release/--llava")
@@ -77,14 +76,8 @@ def main(argv=None) -> int:
             convert_bases(args.llava, args.sam, args.output, **convert)
         else:
             raise ConversionError("give --release (with --llava), --llava with --sam, or --random")
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # unreadable or unwritable paths: the message names them
-        print(f"error: {error}", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

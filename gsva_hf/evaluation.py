@@ -5,6 +5,7 @@ and processes share out whole batches, so 1 and N processes give bit-identical n
 exactly once.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,7 @@ from .metrics import GresAccumulator, RefSegAccumulator
 
 GRES_DATASETS = ("grefcoco", "refzom")
 MODES = ("teacher_forced", "targets", "generate")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +27,7 @@ class EvaluationResult:
     log_line: str
     accumulator: object
     records: list[dict] = field(default_factory=list)
+    errors: int = 0  # samples with no prediction (their record has "error"), scored as all [REJ] with empty masks
 
 
 def dataset_image_paths(dataset) -> list[str] | None:
@@ -83,6 +86,10 @@ def evaluate_dataset(
     exactly one result per expression. mode "generate": the model answers the same question itself; slots pair
     with targets in order, a missing slot counts as `[REJ]` with an empty mask, extra slots are ignored (both
     counted in the records).
+
+    A sample the model cannot be run on (a ValueError: an expression target mode cannot write, outputs that are
+    not finite) costs only itself: its record holds "error", every slot of it counts as `[REJ]` with an empty
+    mask, `errors` counts it and a warning names it. Only when no sample at all could be run does it raise.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -100,8 +107,9 @@ def evaluate_dataset(
 
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     bar = tqdm(total=sum(map(len, batches)), desc=f"eval {name} ({mode})", unit="image", disable=not show)
-    for chunk in batches:
-        samples = [dataset[i] for i in chunk]
+
+    def predict(samples: list) -> list[tuple[torch.Tensor, list[bool], str | None]]:
+        """(masks in the scorer's form, rejected per slot, answer or None) per sample, in order."""
         if mode == "teacher_forced":
             batch = collator(samples)
             batch.pop("samples")
@@ -111,19 +119,29 @@ def evaluate_dataset(
             batch["sam_pixel_values"] = batch["sam_pixel_values"].to(model.dtype)
             # A target that is absent and rejected scores the same whatever its mask: no mask is computed for it.
             out = model.score_teacher_forced(**batch, reeval=is_gres, mask_confirmed_rejections=False)
+            for row, logits in enumerate(out.pred_masks):
+                if not bool(torch.isfinite(logits).all()):
+                    raise ValueError(f"image {row}: the model's mask logits are not finite")
             scorer = new_accumulator(name, protocol, ignore_mode)
-            predictions = [
+            return [
                 (scorer.scored_form(out.pred_masks[row]).cpu(), out.predicted_rejected[row].cpu().tolist(), None)
                 for row in range(len(samples))
             ]
-        elif mode == "targets":
+        if mode == "targets":
             results = model.segment(processor, [s.image for s in samples], targets=[list(s.targets) for s in samples], batch_size=batch_size)
-            predictions = [_pair_generated(result, sample) for result, sample in zip(results, samples)]
         else:
             questions = [sample.rounds[0][0] for sample in samples]
             results = model.segment(processor, [s.image for s in samples], text=questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
-            predictions = [_pair_generated(result, sample) for result, sample in zip(results, samples)]
-        for index, sample, (masks, rejected, answer) in zip(chunk, samples, predictions):
+        return [_pair_generated(result, sample) for result, sample in zip(results, samples)]
+
+    for chunk in batches:
+        samples = [dataset[i] for i in chunk]
+        predictions = _predict_each(predict, samples)
+        for index, sample, prediction in zip(chunk, samples, predictions):
+            error = None
+            if isinstance(prediction, ValueError):
+                error, prediction = f"{type(prediction).__name__}: {prediction}", _undecided(sample)
+            masks, rejected, answer = prediction
             accumulator = new_accumulator(name, protocol, ignore_mode)
             for slot in range(sample.masks.shape[0]):
                 # ReasonSeg keeps its 255 "ignore" pixels in `gt_labels`; the accumulator's ignore_mode decides.
@@ -144,6 +162,8 @@ def evaluate_dataset(
             }
             if answer is not None:
                 record["answer"] = answer
+            if error is not None:
+                record["error"] = error
             local.append((index, accumulator.state_dict(), record))
         bar.update(len(chunk))
     bar.close()
@@ -163,9 +183,44 @@ def evaluate_dataset(
         records.append(record)
     if total is None:
         total = new_accumulator(name, protocol, ignore_mode)
+    failed = [record for record in records if "error" in record]
+    if failed and len(failed) == len(records):
+        raise ValueError(f"{name} ({mode}): no sample could be evaluated; the first: {failed[0]['error']}")
+    if failed:
+        first = failed[0]
+        logger.warning(
+            "%s (%s): %d of %d samples have no prediction and count as [REJ] with empty masks (their records hold "
+            '"error"); the first, sample %d (%s): %s', name, mode, len(failed), len(records), first["index"],
+            first["image"], first["error"],
+        )  # fmt: skip
     metrics = total.compute()
     log_line = total.format_log_line(name)
-    return EvaluationResult(dataset=name, mode=mode, metrics=metrics, log_line=log_line, accumulator=total, records=records)
+    return EvaluationResult(
+        dataset=name, mode=mode, metrics=metrics, log_line=log_line, accumulator=total, records=records, errors=len(failed)
+    )
+
+
+def _predict_each(predict, samples: list) -> list:
+    """`predict(samples)`, or when it raises ValueError, sample by sample, so a sample the model cannot be run on
+    costs only itself: its entry is the error."""
+    try:
+        return predict(samples)
+    except ValueError as error:
+        if len(samples) == 1:
+            return [error]
+    results = []
+    for sample in samples:
+        try:
+            results += predict([sample])
+        except ValueError as error:
+            results.append(error)
+    return results
+
+
+def _undecided(sample) -> tuple[torch.Tensor, list[bool], None]:
+    """A sample without a prediction, scored as generate mode scores a missing slot: `[REJ]` with an empty mask."""
+    count, height, width = sample.masks.shape
+    return torch.zeros(count, height, width, dtype=torch.bool), [True] * count, None
 
 
 def _pair_generated(result, sample) -> tuple[torch.Tensor, list[bool], str]:

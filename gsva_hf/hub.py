@@ -13,7 +13,6 @@ decides which targets exist). No transformers pipeline returns GSVA's masks, so 
 `model.segment(...)`. Comparable LLM+SAM releases (Sa2VA) use the same tag.
 """
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from .cli import CommandParser, describe, fail
+
 # The top-level files a Hub repository ships for `trust_remote_code`; the ones present next to `modeling_gsva.py`
 # are copied into every layout (adding a file here is all a new one needs).
 REMOTE_CODE_FILES = ("configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py", "pipeline_gsva.py")
@@ -30,6 +31,7 @@ CODE_DIR = Path(importlib.util.find_spec("modeling_gsva").origin).parent
 CODE_FILES = tuple(name for name in REMOTE_CODE_FILES if (CODE_DIR / name).is_file())
 # Written into every folder gsva-push lays out; only such a folder is ever replaced by --overwrite.
 PUSH_MARKER = ".gsva-push"
+MARKER_TEXT = "Written by gsva-push for "  # how the marker starts; a file that does not is not ours
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
 BUNDLED_MODEL_ID = "gsva_hf/assets/gsva-tiny-synthetic"  # the card's model_id: the folder, from a clone's root
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor")
@@ -396,7 +398,8 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
     """Whether `out_dir` holds an earlier layout to remove; anything else that is not empty is refused.
 
     Only a folder holding gsva-push's marker file is replaced: a model folder (it has a config and a README
-    too) may hold the user's own files.
+    too) may hold the user's own files. The marker must be a regular file (not a link) holding the text gsva-push
+    writes, and `out_dir` itself must not be a link: nothing is deleted through one.
     """
     if not out_dir.exists():
         return False
@@ -406,10 +409,26 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
         return False
     if not overwrite:
         raise FileExistsError(f"--out {out_dir}: not empty; pass --overwrite to replace an earlier gsva-push layout")
-    if not (out_dir / PUSH_MARKER).is_file():
+    if out_dir.is_symlink():
         raise FileExistsError(
-            f"--out {out_dir}: not empty and not written by gsva-push (no {PUSH_MARKER} file in it); refusing to "
-            "delete it: choose an empty or new --out folder"
+            f"--out {out_dir}: is a symbolic link; gsva-push never deletes through a link: give the folder itself "
+            "or an empty or new --out folder"
+        )
+    marker = out_dir / PUSH_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        found = f"no {PUSH_MARKER} file in it" if not marker.is_symlink() else f"its {PUSH_MARKER} is a symbolic link"
+        raise FileExistsError(
+            f"--out {out_dir}: not empty and not written by gsva-push ({found}); refusing to delete it: choose an "
+            "empty or new --out folder"
+        )
+    try:
+        ours = marker.read_text(encoding="utf-8").startswith(MARKER_TEXT)
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(
+            f"--out {out_dir}: not empty and not written by gsva-push ({marker} does not hold the text gsva-push "
+            "writes there); refusing to delete it: choose an empty or new --out folder"
         )
     return True
 
@@ -494,7 +513,8 @@ def layout_repo(
     training_data: str | None = None,
     marker: bool = True,
 ) -> list[str]:
-    """Write the repository folder; returns its file names. Inputs are all checked before anything is written.
+    """Write the repository folder; returns its file names. Inputs are all checked before anything is written;
+    weights that hold NaN or infinity (in the saved `dtype`) are refused, named.
 
     `synthetic` None detects a model of the synthetic task from the files (`synthetic_evidence`); then the card
     says so, its results get the synthetic dataset type, and the snippet defaults to the bundled example and
@@ -505,6 +525,9 @@ def layout_repo(
 
     from modeling_gsva import GSVAForCausalLM
     from processing_gsva import GSVAProcessor
+
+    from .loading import check_finite_weights, check_gsva_folder, check_loading_info
+    from .training import give_umask_mode
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
@@ -542,7 +565,14 @@ def layout_repo(
     if dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
 
-    model = GSVAForCausalLM.from_pretrained(model_dir, dtype=dtypes[dtype]).eval()
+    # As strict as load_gsva: a tensor the folder lacks would be pushed as a random draw.
+    check_gsva_folder(model_dir)
+    model, info = GSVAForCausalLM.from_pretrained(
+        model_dir, dtype=dtypes[dtype], output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    check_loading_info(f"MODEL_DIR {model_dir}", info)
+    model = model.eval()
+    check_finite_weights(model, f"MODEL_DIR {model_dir}" + (f" as {dtype}" if dtype != "auto" else ""))
     processor = GSVAProcessor.from_pretrained(model_dir)
     processor.check_config(model.config)
     if clear:
@@ -550,10 +580,11 @@ def layout_repo(
     out_dir.mkdir(parents=True, exist_ok=True)
     if marker:
         (out_dir / PUSH_MARKER).write_text(
-            f"Written by gsva-push for {repo_id} from {model_dir}; gsva-push --overwrite may replace this folder.\n"
+            f"{MARKER_TEXT}{repo_id} from {model_dir}; gsva-push --overwrite may replace this folder.\n"
         )
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(out_dir)
+    give_umask_mode(out_dir)
     for name in CODE_FILES:
         shutil.copyfile(CODE_DIR / name, out_dir / name)
     if example_image is not None:
@@ -647,7 +678,7 @@ def upload(
 
 
 def refresh_main(argv) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m gsva_hf.hub refresh-bundled",
         description="rewrite the bundled model's code, config, processor files and card from this checkout "
         "(the weights stay as they are)",
@@ -657,8 +688,9 @@ def refresh_main(argv) -> int:
     try:
         names = refresh_bundled(args.folder)
     except (OSError, ValueError, RuntimeError) as error:
-        print(f"refresh-bundled: error: {error}", file=sys.stderr)
-        return 2
+        if args.debug:
+            raise
+        fail("refresh-bundled", describe(error))
     print(f"refreshed {args.folder}: {', '.join(names)}")
     return 0
 
@@ -667,7 +699,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["refresh-bundled"]:
         return refresh_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="gsva-push", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="gsva-push", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path, help="saved GSVA folder (config, weights, processor)")
     parser.add_argument("repo_id", help="Hub repository, e.g. user/gsva-7b")
     parser.add_argument("--out", type=Path, help="folder to lay out (required with --dry-run; else a temporary one)")
@@ -741,8 +773,9 @@ def main(argv=None) -> int:
                 training_data=args.training_data,
             )
         except (OSError, ValueError) as error:
-            print(f"gsva-push: error: {error}", file=sys.stderr)
-            return 2
+            if args.debug:
+                raise
+            fail("gsva-push", describe(error))
         print(f"wrote {out_dir}: {', '.join(names)}")
         if args.dry_run:
             return 0

@@ -45,6 +45,7 @@ __all__ = [
     "intersection_and_union",
     "resize_gt_mask",
     "resize_pred_mask",
+    "strict_json",
     "union_instance_masks",
 ]
 
@@ -278,14 +279,25 @@ class SampleResult:
 
 
 def _json_safe(value: Any) -> Any:
-    """NaN is not valid JSON; undefined metrics are written as null."""
+    """NaN is not valid JSON; undefined metrics are written as null (numpy scalars become Python numbers first)."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def strict_json(payload: Any, where: str, indent: int | None = 2) -> str:
+    """`payload` as strict JSON text: NaN (an undefined metric) becomes null; an infinity, which JSON cannot hold
+    and no metric should be, raises ValueError naming `where` (the file)."""
+    try:
+        return json.dumps(_json_safe(payload), indent=indent, allow_nan=False)
+    except ValueError as error:
+        raise ValueError(f"{where}: cannot write it as JSON: {error} (an infinite value)") from error
 
 
 class _Accumulator:
@@ -374,7 +386,10 @@ class _Accumulator:
             "samples": [asdict(s) for s in self.samples],
             **extra,
         }
-        Path(path).write_text(json.dumps(_json_safe(payload), indent=2), encoding="utf-8")
+        from .cli import write_text_replacing
+
+        # Replaced whole or not at all: a full disk leaves the earlier file (or none) and an OSError naming `path`.
+        write_text_replacing(path, strict_json(payload, str(path)))
 
 
 class GresAccumulator(_Accumulator):

@@ -5,6 +5,7 @@ trained here on GSVA's prompt text and the synthetic task's words, so it runs wi
 """
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -217,14 +218,19 @@ def tiny_processor() -> GSVAProcessor:
     return GSVAProcessor(clip, sam, build_tiny_tokenizer(), num_image_tokens=64)
 
 
+# The code files `save_pretrained` copies beside a custom config or processor: the only .py files ever removed.
+CODE_FILE_NAMES = {Path(inspect.getfile(cls)).name for cls in (GSVAConfig, GSVAProcessor)}
+
+
 def _drop_code_references(folder: Path) -> None:
     """Preset folders are plain configs for this repo's classes: no code copies, no `auto_map`."""
     for code_file in folder.glob("*.py"):
-        code_file.unlink()
+        if code_file.name in CODE_FILE_NAMES and not code_file.is_symlink():
+            code_file.unlink()
     for json_file in folder.rglob("*.json"):
         data = json.loads(json_file.read_text())
         if isinstance(data, dict) and _strip_auto_map(data):
-            json_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            json_file.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _strip_auto_map(data: dict) -> bool:
@@ -242,16 +248,18 @@ def write_presets(root: Path) -> None:
     processor.check_config(config)
     config.save_pretrained(root / "gsva-tiny")
     processor.save_pretrained(root / "gsva-tiny")
+    written = [root / "gsva-tiny"]  # only the folders written here are cleaned, never others in `root`
     for name, (config, processor_kwargs) in large_presets().items():
         folder = root / name
+        written.append(folder)
         config.save_pretrained(folder)
         clip, sam = image_processors(224, 1024)
         clip.save_pretrained(folder / "image_processor")
         sam.save_pretrained(folder / "sam_image_processor")
         (folder / "processor_settings.json").write_text(
-            json.dumps({**processor_kwargs, "num_image_tokens": config.num_image_tokens}, indent=2) + "\n"
+            json.dumps({**processor_kwargs, "num_image_tokens": config.num_image_tokens}, indent=2, allow_nan=False) + "\n"
         )
-    for folder in root.iterdir():
+    for folder in written:
         _drop_code_references(folder)
 
 

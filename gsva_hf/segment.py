@@ -2,22 +2,26 @@
 
 TEXT holds phrases separated by ";" or new lines, and the model decides each one (present with a mask, or
 rejected); a single line ending with "?" is a question instead, and the model's own answer decides the targets.
-Exit status 0: every image and every target has a result; 1: some image failed or some target went undecided
-(each named on stderr and in OUT/summary.json); 2: a usage error.
+Exit status 0: every image and every target has a result; 1: some image failed (its outputs not written
+included) or some target went undecided (each named on stderr and in OUT/summary.json), or OUT/summary.json
+could not be written; 2: a usage error (an --out where no file can be created included, before the model loads).
 """
 
 import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .cli import CommandParser, UsageError, describe, naming_file, write_text_replacing
 from .cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from .loading import DTYPES, load_gsva
 
@@ -58,10 +62,10 @@ def load_model(
 
 
 def add_loading_arguments(parser: argparse.ArgumentParser, underscores: bool = False) -> None:
-    """`--trust-remote-code` and `--revision` for every command that loads a model (`underscores`: also
-    `--trust_remote_code`, for commands whose flags use underscores)."""
+    """`--trust-remote-code` and `--revision` for every command that loads a model (`underscores`: shown as
+    `--trust_remote_code`, for commands whose flags use underscores; a `CommandParser` takes both spellings)."""
     parser.add_argument(
-        *(["--trust_remote_code", "--trust-remote-code"] if underscores else ["--trust-remote-code"]),
+        "--trust_remote_code" if underscores else "--trust-remote-code",
         dest="trust_remote_code",
         action="store_true",
         help="run the model folder's own code files (modeling_gsva.py ...) instead of the installed classes",
@@ -264,42 +268,97 @@ def mask_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+# The files gsva-segment writes, in OUT (one image) or in a per-image folder OUT/<image file name>/.
+IMAGE_FILE_NAMES = re.compile(r"mask_\d{2,}_[a-z0-9_]{1,40}\.png|overlay\.png|result\.json")
+
+
+def skip_reason(path: Path) -> str:
+    """Why a folder entry is not segmented, as written on stderr and in summary.json."""
+    if path.is_dir():
+        return "a folder (sub-folders are not searched)"
+    return f"not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
+
+
 class OutputFolder:
     """`--out`: remembers in summary.json every file this command wrote, so a rerun removes exactly those (and
-    refuses a folder holding anything else: no stale mask can sit beside a new result)."""
+    refuses a folder holding anything else: no stale mask can sit beside a new result). Nothing is written or
+    removed through a symbolic link, and a summary.json listing a file the command never writes is refused."""
 
-    def __init__(self, root: Path, header: dict):
+    def __init__(self, root: Path, header: dict, folders: list[Path] = ()):
         self.root = root
-        self.summary = {**header, "images": [], "files": []}
+        self.folders = list(folders)  # where this run writes: OUT itself (one image) or one folder per image
+        self.summary = {**header, "images": [], "skipped": [], "files": []}
+
+    def _refuse(self, path: Path, problem: str) -> None:
+        raise ValueError(f"--out {self.root}: {path.relative_to(self.root)} {problem}; give an empty or new folder")
+
+    def _listed(self, name) -> Path:
+        """One entry of an earlier summary.json's `files`, checked to be a file this command writes: a name
+        `IMAGE_FILE_NAMES` matches, in OUT or in a per-image folder (named after an image file), resolving inside
+        OUT."""
+        parts = name.split("/") if isinstance(name, str) else []
+        ok = 1 <= len(parts) <= 2 and IMAGE_FILE_NAMES.fullmatch(parts[-1]) is not None
+        if ok and len(parts) == 2:
+            ok = parts[0] not in ("", ".", "..") and Path(parts[0]).suffix.lower() in IMAGE_SUFFIXES
+        path = self.root.joinpath(*parts) if ok else None
+        if path is None or path.resolve().parent not in (self.root.resolve(), self.root.resolve() / parts[0]):
+            raise ValueError(
+                f"--out {self.root}: {SUMMARY} lists {name!r}, which is not a file gsva-segment writes (mask_NN_*.png, "
+                f"overlay.png, result.json, in OUT or in a per-image folder); refusing to delete it: give an empty or "
+                "new folder"
+            )
+        return path
 
     def previous_files(self) -> list[Path]:
-        """The files an earlier run here wrote; raises when the folder holds anything else."""
+        """The files an earlier run here wrote; raises when the folder holds anything else, a symbolic link, or
+        a folder where this run writes a file."""
         if not self.root.exists():
             return []
         if not self.root.is_dir():
             raise ValueError(f"--out {self.root} is a file; give a folder")
+        entries = []
+        for folder, dirs, files in os.walk(self.root):
+            for name in sorted(dirs + files):
+                path = Path(folder, name)
+                if path.is_symlink():
+                    self._refuse(path, "is a symbolic link (gsva-segment never writes or deletes through one)")
+                entries.append(path)
         record, ours = self.root / SUMMARY, []
+        if record.is_dir():
+            self._refuse(record, f"is a folder; gsva-segment writes its {SUMMARY} file there")
         if record.is_file():
             try:
-                listed = [self.root / name for name in json.loads(record.read_text())["files"]]
+                listed = json.loads(record.read_text())["files"]
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"--out {self.root}: {SUMMARY} is not one gsva-segment wrote ({error})") from error
-            inside = self.root.resolve()
-            ours = [p for p in listed if inside in p.resolve().parents] + [record]
-        left = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if not p.is_dir() and p not in ours)
+            if not isinstance(listed, list):
+                raise ValueError(f"--out {self.root}: {SUMMARY} is not one gsva-segment wrote ('files' is not a list)")
+            ours = [self._listed(name) for name in listed] + [record]
+        known = set(ours)
+        left = sorted(str(p.relative_to(self.root)) for p in entries if not p.is_dir() and p not in known)
         if left:
             shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
             raise ValueError(
                 f"--out {self.root} holds files gsva-segment did not write ({shown}); give an empty or new folder"
             )
+        for path in entries:  # a folder where this run writes a file, and that no removal empties
+            if path.is_dir() and path.parent in self.folders and IMAGE_FILE_NAMES.fullmatch(path.name):
+                if not any(p.parent == path for p in known) or any(p not in known for p in path.iterdir()):
+                    self._refuse(path, "is a folder; gsva-segment writes a file of that name there")
         return ours
 
     def remove(self, files: list[Path]) -> None:
         for path in files:
-            path.unlink(missing_ok=True)
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
         for folder in sorted({p.parent for p in files}, key=lambda p: len(p.parts), reverse=True):
             if folder != self.root and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
+
+    def skip(self, path: Path, reason: str) -> None:
+        """Record a folder entry that was not segmented, so summary.json accounts for every entry."""
+        self.summary["skipped"].append({"file": str(path), "reason": reason})
+        self.flush()
 
     def track(self, paths: list[Path]) -> None:
         """Record files before writing them, so a run that dies halfway still knows what to clean."""
@@ -308,7 +367,47 @@ class OutputFolder:
 
     def flush(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / SUMMARY).write_text(json.dumps(self.summary, indent=2) + "\n")
+        record = self.root / SUMMARY
+        if record.is_symlink():
+            raise FileExistsError(
+                f"--out {self.root}: {SUMMARY} is a symbolic link; gsva-segment never writes through one"
+            )
+        write_text_replacing(record, json.dumps(self.summary, indent=2, allow_nan=False) + "\n")
+
+
+def check_out_writable(out: Path) -> None:
+    """Raise naming --out unless files can be created there: in OUT when it exists, else in the nearest folder above
+    it that exists (where OUT would be made). Checked before the model loads, so a bad --out costs no model run."""
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder; give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot create files in {existing} ({error.strerror or error}); give a writable folder") from error
+
+
+def _write_new(path: Path, write) -> None:
+    """Create `path` (`_new_file`) and fill it with `write(handle)`; a failed write (a full disk above all) removes
+    the partial file and raises an OSError naming `path`."""
+    handle = _new_file(path)
+    try:
+        with handle:
+            write(handle)
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        raise naming_file(error, path) from error
+
+
+def _new_file(path: Path):
+    """Open `path` for writing only if nothing is there (a link included): outputs never go through a link."""
+    try:
+        return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+    except FileExistsError as error:
+        raise FileExistsError(f"{path} appeared while gsva-segment was writing; it writes only new files") from error
 
 
 def write_outputs(image_path: Path, image: Image.Image, query: dict, result, folder: Path, out: OutputFolder) -> dict:
@@ -332,9 +431,12 @@ def write_outputs(image_path: Path, image: Image.Image, query: dict, result, fol
         entries.append(entry)
     out.track([path for path, _ in masks] + [folder / "overlay.png", folder / "result.json"])
     folder.mkdir(parents=True, exist_ok=True)
+    if folder != out.root and folder.is_symlink():
+        raise FileExistsError(f"{folder} is a symbolic link; gsva-segment never writes through one")
     for path, mask in masks:
-        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
-    overlay(image, result).save(folder / "overlay.png")
+        _write_new(path, lambda handle, mask=mask: Image.fromarray(mask.astype(np.uint8) * 255).save(handle, format="PNG"))
+    picture = overlay(image, result)
+    _write_new(folder / "overlay.png", lambda handle: picture.save(handle, format="PNG"))
     record = {
         "image": str(image_path),
         **describe_query(query),
@@ -342,7 +444,8 @@ def write_outputs(image_path: Path, image: Image.Image, query: dict, result, fol
         "targets": entries,
         "problems": check_result(result, query),
     }
-    (folder / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+    _write_new(folder / "result.json", lambda handle: handle.write(text.encode()))
     return record
 
 
@@ -364,10 +467,9 @@ def segment_batch(model, processor, pictures: list, query: dict, options: dict) 
 
 # ---------------------------------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="gsva-segment",
         description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("image", metavar="IMAGE_OR_FOLDER", type=Path, help="an image file or a folder of images")
     parser.add_argument("text", metavar="TEXT", nargs="?", help='phrases separated by ";" or new lines, or one question ending with "?"')
@@ -396,26 +498,46 @@ def main(argv=None) -> int:
     if (args.text is None) == (args.targets is None):
         parser.error("give TEXT or --targets (one of them)")
     if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not math.isfinite(args.threshold):
+        parser.error(f"--threshold must be a finite number, got {args.threshold}")
     apply_malloc_choice(args.cpu_malloc, args.device)
     try:
         query = parse_query(args.text) if args.targets is None else parse_query(args.targets, allow_question=False)
         images, skipped = collect_images(args.image)
         folders = output_folders(images, args.out, single=not args.image.is_dir())
-        out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)})
+        out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)}, folders)
         previous = out.previous_files()
+        check_out_writable(args.out)
         model, processor = load_model(
             args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
         )
         if "targets" in query:  # phrases target mode cannot write (only full stops) are a usage error, before any image
             processor.targets_conversation(query["targets"])
     except (OSError, ValueError) as error:
-        parser.error(str(error))
+        if args.debug:
+            raise
+        parser.error(describe(error))
     except (ImportError, RuntimeError, AssertionError) as error:
+        if args.debug:
+            raise
         parser.error(f"cannot load the model with --device {args.device} --load-in {args.load_in}: {error}")
     out.remove(previous)
+    unrecorded = []  # summary.json writes that failed (a full disk): said once, and the exit status is 1
+
+    def flush_summary(change) -> None:
+        try:
+            change()
+        except OSError as error:
+            if not unrecorded:
+                print(f"error: {describe(error)}", file=sys.stderr)
+            unrecorded.append(error)
+
     for entry in skipped:
-        print(f"note: {entry} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); skipped", file=sys.stderr)
+        flush_summary(lambda entry=entry: out.skip(entry, skip_reason(entry)))
+        print(f"note: {entry} is {skip_reason(entry)}; skipped", file=sys.stderr)
 
     from tqdm.auto import tqdm
 
@@ -429,7 +551,7 @@ def main(argv=None) -> int:
         entry = {"image": str(path), "output": str(folder.relative_to(args.out)) if folder != args.out else "."}
         entry.update({"status": "failed", "problems": problems} if problems else {"status": "ok"})
         out.summary["images"].append(entry)
-        out.flush()
+        flush_summary(out.flush)
         if problems:
             failed.append(path)
             progress.write(f"error: {path}: {'; '.join(problems)}", file=sys.stderr)
@@ -448,17 +570,22 @@ def main(argv=None) -> int:
             if isinstance(result, Exception):
                 report(path, folder, [str(result)])
                 continue
-            record = write_outputs(path, picture, query, result, folder, out)
+            try:
+                record = write_outputs(path, picture, query, result, folder, out)
+            except OSError as error:  # a full disk, a folder that turned read-only: this image has no result
+                report(path, folder, [f"its outputs could not be written: {describe(error)}"])
+                continue
             present = [t["phrase"] for t in record["targets"] if not t["rejected"]]
             absent = [t["phrase"] for t in record["targets"] if t["rejected"]]
             progress.write(f"{path.name}: {result.answer!r} -> present {present}, not present {absent}")
             report(path, folder, record["problems"])
         progress.update(min(args.batch_size, len(images) - start))
     progress.close()
+    if unrecorded:
+        print(f"error: {args.out / SUMMARY} could not be written {len(unrecorded)} times; it may miss results", file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} of {len(images)} images have no complete result (see {args.out / SUMMARY})", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or unrecorded else 0
 
 
 if __name__ == "__main__":

@@ -7,14 +7,20 @@ Also the progress line every stage prints.
 """
 
 import errno
+import json
+import math
 import os
 import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .loading import NonFiniteError, check_finite_weights
 
 FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
 OPTIONAL_MODULES = {
@@ -70,7 +76,10 @@ def prepare_for_training(
             # peft wraps modules, not ModuleLists: `text_hidden_fcs.0` is its one Sequential.
             modules_to_save=[f"{m}.0" if m == "text_hidden_fcs" else m for m in full_modules],
         )
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias while wrapping; nothing to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            return get_peft_model(model, config)
     if lora_r < 0:
         full_modules.append("language_model")
     for name, parameter in model.named_parameters():
@@ -94,10 +103,74 @@ def export_model(model, processor, output_dir: str | Path, max_shard_size: str =
     """Save a complete folder that loads with `trust_remote_code=True`: safetensors, config, processor, code."""
     output_dir = Path(output_dir)
     plain = merged_model(model)
+    check_exportable(plain, output_dir)
     plain.config.use_cache = True
     plain.save_pretrained(output_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(output_dir)
+    give_umask_mode(output_dir)
     return output_dir
+
+
+# The weight files transformers and peft write: `model.safetensors`, its shards, `adapter_model.safetensors`.
+WEIGHT_FILE = re.compile(r"(adapter_)?model(-\d{5}-of-\d{5})?\.safetensors")
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where it can be (setting it to read it back is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_mode(folder: str | Path) -> list[Path]:
+    """Give the weight files just saved into `folder` the mode every other file gets (0666 less the umask:
+    0644 under umask 022): safetensors writes a private temporary file (0600) and renames it. Only regular files
+    with the names the savers write are touched, never a link. Returns the files changed."""
+    mode = 0o666 & ~current_umask()
+    changed = []
+    for path in sorted(Path(folder).iterdir()):
+        if WEIGHT_FILE.fullmatch(path.name) and not path.is_symlink() and path.is_file():
+            os.chmod(path, mode)
+            changed.append(path)
+    return changed
+
+
+DIVERGED_HINT = "Lower --learning_rate, keep --max_grad_norm clipping on, or check the data of this step."
+
+
+def check_finite_gradients(model, step: str) -> None:
+    """Raise `NonFiniteError` when the norm of the gradients on `model`'s parameters is NaN or infinite, naming
+    `step` and the first parameters whose gradient is not finite. Gradients kept off the parameters (DeepSpeed
+    ZeRO) are not seen here; the next step's loss check stops such a run instead."""
+    import torch
+
+    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if not grads:
+        return
+    device = grads[0][1].device
+    norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) for _, g in grads])
+    norm = float(torch.linalg.vector_norm(norms))
+    if math.isfinite(norm):
+        return
+    bad = [name for (name, _), value in zip(grads, norms.tolist()) if not math.isfinite(value)]
+    shown = ", ".join(bad[:5]) + (f" ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+    where = f"{len(bad)} of {len(grads)} gradients are not finite: {shown}" if bad else "their sum of squares overflows"
+    raise NonFiniteError(
+        f"{step}: the gradient norm is not finite ({norm}); {where}. Training stopped before this step's update "
+        f"and nothing was exported. {DIVERGED_HINT}"
+    )
+
+
+def check_exportable(model, output_dir) -> None:
+    """Refuse to export a model with a NaN or infinite tensor (named, with the count): nothing is written."""
+    check_finite_weights(model, f"export to {output_dir}: nothing was written")
 
 
 def is_mask_head(name: str) -> bool:
@@ -108,7 +181,8 @@ def is_mask_head(name: str) -> bool:
 class GSVATrainer(Trainer):
     """Trainer that logs GSVA's CE, BCE and Dice parts (averaged over the logging window) and can give the mask
     head its own learning rate (`mask_head_learning_rate`; None keeps GSVA's single rate). Subclasses add rates
-    for other parameters by extending `_own_learning_rates`."""
+    for other parameters by extending `_own_learning_rates`. It stops with `NonFiniteError` at the first NaN or
+    infinite loss part or gradient norm, naming the step."""
 
     def __init__(self, *args, mask_head_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -158,20 +232,26 @@ class GSVATrainer(Trainer):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        existed = os.path.lexists(folder)  # only a folder this save created is ever removed
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
-            if self.args.should_save:
+            if self.args.should_save and not existed and os.path.isdir(folder) and not os.path.islink(folder):
                 shutil.rmtree(folder, ignore_errors=True)
+                what = "the partial checkpoint was removed"
+            else:
+                what = "the folder existed before this save and was left as it is: it may be partly overwritten"
             if is_disk_full(error):
                 free = shutil.disk_usage(os.path.dirname(folder) or ".").free
                 raise OSError(
                     errno.ENOSPC,
-                    f"no space left on device while saving checkpoint {folder} ({free / 2**20:.0f} MiB free; the "
-                    f"partial checkpoint was removed): {error}",
+                    f"no space left on device while saving checkpoint {folder} ({free / 2**20:.0f} MiB free; "
+                    f"{what}): {error}",
                 ) from error
-            error.add_note(f"while saving checkpoint {folder} (the partial checkpoint was removed)")
+            error.add_note(f"while saving checkpoint {folder} ({what})")
             raise
+        if self.args.should_save and os.path.isdir(folder):
+            give_umask_mode(folder)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """The Trainer's `train`, refusing to resume from a checkpoint whose save never finished."""
@@ -182,12 +262,41 @@ class GSVATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
+            parts = {}
             for name in ("ce_loss", "mask_bce_loss", "mask_dice_loss"):
                 value = getattr(outputs, name, None)
                 if value is not None:
-                    self._part_sums[name] = self._part_sums.get(name, 0.0) + float(value.detach())
+                    parts[name] = float(value.detach())
+                    self._part_sums[name] = self._part_sums.get(name, 0.0) + parts[name]
             self._part_count += 1
+            self._check_finite_loss(float(outputs.loss.detach()), parts)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _step_name(self) -> str:
+        return f"step {self.state.global_step + 1}/{self.state.max_steps}"
+
+    def _check_finite_loss(self, loss: float, parts: dict[str, float]) -> None:
+        """Stop at the first NaN or infinite loss, naming the step and the part: the Trainer would log it as 0
+        (`logging_nan_inf_filter`) and go on to export a model of NaNs."""
+        bad = [LOSS_PARTS[name] for name, value in parts.items() if not math.isfinite(value)]
+        if not math.isfinite(loss) and not bad:
+            bad = ["total"]
+        if bad:
+            values = " ".join(f"{LOSS_PARTS[name]} {value:.4g}" for name, value in parts.items())
+            raise NonFiniteError(
+                f"{self._step_name()}: the {' and '.join(bad)} loss{'es are' if len(bad) > 1 else ' is'} not finite "
+                f"(loss {loss:.4g}: {values}); "
+                f"training stopped before this step's update and nothing was exported. {DIVERGED_HINT}"
+            )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, then a check that the gradients accumulated so far have a finite norm, before
+        clipping and the optimizer can spread a NaN into every weight. Skipped under fp16 loss scaling, whose
+        scaler skips the steps that overflow on purpose."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if getattr(self.accelerator, "scaler", None) is None:
+            check_finite_gradients(model, self._step_name())
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._part_count and "loss" in logs:
@@ -197,9 +306,10 @@ class GSVATrainer(Trainer):
         super().log(logs, start_time)
 
 
-def check_checkpoint_complete(folder) -> None:
+def check_checkpoint_complete(folder) -> dict:
     """The Trainer writes `trainer_state.json` last, so a checkpoint folder without it is a save that was cut short
-    (a killed process); resuming from it would load half a state."""
+    (a killed process); resuming from it would load half a state. Returns that file's JSON object, refusing one
+    that does not parse (a truncated write) with a ValueError naming the file."""
     from transformers.trainer import TRAINER_STATE_NAME
 
     folder = os.fspath(folder)
@@ -215,6 +325,130 @@ def check_checkpoint_complete(folder) -> None:
         raise ValueError(
             f"--resume_from_checkpoint {folder}: the checkpoint is incomplete (no {TRAINER_STATE_NAME}, which the "
             f"Trainer writes last: its save was interrupted); remove it{hint}"
+        )
+    state_file = os.path.join(folder, TRAINER_STATE_NAME)
+    try:
+        with open(state_file, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(
+            f"--resume_from_checkpoint {folder}: {state_file} is not readable JSON ({error}); the checkpoint is "
+            "damaged: use another checkpoint-N folder"
+        ) from error
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"--resume_from_checkpoint {folder}: {state_file} holds a JSON {type(state).__name__}, not the Trainer's "
+            "state object; the checkpoint is damaged: use another checkpoint-N folder"
+        )
+    return state
+
+
+# Values read from each frozen tensor: enough to tell two bases apart, few enough for trainer_state.json.
+BASE_SAMPLES = 8
+# Two values agree when they differ by less than this share of the larger (bf16 keeps about 3 digits) plus a floor.
+BASE_RTOL, BASE_ATOL = 1e-2, 1e-5
+
+
+def frozen_fingerprint(model, samples: int = BASE_SAMPLES) -> dict[str, str]:
+    """{name: "SHAPE: v1 v2 ..."} for every floating-point tensor of `model` (weights and buffers) that does not
+    train: its shape and `samples` evenly spaced values. A LoRA or partial checkpoint holds only what trains, so
+    these tensors come from the base model it is loaded onto; they identify that base."""
+    import torch
+
+    trained = {id(p) for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    prints = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        # peft's `original_module` is the base's copy of a fully trained module: the checkpoint replaces it.
+        if id(tensor) in trained or ".original_module." in name or not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        flat = tensor.detach().reshape(-1)
+        picked = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        values = flat[picked].float().tolist() if flat.numel() else []
+        prints[name] = "x".join(str(d) for d in tensor.shape) + ": " + " ".join(f"{v:.6g}" for v in values)
+    return prints
+
+
+def _parse_fingerprint(entry: str) -> tuple[str, list[float]]:
+    shape, _, values = entry.partition(": ")
+    return shape, [float(v) for v in values.split()]
+
+
+def fingerprint_differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    """The frozen tensors on which two `frozen_fingerprint`s disagree, each with why."""
+    differ = []
+    for name, entry in recorded.items():
+        if name not in current:
+            differ.append(f"{name} (not a frozen tensor of this model)")
+            continue
+        (shape, values), (shape_now, values_now) = _parse_fingerprint(entry), _parse_fingerprint(current[name])
+        if shape != shape_now:
+            differ.append(f"{name} (shape {shape} in the base trained from, {shape_now} here)")
+        elif len(values) != len(values_now) or any(
+            abs(a - b) > BASE_RTOL * max(abs(a), abs(b)) + BASE_ATOL for a, b in zip(values, values_now)
+        ):
+            differ.append(f"{name} (other values)")
+    differ += [f"{name} (frozen here, trained in the checkpoint)" for name in current if name not in recorded]
+    return differ
+
+
+class BaseModelRecord(TrainerCallback, ExportableState):
+    """Which base model a run trains on, kept in every checkpoint's trainer_state.json (the Trainer's state of
+    its stateful callbacks): the path given and its `frozen_fingerprint`. A LoRA checkpoint exported or resumed
+    onto another base would run without error and give a broken model; `check_checkpoint_base` refuses that."""
+
+    def __init__(self, model_name_or_path: str, frozen: dict[str, str]):
+        self.model_name_or_path = model_name_or_path
+        self.frozen = frozen
+
+    @classmethod
+    def of(cls, model, model_name_or_path: str | Path) -> "BaseModelRecord":
+        path = Path(model_name_or_path)
+        return cls(str(path.absolute()) if path.exists() else str(model_name_or_path), frozen_fingerprint(model))
+
+    def state(self) -> dict:
+        return {"args": {"model_name_or_path": self.model_name_or_path, "frozen": self.frozen}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A run resumed from a checkpoint saved without this record has no entry for it; the Trainer's save needs one.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
+
+def check_checkpoint_base(checkpoint, trainer_state: dict, current: BaseModelRecord) -> None:
+    """Refuse, naming both bases, a checkpoint whose recorded base model (`BaseModelRecord`, in `trainer_state`,
+    the checkpoint's trainer_state.json) differs from `current`'s in a tensor the checkpoint does not hold. A
+    checkpoint saved without the record cannot be checked: that is said on stderr."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    state_file = os.path.join(os.fspath(checkpoint), TRAINER_STATE_NAME)
+    callbacks = trainer_state.get("stateful_callbacks") or {}
+    record = callbacks.get(BaseModelRecord.__name__) if isinstance(callbacks, dict) else None
+    if record is None:
+        print(
+            f"note: {state_file} does not record the base model the checkpoint was trained from (saved by an older "
+            f"gsva-hf); make sure --model_name_or_path {current.model_name_or_path} is that base",
+            file=sys.stderr,
+        )
+        return
+    record = record[0] if isinstance(record, list) and record else record
+    args = record.get("args") if isinstance(record, dict) else None
+    if not (
+        isinstance(args, dict)
+        and isinstance(args.get("model_name_or_path"), str)
+        and isinstance(args.get("frozen"), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in args["frozen"].items())
+    ):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: {state_file}: its {BaseModelRecord.__name__} entry is malformed")
+    try:
+        differ = fingerprint_differences(args["frozen"], current.frozen)
+    except ValueError as error:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: {state_file}: its {BaseModelRecord.__name__} entry is malformed ({error})") from error
+    if differ:
+        shown = ", ".join(differ[:5]) + (f" ... and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained from the base model {args['model_name_or_path']}, but "
+            f"--model_name_or_path {current.model_name_or_path} differs from it in {len(differ)} of "
+            f"{len(args['frozen'].keys() | current.frozen.keys())} tensors the checkpoint does not hold: {shown}. "
+            f"Give --model_name_or_path {args['model_name_or_path']} (and the training run's flags and --seed)"
         )
 
 

@@ -68,3 +68,25 @@ def card_snippet_lines(folder, targets) -> str:
         f"{t.phrase!r}: rejected={t.rejected}, mask pixels={int(t.mask.sum())}, score={t.score:.2f}" for t in expected.targets
     ]
     return "\n".join([expected.answer, *lines]) + "\n"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="also run the slow tier (fresh processes, several processes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The default run is the fast, in-process tier; `--full` (what CI runs) adds the tests marked slow."""
+    if config.getoption("--full"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def exit_status(main, argv) -> int:
+    """A command's exit status, whether its `main` returns it or exits (argparse and usage errors exit)."""
+    try:
+        return main(argv)
+    except SystemExit as ended:
+        return ended.code

@@ -42,6 +42,7 @@ from gsva_hf.convert_gsva_to_hf import main
 from modeling_gsva import GSVAForCausalLM
 from processing_gsva import GSVAProcessor
 from tests._sam_reference import DECODER_HEADS, build_sam, hf_sam_config, reference_masks, segment_anything_modeling
+from tests.conftest import exit_status
 
 PEFT = "base_model.model."
 WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z what are in this image please output sure".split()
@@ -472,7 +473,7 @@ def test_sam_variant_is_cross_checked(world, tmp_path):
 
 def test_cli_reports_errors_with_exit_code(world, tmp_path, capsys):
     release = write_release(world, world.gsva.release(), "gsva-cli.bin")
-    code = main(["--release", str(release), "--llava", str(world.base_7b), "--output", str(tmp_path / "o")])
+    code = exit_status(main, ["--release", str(release), "--llava", str(world.base_7b), "--output", str(tmp_path / "o")])
     assert code == 2
     assert "pass --lora-r" in capsys.readouterr().err
 
@@ -570,7 +571,7 @@ def test_random_tiny_preset(tmp_path):
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
     assert out.pred_masks[0].shape == (1, 60, 80)
-    assert main(["--random", "--preset", "tiny", "--output", str(tmp_path / "tiny")]) == 2
+    assert exit_status(main, ["--random", "--preset", "tiny", "--output", str(tmp_path / "tiny")]) == 2
 
 
 def test_tensor_store_reads_lazily_and_releases(tmp_path):
@@ -672,12 +673,12 @@ def test_missing_sentencepiece_reader_names_the_packages(world, sentencepiece_ba
 # ------------------------------------------------------------------------------------------------ broken files
 def convert_cli(world, release: Path, out: Path, capsys) -> str:
     """Run the command line on a release; it must fail with one message and no traceback."""
-    code = main([
+    code = exit_status(main, [
         "--release", str(release), "--llava", str(world.base_7b), "--lora-r", str(LORA_R), "--output", str(out),
         "--sam-decoder-heads", str(DECODER_HEADS),
     ])  # fmt: skip
     err = capsys.readouterr().err
-    assert code != 0 and "Traceback" not in err and err.startswith("error: "), err
+    assert code == 2 and "Traceback" not in err and err.startswith("gsva-convert-to-hf: error: "), err
     return err
 
 

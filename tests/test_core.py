@@ -55,7 +55,7 @@ def reference_ce(logits, labels, seg_id=None, rej_id=None, target_weight=1.0):
             if token == IGNORE_INDEX:
                 continue
             weight = target_weight if token in (seg_id, rej_id) else 1.0
-            total += -weight * float(log_probs[row, pos, token])
+            total += -weight * float(log_probs[row, pos, token].detach())
             weight_sum += weight
     return total / weight_sum
 
@@ -203,7 +203,7 @@ def test_sdpa_and_eager_agree_and_gradient_checkpointing_trains(tiny_config, tin
     torch.testing.assert_close(a.loss, b.loss, atol=1e-4, rtol=1e-4)
 
     sdpa.train()
-    sdpa.gradient_checkpointing_enable()
+    sdpa.activation_checkpointing_enable()
     out = sdpa(**batch, gt_masks=gt)
     out.loss.backward()
     assert sdpa.text_hidden_fcs[0][0].weight.grad is not None
@@ -379,8 +379,8 @@ def test_mask_path_starts_with_pytorch_default_init_and_loading_keeps_weights(ti
     for linear in (model.text_hidden_fcs[0][0], model.sam.mask_decoder.iou_prediction_head.proj_in):
         bound = 1 / linear.in_features**0.5  # PyTorch's kaiming_uniform(a=sqrt(5)) bound
         assert linear.weight.abs().max() <= bound and linear.weight.std() > 0.8 * bound / 3**0.5
-    assert abs(float(model.sam.shared_image_embedding.positional_embedding.std()) - 1.0) < 0.2
-    assert abs(float(model.language_model.model.layers[0].mlp.up_proj.weight.std()) - tiny_config.text_config.initializer_range) < 0.005
+    assert abs(float(model.sam.shared_image_embedding.positional_embedding.detach().std()) - 1.0) < 0.2
+    assert abs(float(model.language_model.model.layers[0].mlp.up_proj.weight.detach().std()) - tiny_config.text_config.initializer_range) < 0.005
     model.save_pretrained(tmp_path)
     loaded = GSVAForCausalLM.from_pretrained(tmp_path)
     for (name, saved), (_, restored) in zip(model.state_dict().items(), loaded.state_dict().items()):

@@ -45,6 +45,7 @@ def run_batches(choice: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(glibc() is None, reason="the malloc settings are glibc's")
 def test_kept_memory_stops_the_page_faults_of_repeated_batches():
     default, kept = run_batches("default"), run_batches("keep")

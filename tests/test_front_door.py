@@ -270,6 +270,7 @@ PIPELINE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_pipeline_from_a_saved_folder_in_a_fresh_process(tiny_model, tiny_processor, tmp_path):
     import json
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from gsva_hf import hub
 from gsva_hf.segment import DEFAULT_MODEL
 from tests._fresh_process import ISOLATE
-from tests.conftest import REPO, card_snippet_lines
+from tests.conftest import REPO, card_snippet_lines, exit_status
 
 REPO_ID = "someone/gsva-tiny-test"
 SHARD_LIMIT = 1_000_000  # "1MB": the tiny model (~5 MB in fp32) needs several shards
@@ -116,6 +116,7 @@ def card_snippet(folder) -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_dry_run_loads_in_a_fresh_process_and_the_card_snippet_runs(layout, tmp_path):
     """The card's snippet (it reads the shipped example.png) and the variant for repos without one both run."""
     drawn = hub.usage_snippet(REPO_ID, list(hub.SYNTHETIC_TARGETS), with_example=False)
@@ -234,7 +235,7 @@ def test_bad_inputs_are_named(model_dir, tmp_path, capsys):
         ([str(model_dir), REPO_ID, "--dry-run", "--out", str(busy)], "pass --overwrite"),
     ]
     for argv, message in cases:
-        assert hub.main(argv) == 2, argv
+        assert exit_status(hub.main, argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert (busy / "notes.txt").read_text() == "keep me"
     for argv in ([str(model_dir), REPO_ID, "--dry-run"], [str(model_dir), "no-namespace", *out]):
@@ -242,6 +243,7 @@ def test_bad_inputs_are_named(model_dir, tmp_path, capsys):
             hub.main(argv)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEFAULT_MODEL.is_dir(), reason=f"the bundled model {DEFAULT_MODEL} is not there yet")
 def test_bundled_model_card_snippet_prints_targets(tmp_path):
     """With trained weights the snippet's loop runs too: one line per target, with its rejection flag."""
@@ -260,7 +262,7 @@ def test_overwrite_replaces_only_a_folder_gsva_push_wrote(model_dir, tmp_path, c
     (converted / "README.md").write_text("# my converted model\n")
     (converted / "notes.txt").write_text("keep me")
     before = sorted(os.listdir(converted))
-    assert hub.main([str(model_dir), REPO_ID, "--dry-run", "--out", str(converted), "--overwrite"]) == 2
+    assert exit_status(hub.main, [str(model_dir), REPO_ID, "--dry-run", "--out", str(converted), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert f"--out {converted}: not empty and not written by gsva-push (no .gsva-push file in it)" in err
     assert sorted(os.listdir(converted)) == before and (converted / "notes.txt").read_text() == "keep me"

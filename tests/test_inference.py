@@ -157,10 +157,12 @@ def test_segment_command_writes_masks_overlay_and_json(tiny_model, tiny_processo
     for stem, size in (("a.png", (30, 40)), ("b.jpg", (25, 20))):
         record = json.loads((tmp_path / "out" / stem / "result.json").read_text())
         assert record["asked"] == [t["asked"] for t in record["targets"]] == ["the red circle", "the cat"]
-        assert Image.open(tmp_path / "out" / stem / "overlay.png").width >= size[1]
+        with Image.open(tmp_path / "out" / stem / "overlay.png") as shown:
+            assert shown.width >= size[1]
         for target in record["targets"]:
             decoded = mask_utils.decode({"size": target["rle"]["size"], "counts": target["rle"]["counts"].encode()})
             assert decoded.shape == size and int(decoded.sum()) == target["area"]
             if not target["rejected"]:
-                png = np.asarray(Image.open(tmp_path / "out" / stem / target["mask_png"])) > 0
+                with Image.open(tmp_path / "out" / stem / target["mask_png"]) as mask_file:
+                    png = np.asarray(mask_file) > 0
                 assert np.array_equal(png, decoded.astype(bool))

@@ -78,6 +78,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_folder_code_runs_only_when_trusted(folder, tmp_path):
     marker = tmp_path / "folder-code-ran"
     with open(folder / "modeling_gsva.py", "a") as handle:

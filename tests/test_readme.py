@@ -17,6 +17,7 @@ def python_api_snippets() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section.group(1), flags=re.S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(python_api_snippets())))
 def test_python_api_snippet_runs_as_written(index, tmp_path):
     snippet = python_api_snippets()[index]

@@ -177,8 +177,9 @@ def test_resumed_run_ends_with_the_same_weights(synthetic_dir, tmp_path):
     interrupted.trainer.add_callback(StopAt(3))
     interrupted.trainer.train()
     assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
-    resumed = train_hf.build_run(run_args(synthetic_dir, tmp_path / "resumed", *common))
-    resumed.trainer.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    resumed = train_hf.build_run(run_args(synthetic_dir, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest"))
+    assert resumed.training_args.resume_from_checkpoint == str(tmp_path / "resumed" / "checkpoint-3")
+    resumed.trainer.train(resume_from_checkpoint=resumed.training_args.resume_from_checkpoint)
     got = final_weights(resumed)
     assert got.keys() == expected.keys()
     for name in expected:
@@ -319,18 +320,25 @@ RESEARCH_FLAGS = (
 
 
 def test_help_lists_every_project_flag_with_help_and_default_and_no_research_flag(capsys):
+    from transformers import HfArgumentParser
+
+    from gsva_hf.training_setup import COMMON_TRAINER_FLAGS, project_fields
+
     with pytest.raises(SystemExit) as exit_info:
         train_hf.parse_arguments(["--help"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    listed = {line.split()[0][2:]: line for line in printed.splitlines() if line.startswith("  --")}
+    project, trainer = printed.split("Trainer flags the README uses:")
+    listed = {line.split()[0][2:]: line for line in project.splitlines() if line.startswith("  --")}
     for cls in train_hf.PROJECT_DATACLASSES:
-        for field in train_hf.project_fields(cls):
+        for field in project_fields(cls):
             line = listed.pop(field.name)
             assert field.metadata["help"] in line and f"(default: {field.default!r})" in line, line
     assert not listed, f"listed but not a project flag: {sorted(listed)}"
+    trainer_flags = {line.split()[0][2:] for line in trainer.splitlines() if line.startswith("  --")}
+    assert trainer_flags == set(COMMON_TRAINER_FLAGS) and trainer.count("(default: ") == len(COMMON_TRAINER_FLAGS)
     assert not [name for name in RESEARCH_FLAGS if name in printed]
-    parser_flags = {action.dest for action in train_hf.HfArgumentParser(train_hf.PROJECT_DATACLASSES)._actions}
+    parser_flags = {action.dest for action in HfArgumentParser(train_hf.PROJECT_DATACLASSES)._actions}
     assert not parser_flags & set(RESEARCH_FLAGS)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from .guards import AnnotationError, check_polygon, check_rle_counts
+from .images import check_claimed_size
 from .refer import _PYCOCOTOOLS_NUMPY2_WARNING, LAYOUTS, ImageInfo, Ref, ReferDataError, RefSentence, open_image
 
 logger = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class HFReferData:
         self.target_column = check_schema(dataset, origin)
         self._dataset = dataset
         self._stored_images = None
+        self._size_checked: set[int] = set()
         columns = [c for c in dataset.column_names if c != "image"]
         table = dataset.select_columns(columns).to_dict()
         self.name = self._kind(table.get("dataset"), origin)
@@ -327,6 +329,7 @@ class HFReferData:
     def ref_mask(self, ref: HFRef) -> np.ndarray:
         """Bool HxW union of the row's targets; all-zero for a no-target row."""
         info = self.images[ref.image_id]
+        self.check_image_size(ref.image_id)
         union = np.zeros((info.height, info.width), dtype=bool)
         for target in self._targets[ref.row]:
             rle = target if isinstance(target, dict) else coco_mask.merge(
@@ -337,20 +340,44 @@ class HFReferData:
                 union |= coco_mask.decode(rle).astype(bool)
         return union
 
-    def load_image(self, image_id: int, loader=open_image):
-        """The stored image of `image_id` (its first row), opened with `loader` from the embedded bytes; only
-        images held in the dataset are opened, never a path a row names."""
+    def _stored_bytes(self, image_id: int) -> bytes:
+        """The embedded file bytes of `image_id`'s first row."""
         from datasets import Image
 
-        info = self.images[image_id]
         row = self._first_row[image_id]
-        context = f"{self.refs_path} row {row} (image {image_id})"
         if self._stored_images is None:
             self._stored_images = self._dataset.select_columns(["image"]).cast_column("image", Image(decode=False))
         stored = self._stored_images[row]["image"]
         if not stored or not stored.get("bytes"):
             path = (stored or {}).get("path")
-            raise ReferDataError(f"{context}: the image is not stored in the dataset (path {path!r}); embed it")
+            raise ReferDataError(
+                f"{self.refs_path} row {row} (image {image_id}): the image is not stored in the dataset "
+                f"(path {path!r}); embed it"
+            )
+        return stored["bytes"]
+
+    def check_image_size(self, image_id: int) -> None:
+        """Refuse image `image_id` unless its rows' height and width match the embedded file's header (read
+        without decoding); run before any of its masks is decoded."""
+        if image_id in self._size_checked:
+            return
+        info = self.images[image_id]
+        context = f"{self.refs_path} row {self._first_row[image_id]} (image {image_id})"
+        try:
+            check_claimed_size(
+                (info.height, info.width), io.BytesIO(self._stored_bytes(image_id)), "the stored image", "the row"
+            )
+        except ValueError as error:
+            raise ReferDataError(f"{context}: {error}") from error
+        self._size_checked.add(image_id)
+
+    def load_image(self, image_id: int, loader=open_image):
+        """The stored image of `image_id` (its first row), opened with `loader` from the embedded bytes; only
+        images held in the dataset are opened, never a path a row names."""
+        info = self.images[image_id]
+        row = self._first_row[image_id]
+        context = f"{self.refs_path} row {row} (image {image_id})"
+        stored = {"bytes": self._stored_bytes(image_id)}
         try:
             image = loader(io.BytesIO(stored["bytes"]))
         except (OSError, ValueError, SyntaxError) as error:

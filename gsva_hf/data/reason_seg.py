@@ -19,9 +19,10 @@ from processing_gsva import (
     LONG_QUESTION_LIST,
     SEG_TOKEN,
     SHORT_QUESTION_LIST,
-    load_image,
+    AnswerText,
 )
 
+from .images import open_dataset_image
 from .sample import Sample
 from .seeding import check_index, index_rng
 
@@ -250,7 +251,7 @@ class ReasonSegDataset(torch.utils.data.Dataset):
         rng = index_rng(self.seed, index, self.source)
         image_path = self.images[self._image_index(index, rng)]
         json_path = image_path.with_suffix(".json")
-        image = load_image(image_path)
+        image = open_dataset_image(image_path)
         annotation = read_reason_seg_json(json_path)
         label = reason_seg_label(annotation, image.height, image.width, json_path)
         target = label == TARGET_VALUE
@@ -271,10 +272,10 @@ class ReasonSegDataset(torch.utils.data.Dataset):
             if choice == 0:
                 answer = rng.choice(ANSWER_LIST)
             elif choice == 1:
-                answer = rng.choice(ANSWER_LIST) + " " + explanation
+                answer = AnswerText.join([(rng.choice(ANSWER_LIST) + " ", False), (explanation, True)])
                 question = text + " " + rng.choice(EXPLANATORY_QUESTION_LIST)
             else:
-                question, answer = text, explanation
+                question, answer = text, AnswerText.join([(explanation, True)])
                 masks, targets = np.zeros((0, image.height, image.width), dtype=bool), []
             samples.append(
                 Sample(
@@ -355,7 +356,7 @@ class ReasonSegValDataset(torch.utils.data.Dataset):
         index = check_index(index, len(self))
         image_path = self.images[index]
         json_path = image_path.with_suffix(".json")
-        image = load_image(image_path)
+        image = open_dataset_image(image_path)
         annotation = read_reason_seg_json(json_path)
         label = reason_seg_label(annotation, image.height, image.width, json_path)
         text = annotation["text"][0].strip()

@@ -26,6 +26,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from .guards import AnnotationError, check_polygon, check_rle_counts, safe_join
+from .images import check_claimed_size, open_dataset_image
 from .safe_pickle import load_plain
 
 logger = logging.getLogger(__name__)
@@ -125,16 +126,15 @@ def read_json(path: str, what: str):
         raise ReferDataError(f"{path}: not UTF-8 text ({error})") from error
 
 
-def open_image(path: str) -> Image.Image:
-    """Open an image as RGB pixels as stored (no EXIF rotation: COCO annotations are on the stored pixels)."""
+def open_image(path) -> Image.Image:
+    """Open an image as RGB pixels as stored (no EXIF rotation: COCO annotations are on the stored pixels); see
+    `images.open_dataset_image`."""
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"image file not found: {path}") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ReferDataError(f"cannot open image file {path}: {error}") from error
+        return open_dataset_image(path)
+    except ValueError as error:
+        raise ReferDataError(str(error)) from error
 
 
 class ReferData:
@@ -170,6 +170,7 @@ class ReferData:
         self.dropped_polygons: list[tuple[int, int, int]] = []
         self.skipped_crowd: list[int] = []
         self._segmentations: dict[int, _Segmentation | None] = {}
+        self._size_checked: set[int] = set()
         self._check_refs()
         self._index_refs()
 
@@ -398,12 +399,28 @@ class ReferData:
         """Refs of one image in one split, in file order."""
         return list(self._split_index(split).get(image_id, []))
 
+    def check_image_size(self, image_id: int) -> None:
+        """Refuse image `image_id` unless instances.json's height and width match its file's header (read without
+        decoding); run before any of its masks is decoded, so a claimed 60000x60000 never allocates."""
+        if image_id in self._size_checked:
+            return
+        info = self.images[image_id]
+        context = f"{self.name} image {image_id} ('{info.file_name}' in {self.instances_path})"
+        if not os.path.exists(info.path):
+            raise FileNotFoundError(f"{context}: image file not found: {info.path}")
+        try:
+            check_claimed_size((info.height, info.width), info.path, claimed_by="instances.json")
+        except ValueError as error:
+            raise ReferDataError(f"{context}: {error}") from error
+        self._size_checked.add(image_id)
+
     def ann_mask(self, ann_id: int) -> np.ndarray:
         """Bool HxW mask of one annotation (union of its usable parts; all-zero if it has none)."""
         ann = self.annotations.get(ann_id)
         if ann is None:
             raise ReferDataError(f"{self.instances_path}: no annotation {ann_id}")
         image = self.images[ann["image_id"]]
+        self.check_image_size(image.image_id)
         if ann_id not in self._segmentations:
             self._segmentations[ann_id] = self._clean_segmentation(ann, image)
         segmentation = self._segmentations[ann_id]
@@ -423,6 +440,7 @@ class ReferData:
     def ref_mask(self, ref: Ref) -> np.ndarray:
         """Bool HxW ground truth of a ref: the union of its annotations; all-zero for a no-target ref."""
         image = self.images[ref.image_id]
+        self.check_image_size(ref.image_id)
         union = np.zeros((image.height, image.width), dtype=bool)
         for ann_id in ref.ann_ids:
             union |= self.ann_mask(ann_id)

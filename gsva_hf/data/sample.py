@@ -5,14 +5,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .images import as_stored
+
 
 @dataclass
 class Sample:
     """One image with its conversation and one ground-truth mask per `[SEG]`/`[REJ]` slot.
 
-    image: upright RGB PIL image.
+    image: RGB PIL image, its pixels as stored in the file (the annotations' frame); any metadata is dropped here,
+        so that no later loader applies an EXIF rotation to the pixels without the masks.
     rounds: (question, answer) pairs; questions carry no image placeholder (the processor puts the image first).
-        Answers hold `[SEG]`/`[REJ]` in the order of `masks`.
+        Answers hold `[SEG]`/`[REJ]` in the order of `masks`; the readers build them as `AnswerText`, whose typed
+        text (sentences, class names, explanations) never becomes a slot even when it contains "[SEG]".
     masks: bool array `[K, H, W]` at the image's size, K = number of `[SEG]`/`[REJ]` in the answers
         (all-zero for `[REJ]` slots); `K = 0` for text-only samples.
     targets / rejected: the phrase and the `[REJ]` flag of each slot.
@@ -30,6 +34,7 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.image = as_stored(self.image)
         height, width = self.image.height, self.image.width
         if self.masks.ndim != 3 or self.masks.shape[1:] != (height, width):
             raise ValueError(

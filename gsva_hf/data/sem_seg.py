@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from processing_gsva import load_image, multi_target_answer, multi_target_question
+from processing_gsva import multi_target_answer, multi_target_question
 
 from .guards import AnnotationError, check_polygon, check_rle_counts, safe_join
+from .images import check_claimed_size, image_header_size, open_dataset_image
 from .reason_seg import read_json_file
 from .sample import Sample
 from .seeding import check_index, index_rng
@@ -148,6 +149,10 @@ class LabelMapSource:
 
     def class_ids(self, index: int) -> np.ndarray:
         path = self.labels[index]
+        try:
+            check_claimed_size(image_header_size(path), claimed_by="its header")
+        except ValueError as error:
+            raise ValueError(f"{self.name} label {str(path)!r}: {error}") from error
         raw = read_label_png(path)
         ids = raw - self.offset
         ignored = np.isin(raw, self.ignore_values)
@@ -306,6 +311,12 @@ class CocoPartSource:
             return None
         info = self.image_infos[index]
         height, width = int(info["height"]), int(info["width"])
+        try:
+            # A missing image file is reported when it is opened; its claimed size is still bounded here.
+            image_path = self.image_path(info)
+            check_claimed_size((height, width), image_path if image_path.exists() else None, claimed_by="the annotation file")
+        except ValueError as error:
+            raise ValueError(f"{self.name} annotations {str(self.json_path)!r}, image {info['id']!r}: {error}") from error
         names, masks = [], []
         for ann in rng.sample(anns, min(count, len(anns))):
             category = self.categories[ann["category_id"]]
@@ -407,7 +418,7 @@ class SemSegDataset(torch.utils.data.Dataset):
                 f"(item {index}); check its labels"
             )
         names, masks, image_path, label_path = drawn
-        image = load_image(image_path)
+        image = open_dataset_image(image_path)
         if masks.shape[1:] != (image.height, image.width):
             raise ValueError(
                 f"{source.name}: labels {str(label_path)!r} give masks of size {masks.shape[1:]} but image "

@@ -15,6 +15,7 @@ reader builds agree with the image exactly. Output is deterministic: the same ar
 import argparse
 import json
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -435,17 +436,70 @@ def read_image_contents(dataset_dir, split: str) -> tuple[list[dict], dict[int, 
     return records, {image_id: {(o["color"], o["shape"]) for o in found} for image_id, found in objects.items()}
 
 
-def _prepare_dir(root: Path):
-    """Refuse to overwrite a real gRefCOCO release; remove stale images of an earlier synthetic run."""
-    grefs = root / GREFCOCO_SUBDIR / GREFS_NAME
-    labels = root / LABELS_NAME
-    if grefs.exists() and not (root / MANIFEST_NAME).exists():
-        raise FileExistsError(f"{grefs} exists and was not written by this generator; refusing to overwrite it")
-    if labels.exists():
-        for image in json.loads(labels.read_text())["images"]:
-            (root / IMAGE_SUBDIR / image["file_name"]).unlink(missing_ok=True)
-    (root / IMAGE_SUBDIR).mkdir(parents=True, exist_ok=True)
+GENERATOR = "gsva_hf.data.synthetic"  # the manifest's `generator`: what marks a tree this module wrote
+OUTPUT_FILES = (GREFCOCO_SUBDIR / GREFS_NAME, GREFCOCO_SUBDIR / "instances.json", Path(LABELS_NAME),
+                Path(MANIFEST_NAME), Path("README.txt"))
+
+
+def _earlier_image_count(manifest: Path) -> int:
+    """How many images (ids 1..N) an earlier run wrote, read from its manifest; a manifest this generator did not
+    write is refused."""
+    try:
+        data = json.loads(manifest.read_text())
+        counts = data["parameters"]["num_images"] if data["generator"] == GENERATOR else None
+        if isinstance(counts, dict) and all(isinstance(n, int) and n >= 0 for n in counts.values()):
+            return sum(counts.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise FileExistsError(
+        f"{manifest} is not a manifest this generator wrote (expected generator {GENERATOR!r} and "
+        "parameters.num_images); refusing to write over its tree: choose another --out"
+    )
+
+
+def _prepare_dir(root: Path, num_images: dict):
+    """Remove what an earlier run here wrote, and only that: its annotation files and the images its own manifest
+    covers (regular files in its image folder, named as it names them; never a file a labels list names). Refuse
+    before removing anything when a file this run writes exists and no earlier run here wrote it (a real gRefCOCO
+    release above all), or when a path it writes is a symbolic link."""
+    manifest, images = root / MANIFEST_NAME, root / IMAGE_SUBDIR
+    for folder in (*IMAGE_SUBDIR.parents, IMAGE_SUBDIR, *GREFCOCO_SUBDIR.parents, GREFCOCO_SUBDIR):
+        if folder != Path(".") and (root / folder).is_symlink():
+            raise FileExistsError(f"{root / folder} is a symbolic link; the generator never writes through one")
+    for name in OUTPUT_FILES:
+        path = root / name
+        if path.is_symlink() or path.exists() and not path.is_file():
+            raise FileExistsError(f"{path} is a symbolic link or a folder; the generator writes a file there")
+        if path.exists() and not manifest.exists():
+            raise FileExistsError(
+                f"{path} exists and was not written by this generator (no {MANIFEST_NAME} beside it); refusing to "
+                "overwrite it: choose another --out"
+            )
+    earlier = _earlier_image_count(manifest) if manifest.exists() else 0
+    pattern = re.compile(FILE_PATTERN.replace("%012d", r"(\d{12})").replace(".", r"\."))
+    stale = []
+    for path in sorted(images.iterdir()) if images.is_dir() else []:
+        found = pattern.fullmatch(path.name)
+        if found is None or not 1 <= int(found.group(1)) <= max(earlier, sum(num_images.values())):
+            continue  # a file this run neither wrote before nor writes now
+        if path.is_symlink() or not path.is_file():
+            raise FileExistsError(f"{path} is a symbolic link or a folder; the generator writes an image there")
+        if int(found.group(1)) > earlier:
+            raise FileExistsError(
+                f"{path} was not written by this generator (no manifest of an earlier run here covers it); "
+                "refusing to replace it: remove it or choose another --out"
+            )
+        stale.append(path)
+    for name in OUTPUT_FILES if manifest.exists() else ():  # annotations first: a cut run leaves no mixed tree
+        if name != Path(MANIFEST_NAME):
+            (root / name).unlink(missing_ok=True)
+    for path in stale:
+        path.unlink()
+    images.mkdir(parents=True, exist_ok=True)
     (root / GREFCOCO_SUBDIR).mkdir(parents=True, exist_ok=True)
+    # The image counts go down first, so a run cut short still leaves the record of which images are its own.
+    first = {"generator": GENERATOR, "parameters": {"num_images": num_images}}
+    manifest.write_text(json.dumps(first, indent=2, allow_nan=False) + "\n")
 
 
 def write_synthetic_grefcoco(
@@ -485,7 +539,7 @@ def write_synthetic_grefcoco(
     margin = round(image_size * 0.08, 2) if relation_margin is None else float(relation_margin)
 
     root = Path(dataset_dir)
-    _prepare_dir(root)
+    _prepare_dir(root, {s: int(num_images[s]) for s in SPLITS})
     categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(shapes)]
     category_of = {s: i + 1 for i, s in enumerate(shapes)}
 
@@ -552,11 +606,11 @@ def write_synthetic_grefcoco(
         "images": images, "annotations": annotations, "categories": categories,
     }
     grefcoco = root / GREFCOCO_SUBDIR
-    (grefcoco / GREFS_NAME).write_text(json.dumps(refs))
-    (grefcoco / "instances.json").write_text(json.dumps(instances))
-    (root / LABELS_NAME).write_text(json.dumps({"images": label_images, "annotations": label_anns, "refs": label_refs}))
+    (grefcoco / GREFS_NAME).write_text(json.dumps(refs, allow_nan=False))
+    (grefcoco / "instances.json").write_text(json.dumps(instances, allow_nan=False))
+    (root / LABELS_NAME).write_text(json.dumps({"images": label_images, "annotations": label_anns, "refs": label_refs}, allow_nan=False))
     manifest = {
-        "generator": "gsva_hf.data.synthetic",
+        "generator": GENERATOR,
         "format": "gRefCOCO (grefs(unc).json + instances.json + COCO_train2014_*.png)",
         "parameters": {
             "num_images": {s: int(num_images[s]) for s in SPLITS}, "image_size": image_size, "seed": seed,
@@ -571,7 +625,7 @@ def write_synthetic_grefcoco(
         },
         "stats": stats,
     }
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     (root / "README.txt").write_text(_readme(manifest))
     manifest["seconds"] = round(time.perf_counter() - start, 2)
     return manifest
@@ -634,15 +688,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     split_options = {s: {"hard_negative_rate": args.eval_hard_negative_rate} for s in ("val", "testA", "testB")}
     split_options["train"] = {"hard_negative_rate": args.train_hard_negative_rate}
-    manifest = write_synthetic_grefcoco(
-        args.out,
-        num_images={s: getattr(args, s) for s in SPLITS},
-        image_size=args.image_size,
-        seed=args.seed,
-        colors=[c.strip() for c in args.colors.split(",") if c.strip()],
-        shapes=[s.strip() for s in args.shapes.split(",") if s.strip()],
-        split_options=split_options,
-    )
+    try:
+        manifest = write_synthetic_grefcoco(
+            args.out,
+            num_images={s: getattr(args, s) for s in SPLITS},
+            image_size=args.image_size,
+            seed=args.seed,
+            colors=[c.strip() for c in args.colors.split(",") if c.strip()],
+            shapes=[s.strip() for s in args.shapes.split(",") if s.strip()],
+            split_options=split_options,
+        )
+    except (FileExistsError, ValueError) as error:  # a refused --out or a bad option: one line, no traceback
+        parser.error(str(error))
     print(_readme(manifest), end="")
     print(f"wrote {Path(args.out) / GREFCOCO_SUBDIR} and {Path(args.out) / IMAGE_SUBDIR} in {manifest['seconds']} s")
     if args.hf_out:

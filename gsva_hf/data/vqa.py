@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from processing_gsva import DEFAULT_IMAGE_TOKEN, load_image
+from processing_gsva import DEFAULT_IMAGE_TOKEN, AnswerText
 
 from .guards import AnnotationError, safe_join
+from .images import open_dataset_image
 from .reason_seg import read_json_file
 from .sample import Sample
 from .seeding import check_index, index_rng
@@ -46,7 +47,7 @@ def conversation_rounds(turns, where: str) -> list[tuple[str, str]]:
                     f"got {kept[offset + position]['from']!r}"
                 )
         question, answer = (_strip_image_tag(kept[offset + k]["value"]) for k in (0, 1))
-        rounds.append((question, answer))
+        rounds.append((question, AnswerText.join([(answer, True)])))  # dataset text: a "[SEG]" in it stays text
     return rounds
 
 
@@ -109,7 +110,7 @@ class VQADataset(torch.utils.data.Dataset):
             image_path = Path(safe_join(self.image_root, entry["image"]))
         except AnnotationError as error:
             raise ValueError(f"{where}: {error}") from error
-        image = load_image(image_path)
+        image = open_dataset_image(image_path)
         return Sample(
             image=image,
             rounds=rounds,

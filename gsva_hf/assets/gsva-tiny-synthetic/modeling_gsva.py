@@ -933,6 +933,10 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         text: a question per image (free generation, `generate`): the model's own answer decides the targets.
         A thin processor -> model -> processor loop over batches of `batch_size` images.
         """
+        for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+            # A batch size below 1 would make the loop below run no batch and return no result.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
         if (generate_kwargs.get("num_return_sequences") or 1) > 1:
             raise ValueError(
                 "segment() returns one result per image; for several answers per image call model.generate(..., "

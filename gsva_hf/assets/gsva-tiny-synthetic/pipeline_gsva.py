@@ -20,6 +20,12 @@ from transformers import Pipeline
 TASK = "gsva-segmentation"
 
 
+def check_positive_int(name: str, value) -> None:
+    """Refuse a count below 1: a batch size of 0 or -1 would run no batch and return no result, silently."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"gsva-segmentation pipeline: {name} must be an int of at least 1, got {value!r}")
+
+
 class GSVASegmentationPipeline(Pipeline):
     """Processor -> model (`decide_targets` or `generate`) -> processor, over batches of images."""
 
@@ -31,6 +37,8 @@ class GSVASegmentationPipeline(Pipeline):
     def _sanitize_parameters(self, threshold=None, max_new_tokens=None, generate_kwargs=None, **unknown):
         if unknown:
             raise TypeError(f"gsva-segmentation pipeline got unexpected arguments: {sorted(unknown)}")
+        if max_new_tokens is not None:
+            check_positive_int("max_new_tokens", max_new_tokens)
         forward = {"max_new_tokens": max_new_tokens, "generate_kwargs": generate_kwargs or {}}
         return {}, forward, {"threshold": threshold}
 
@@ -43,7 +51,8 @@ class GSVASegmentationPipeline(Pipeline):
         queries = self.processor.segmentation_queries(len(image_list), text=text, targets=targets)
         _, forward, postprocess = self._sanitize_parameters(**kwargs)
         key = "text" if text is not None else "targets"
-        step = batch_size or self._batch_size or 1
+        step = batch_size if batch_size is not None else self._batch_size if self._batch_size is not None else 1
+        check_positive_int("batch_size", step)
         results = []
         for start in range(0, len(image_list), step):
             chunk = slice(start, start + step)

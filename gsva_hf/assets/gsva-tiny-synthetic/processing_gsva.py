@@ -6,6 +6,7 @@ Shipped with a Hub repository for ``trust_remote_code``: imports only torch, tra
 
 import random
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -92,11 +93,12 @@ def multi_target_answer(
     if style is None:
         style = (rng or random).randrange(len(MULTI_TARGET_ANSWER_STYLES))
     start, template, end = MULTI_TARGET_ANSWER_STYLES[style]
-    parts = []
-    for name, is_rejected in zip(class_names, rejected):
-        part = template.format(class_name=name)
-        parts.append(part.replace("SEG", "REJ") if is_rejected else part)
-    return start + " " + separator.join(parts) + end
+    before, after = template.split("{class_name}")
+    parts = [(start + " ", False)]
+    for index, (name, is_rejected) in enumerate(zip(class_names, rejected)):
+        slot = after.replace(SEG_TOKEN, REJ_TOKEN) if is_rejected else after
+        parts += [((separator if index else "") + before, False), (name, True), (slot, False)]
+    return AnswerText.join(parts + [(end, False)])
 
 
 def eval_question(sentences: list[str]) -> str:
@@ -108,8 +110,31 @@ def eval_answer(sentences: list[str], rejected: list[bool]) -> str:
     """GSVA's validation answer (`Sure,` with no space), one `[SEG]`/`[REJ]` per sentence."""
     if len(sentences) != len(rejected):
         raise ValueError(f"got {len(sentences)} sentences but {len(rejected)} rejected flags")
-    parts = [f"{s}:{REJ_TOKEN if r else SEG_TOKEN}" for s, r in zip(sentences, rejected)]
-    return "Sure," + ", ".join(parts) + "."
+    parts = [("Sure,", False)]
+    for index, (sentence, is_rejected) in enumerate(zip(sentences, rejected)):
+        parts += [(", " if index else "", False), (sentence, True), (":" + (REJ_TOKEN if is_rejected else SEG_TOKEN), False)]
+    return AnswerText.join(parts + [(".", False)])
+
+
+class AnswerText(str):
+    """An answer string that knows which of its characters are typed text (a dataset's sentence or class name, an
+    explanation, a VQA answer): a `[SEG]`/`[REJ]` inside `literal` spans is encoded as plain text, never as the
+    slot token, so only the template's own slots become tokens. Equal to, and printed as, the plain string; a
+    plain `str` answer (or one changed by string operations) has no typed spans."""
+
+    literal: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def join(cls, parts) -> "AnswerText":
+        """Concatenate `(text, typed)` pairs, marking the typed ones."""
+        text, spans = "", []
+        for part, typed in parts:
+            if typed and part:
+                spans.append((len(text), len(text) + len(part)))
+            text += part
+        answer = cls(text)
+        answer.literal = tuple(spans)
+        return answer
 
 
 def clean_sentence(sentence: str) -> str:
@@ -198,13 +223,19 @@ MAX_IMAGE_MEGAPIXELS = 40
 MAX_ASPECT_RATIO = 2048
 
 
-def load_image(image, name: str | None = None) -> Image.Image:
-    """Open a path / PIL image / HxW(x1|3|4) array as an upright 8-bit RGB PIL image, or raise naming the input.
+# What Pillow raises on a corrupt file or metadata block (a bad EXIF block gives SyntaxError or struct.error).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError, struct.error)
+
+
+def load_image(image, name: str | None = None, exif_transpose: bool = True) -> Image.Image:
+    """Open a path / binary file / PIL image / HxW(x1|3|4) array as an upright 8-bit RGB PIL image, or raise
+    ValueError naming the input (any decoding error, the EXIF block's included).
 
     Grey levels follow the bit depth (`_to_uint8`); images over `MAX_IMAGE_MEGAPIXELS` or more elongated than
     `MAX_ASPECT_RATIO` are refused with their size. `name` labels errors for in-memory images (e.g. an upload).
+    exif_transpose=False keeps the pixels as stored (dataset images, whose annotations are on them).
     """
-    if isinstance(image, (str,)) or hasattr(image, "__fspath__"):
+    if isinstance(image, (str,)) or hasattr(image, "__fspath__") or hasattr(image, "read"):
         name = name or str(image)
         try:
             with warnings.catch_warnings():
@@ -212,13 +243,13 @@ def load_image(image, name: str | None = None) -> Image.Image:
                 opened = Image.open(image)
         except Image.DecompressionBombError as error:
             raise ValueError(f"image {name!r} is too large ({error}); the limit is {MAX_IMAGE_MEGAPIXELS} megapixels") from error
-        except (OSError, SyntaxError, ValueError) as error:
+        except _DECODE_ERRORS as error:
             raise ValueError(f"cannot open image file {name!r}: {error}") from error
         with opened:
             _check_size(opened.size, name)
             try:
                 opened.load()
-            except (OSError, SyntaxError, ValueError) as error:
+            except _DECODE_ERRORS as error:
                 raise ValueError(f"cannot read image file {name!r}: {error}") from error
             image = opened.copy()
     elif isinstance(image, np.ndarray):
@@ -231,7 +262,11 @@ def load_image(image, name: str | None = None) -> Image.Image:
         image = Image.fromarray(_to_uint8(array))
     elif not isinstance(image, Image.Image):
         raise TypeError(f"images must be file paths, PIL images or numpy arrays, got {type(image).__name__}")
-    image = ImageOps.exif_transpose(image)
+    if exif_transpose:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except _DECODE_ERRORS as error:
+            raise ValueError(f"cannot read the EXIF block of image {name or 'image'!r}: {error}") from error
     _check_size(image.size, name or "image")
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = Image.fromarray(_to_uint8(np.asarray(image)))
@@ -429,7 +464,7 @@ class GSVAProcessor(ProcessorMixin):
                 pieces += user_pieces
                 pieces.append(("text", " [/INST]"))
                 if answer is not None:
-                    pieces += [("text", " "), ("answer", answer + " "), ("special", "eos")]
+                    pieces += [("text", " "), ("answer", answer), ("answer", " "), ("special", "eos")]
         return pieces
 
     def prompt_text(self, rounds: list[tuple[str, str | None]]) -> str:
@@ -454,8 +489,8 @@ class GSVAProcessor(ProcessorMixin):
             if kind == "text":
                 chunk += value
             elif kind == "answer":
-                for part in _split_answer(value):
-                    if part in (SEG_TOKEN, REJ_TOKEN):
+                for part, is_slot in _answer_pieces(value):
+                    if is_slot:
                         flush()
                         token_id = self.token_ids["seg_token_id" if part == SEG_TOKEN else "rej_token_id"]
                         plan.append(("token", token_id, token_id))
@@ -699,6 +734,7 @@ class GSVAProcessor(ProcessorMixin):
         results = []
         fields = zip(outputs["target_is_seg"], outputs["slot_scores"], outputs["pred_masks"])
         for row, (flags, scores, logits) in enumerate(fields):
+            _check_finite_outputs(row, flags, scores, logits)
             flags, scores = flags.tolist(), scores.tolist()
             warnings = []
             if from_targets:
@@ -734,6 +770,20 @@ class GSVAProcessor(ProcessorMixin):
         return results
 
 
+def _check_finite_outputs(row: int, flags: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor) -> None:
+    """Refuse NaN or infinite slot scores and mask logits, naming the image row and slots: NaN compares false, so
+    it would otherwise read as a decision (every target present, or an empty mask) and as `NaN` in JSON."""
+    problems = [f"slot {slot} score {value}" for slot, value in enumerate(scores.tolist()) if not np.isfinite(value)]
+    for slot, is_seg in enumerate(flags.tolist()):
+        if is_seg and not bool(torch.isfinite(logits[slot]).all()):
+            problems.append(f"slot {slot} mask logits")
+    if problems:
+        raise ValueError(
+            f"image {row}: the model's outputs are not finite ({', '.join(problems)}); its weights hold NaN or "
+            "infinity, or the dtype overflows (try fp32)"
+        )
+
+
 def target_phrase(phrase: str) -> str:
     """A user's phrase as target mode writes it: GSVA's `clean_sentence`, with runs of whitespace made one space
     (a stray space or line break next to a removed full stop would otherwise reach the prompt)."""
@@ -746,20 +796,29 @@ def _checked_phrases(phrases) -> list[str]:
     return [p.strip() for p in phrases]
 
 
+_SLOT = re.compile(re.escape(SEG_TOKEN) + "|" + re.escape(REJ_TOKEN))
+
+
+def _answer_pieces(answer: str) -> list[tuple[str, bool]]:
+    """An answer as `(text, is_slot)` pieces: every `[SEG]`/`[REJ]` outside its typed text (`AnswerText.literal`)
+    is a slot."""
+    literal = getattr(answer, "literal", ())
+    pieces, start = [], 0
+    for match in _SLOT.finditer(answer):
+        if any(begin < match.end() and match.start() < end for begin, end in literal):
+            continue
+        if match.start() > start:
+            pieces.append((answer[start : match.start()], False))
+        pieces.append((match.group(), True))
+        start = match.end()
+    if start < len(answer):
+        pieces.append((answer[start:], False))
+    return pieces
+
+
 def _split_answer(answer: str) -> list[str]:
-    """Split an answer on `[SEG]`/`[REJ]`, keeping them as separate parts."""
-    parts, rest = [], answer
-    while rest:
-        positions = [(rest.find(tok), tok) for tok in (SEG_TOKEN, REJ_TOKEN) if rest.find(tok) >= 0]
-        if not positions:
-            parts.append(rest)
-            break
-        position, token = min(positions)
-        if position:
-            parts.append(rest[:position])
-        parts.append(token)
-        rest = rest[position + len(token) :]
-    return parts
+    """Split an answer on its `[SEG]`/`[REJ]` slots, keeping them as separate parts."""
+    return [piece for piece, _ in _answer_pieces(answer)]
 
 
 _TEMPLATE_OPENINGS = sorted(
@@ -791,4 +850,4 @@ def _previous_is_answer(labels: list[int]) -> bool:
 
 GSVAProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["GSVAProcessor", "SegmentationResult", "SegmentedTarget", "mask_to_rle"]
+__all__ = ["AnswerText", "GSVAProcessor", "SegmentationResult", "SegmentedTarget", "mask_to_rle"]
