@@ -25,7 +25,7 @@ import torch
 
 from gsva_hf.cli import CommandParser, UsageError, name_the_cpu_for_deepspeed, usage_errors
 from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
-from gsva_hf.segment import DTYPES, add_loading_arguments
+from gsva_hf.loading import DTYPES, add_loading_arguments
 
 PROG = "eval_hf.py"
 
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
 
     from gsva_hf.data.mixed import build_val_dataset
     from gsva_hf.evaluation import evaluate_dataset
-    from gsva_hf.segment import load_model
+    from gsva_hf.loading import load_gsva_pinned
 
     name_the_cpu_for_deepspeed()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
             check_images(dataset, spec)
             if accelerator.is_main_process:
                 check_writable(output_path(args, spec))
-        model, processor = load_model(
+        model, processor = load_gsva_pinned(
             args.model,
             dtype=args.dtype,
             device=str(accelerator.device),

@@ -32,6 +32,8 @@ setup(
         "safetensors>=0.8,<1",
         # LLaVA v1 / Vicuna bases ship only a SentencePiece `tokenizer.model`; transformers reads it with both.
         "sentencepiece>=0.2",
+        # The processor's prompts come from Jinja chat templates; transformers renders them only with jinja2>=3.1.6.
+        "jinja2>=3.1.6",
         "protobuf>=4",
         "segment-anything>=1.0",
         "pycocotools>=2.0.8",

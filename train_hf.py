@@ -11,7 +11,8 @@ steps then linear decay, gradient clipping 1.0. Every `TrainingArguments` flag a
     python train_hf.py --export_only --resume_from_checkpoint OUT/checkpoint-500 --output_dir OUT ...
 
 An ordinary mistake (a missing path or data source, an unknown split, a bad flag value, an output folder holding an
-earlier run) stops the run before the model loads with one line and exit status 2; `--debug` alone shows the
+earlier run, an export folder holding other files) stops the run before the model loads with one line and exit
+status 2; a diverged run (a NaN or infinite loss) ends with one line and exit status 1; `--debug` alone shows the
 traceback. The functions are the recipe's building blocks: examples/tiny_synthetic/train_tiny.py composes them with
 its own options for a model trained from scratch.
 """
@@ -27,10 +28,10 @@ from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from configuration_gsva import GSVAConfig
-from gsva_hf.cli import UsageError, name_the_cpu_for_deepspeed, usage_errors
+from gsva_hf.cli import UsageError, describe, name_the_cpu_for_deepspeed, usage_errors, write_text_replacing
 from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from gsva_hf.data.collator import GSVACollator
-from gsva_hf.loading import check_finite_weights, check_gsva_folder, check_loading_info
+from gsva_hf.loading import NonFiniteError, check_finite_weights, check_gsva_folder, check_loading_info
 from gsva_hf.training import (
     BaseModelRecord,
     GSVATrainer,
@@ -47,6 +48,7 @@ from gsva_hf.training_setup import (
     PROG,
     OneLineErrorParser,
     check_data,
+    check_numbers,
     check_output_dir,
     check_own_learning_rates,
     json_to_args,
@@ -147,6 +149,7 @@ def parse_arguments(argv=None, extra=()) -> tuple:
             argv = json_to_args(argv[0]) + argv[1:]
         parser = OneLineErrorParser(dataclass_types)
         parsed = parser.parse_args_into_dataclasses(args=["--help" if a == "--help-all" else a for a in argv])
+        check_numbers(*parsed)
     model_args, data_args, *extra_args, training_args = parsed
     training_args.debug_errors = debug
     return (model_args, data_args, training_args, *extra_args)
@@ -285,7 +288,7 @@ def evaluate_after_training(model, processor, data_args: DataArguments, output_d
     if accelerator is None or accelerator.is_main_process:
         print(result.log_line, flush=True)
         payload = {"val_dataset": data_args.val_dataset, "mode": data_args.eval_mode, "metrics": result.metrics}
-        (output_dir / "eval_results.json").write_text(strict_json(payload, str(output_dir / "eval_results.json")) + "\n")
+        write_text_replacing(output_dir / "eval_results.json", strict_json(payload, str(output_dir / "eval_results.json")) + "\n")
     return result.metrics
 
 
@@ -296,7 +299,7 @@ def finish_run(run: TrainingRun) -> dict:
     export_dir = Path(training_args.export_dir or output_dir / "final")
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_args.json").write_text(json.dumps(run.recorded, indent=2, allow_nan=False) + "\n")
+        write_text_replacing(output_dir / "train_args.json", json.dumps(run.recorded, indent=2, allow_nan=False) + "\n")
     trainer.accelerator.wait_for_everyone()
     final = merged_model(trainer.accelerator.unwrap_model(trainer.model)).eval()
     if trainer.is_world_process_zero():
@@ -330,7 +333,16 @@ def train_and_finish(run: TrainingRun) -> dict:
 
 
 def main(argv=None) -> dict:
-    return train_and_finish(build_run(argv))
+    """The command: a diverged run (a NaN or infinite loss, gradient or exported weight) ends with one line and
+    exit status 1, its traceback only with --debug."""
+    run = build_run(argv)
+    try:
+        return train_and_finish(run)
+    except NonFiniteError as error:
+        if getattr(run.training_args, "debug_errors", False):
+            raise
+        print(f"{PROG}: error: {describe(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import reference_eval  # noqa: E402
 from benchmarks.common import preset_processor, timed  # noqa: E402
+from gsva_hf import teacher_forced  # noqa: E402
 
 VARIANTS = ("current", "reference")
 
@@ -63,6 +64,7 @@ def variant_context(variant: str):
 # ------------------------------------------------------------------------------------------- evaluation loop
 def stage_timers(model) -> tuple[dict, Counter, list]:
     """Wrap the loop's stages (data, collation, CLIP, LLM, SAM encoder/decoder, post-processing, metrics)."""
+    import processing_gsva
     from gsva_hf.data.collator import GSVACollator
     from gsva_hf.data.refer_seg import ReferSegValDataset
     from gsva_hf.metrics import GresAccumulator
@@ -92,7 +94,7 @@ def stage_timers(model) -> tuple[dict, Counter, list]:
     wrap(type(model.get_decoder()), "forward", "LLM decoder (all passes)")
     wrap(GSVAForCausalLM, "get_sam_image_embeddings", "SAM image encoder")
     wrap(type(model.sam.mask_decoder), "forward", "SAM mask decoder")
-    wrap(GSVAForCausalLM, "postprocess_masks", "mask post-processing", static=True)
+    wrap(processing_gsva, "upscale_mask_logits", "mask post-processing")
     wrap(reference_eval, "full_upsample_postprocess", "mask post-processing")
     wrap(GresAccumulator, "add", "metric accumulation")
     return seconds, calls, restore
@@ -372,8 +374,8 @@ def prepared_benchmark(args) -> list[dict]:
             outputs = {}
             for variant in args.variants.split(","):
                 with variant_context(variant), torch.no_grad(), peak_memory(args.device) as memory:
-                    seconds = timed(lambda: model.score_teacher_forced(**inputs), args.repeats, args.device)
-                    outputs[variant] = model.score_teacher_forced(**inputs)
+                    seconds = timed(lambda: teacher_forced.score_teacher_forced(model, **inputs), args.repeats, args.device)
+                    outputs[variant] = teacher_forced.score_teacher_forced(model, **inputs)
                 rows.append(_row(attn, batch, variant, seconds, memory["mib"]))
             if len(outputs) == 2:
                 _check_agree(outputs["current"], outputs["reference"])
@@ -396,7 +398,7 @@ def _stage_row(model, inputs, variant, batch, targets, device) -> dict:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model.score_teacher_forced(**inputs)
+            teacher_forced.score_teacher_forced(model, **inputs)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             total = time.perf_counter() - start
@@ -422,7 +424,7 @@ def _row(attn, batch, variant, seconds, mib) -> dict:
 
 def _check_agree(current, reference) -> None:
     """Decisions identical; masks within bf16 noise of the reference (printed, not asserted: random weights)."""
-    same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(current.predicted_rejected, reference.predicted_rejected))
+    same = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(current.rejected, reference.rejected))
     worst = max(
         (float(((a.float() - b.float()).abs() / (1 + b.float().abs())).max()) for a, b in zip(current.pred_masks, reference.pred_masks) if a.numel()),
         default=0.0,
@@ -486,7 +488,7 @@ def _time_loaded(args, folder: Path) -> list[dict]:
                 processor, batch, args.targets, args.image_size, args.device, DTYPES[args.dtype]
             )
             with torch.no_grad(), peak_memory(args.device) as memory:
-                seconds = timed(lambda: model.score_teacher_forced(**inputs), args.repeats, args.device)
+                seconds = timed(lambda: teacher_forced.score_teacher_forced(model, **inputs), args.repeats, args.device)
             row = {"load_in": load_in, "batch": batch, "weights_mib": weights, "images_per_s": batch / seconds,
                    "s_per_batch": seconds, "peak_mib": memory["mib"]}  # fmt: skip
             rows.append(row)
@@ -554,7 +556,9 @@ def main(argv=None) -> None:
     else:
         rows = prepared_benchmark(args) if args.prepared else loop_benchmark(args)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        from gsva_hf.metrics import strict_json
+
+        args.json.write_text(strict_json(rows, str(args.json)) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import PeakMemory, preset_processor, timed  # noqa: E402
 from configuration_gsva import GSVAConfig  # noqa: E402
+from gsva_hf.data.prompts import multi_target_answer  # noqa: E402
 from gsva_hf.forced_answers import ForceAnswers, answer_token_ids  # noqa: E402
-from gsva_hf.segment import DTYPES  # noqa: E402
+from gsva_hf.loading import DTYPES  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
-from processing_gsva import multi_target_answer  # noqa: E402
 
 
 def build(preset: Path, attn: str, device: str, dtype: torch.dtype, mask_stage_only: bool = False):
@@ -87,11 +87,13 @@ def run_case(
     assert all(len(r.targets) == targets for r in results), "forced answers did not yield the requested targets"
 
     inputs = processor(images=images, text=[question] * batch).to(device)
-    states = [torch.randn(targets, model.config.text_config.hidden_size, device=device, dtype=model.dtype)] * batch
+    states = torch.randn(targets, model.config.text_config.hidden_size, device=device, dtype=model.dtype).expand(batch, -1, -1)
+    slots = torch.ones(states.shape[:2], dtype=torch.bool, device=device)
 
     def mask_stage():
         embeddings = model.get_sam_image_embeddings(inputs["sam_pixel_values"])
-        model.masks_from_hidden_states(states, embeddings, inputs["resized_sizes"], inputs["original_sizes"])
+        low_res, _ = model.masks_from_hidden_states(states, embeddings, slots)
+        processor.post_process_masks(low_res, inputs["original_sizes"], inputs["reshaped_input_sizes"])
 
     with torch.no_grad():
         mask_seconds = timed(mask_stage, repeats, device)
@@ -123,12 +125,14 @@ def mask_stage_case(model, processor, targets: list[int], image_size: int, repea
     encoder_seconds = timed(lambda: model.get_sam_image_embeddings(inputs["sam_pixel_values"]), repeats, device)
     rows = []
     for count in targets:
-        states = [torch.randn(count, model.config.text_config.hidden_size, device=device, dtype=model.dtype)]
-        decoder_seconds = timed(
-            lambda: model.masks_from_hidden_states(states, embeddings, inputs["resized_sizes"], inputs["original_sizes"]),
-            repeats,
-            device,
-        )
+        states = torch.randn(1, count, model.config.text_config.hidden_size, device=device, dtype=model.dtype)
+        slots = torch.ones(states.shape[:2], dtype=torch.bool, device=device)
+
+        def decode_and_post_process():
+            low_res, _ = model.masks_from_hidden_states(states, embeddings, slots)
+            processor.post_process_masks(low_res, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+
+        decoder_seconds = timed(decode_and_post_process, repeats, device)
         rows.append(
             {
                 "targets": count,
@@ -181,7 +185,7 @@ def main(argv=None) -> None:
                 f"{row['relative_to_1_target']:.3f} |"
             )
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            args.json.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
         return
     caches = args.caches.split(",")
     unknown = [cache for cache in caches if cache not in CACHES]
@@ -209,7 +213,7 @@ def main(argv=None) -> None:
                         )
         del model
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ from benchmarks.common import PeakMemory, preset_processor  # noqa: E402
 from configuration_gsva import GSVAConfig  # noqa: E402
 from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
+from gsva_hf.data.prompts import multi_target_answer, multi_target_question  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.training import prepare_for_training  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
-from processing_gsva import multi_target_answer, multi_target_question  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RECIPES = {
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     }
     print(json.dumps(row))
     if args.json:
-        args.json.write_text(json.dumps(row, indent=2) + "\n")
+        args.json.write_text(json.dumps(row, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

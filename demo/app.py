@@ -12,6 +12,7 @@ with `--trust-remote-code` (a Hub repo id then needs `--revision`). The page wor
 default theme's fonts are served locally, and a share link is only made with `--share`.
 """
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from gsva_hf.cli import CommandParser, usage_errors  # noqa: E402
-from gsva_hf.segment import DEFAULT_MODEL, DTYPES, add_loading_arguments, check_result, load_model, overlay, parse_query  # noqa: E402
+from gsva_hf.loading import BUNDLED_MODEL, DTYPES, add_loading_arguments, load_gsva_pinned  # noqa: E402
+from gsva_hf.overlay import overlay  # noqa: E402
+from gsva_hf.queries import check_result, parse_query  # noqa: E402
 from processing_gsva import load_image  # noqa: E402
 
 EXAMPLE_IMAGE = REPO / "gsva_hf" / "assets" / "example.png"
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     parser = CommandParser(prog="demo/app.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
-        default=os.environ.get(MODEL_ENV, str(DEFAULT_MODEL)),
+        default=os.environ.get(MODEL_ENV, str(BUNDLED_MODEL)),
         help=f"GSVA folder or Hub repo id (${MODEL_ENV} sets the default)",
     )
     add_loading_arguments(parser)
@@ -135,14 +138,24 @@ def main(argv=None) -> int:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not math.isfinite(args.threshold):
+        parser.error(f"--threshold must be a finite number, got {args.threshold}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as error:
+        parser.error(f"--device {device!r} is not a torch device ({error}); give e.g. cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: torch sees no CUDA device on this machine; give --device cpu")
     with usage_errors(parser.prog, args.debug):
-        model, processor = load_model(
-            args.model,
-            args.dtype,
-            args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            trust_remote_code=args.trust_remote_code,
-            revision=args.revision,
-        )
+        try:
+            model, processor = load_gsva_pinned(
+                args.model, args.dtype, device, trust_remote_code=args.trust_remote_code, revision=args.revision
+            )
+        except (ImportError, RuntimeError, AssertionError) as error:  # a device torch cannot use, as gsva-segment
+            if args.debug:
+                raise
+            parser.error(f"cannot load the model with --device {device}: {error}")
     # Gradio opens each upload's header with Pillow before the callback; `load_image` then refuses, with the size and
     # limit on the page, anything over the project's lower limit before decoding it, so Pillow's own bomb error (an
     # unexplained page error) is switched off in the serving process.

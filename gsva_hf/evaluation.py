@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline_gsva import segment
+
 from .data.collator import GSVACollator
 from .metrics import GresAccumulator, RefSegAccumulator
+from .teacher_forced import score_teacher_forced
 
 GRES_DATASETS = ("grefcoco", "refzom")
 MODES = ("teacher_forced", "targets", "generate")
@@ -80,8 +83,9 @@ def evaluate_dataset(
 ) -> EvaluationResult:
     """Score `dataset` (a validation reader yielding `Sample`s) with GSVA's metrics.
 
-    mode "teacher_forced": the ground-truth answer is fed; `[SEG]`/`[REJ]` decided one position earlier, every
-    target masked after re-evaluation (gRefCOCO) — reproduces the published numbers. mode "targets": the
+    mode "teacher_forced" (`teacher_forced.score_teacher_forced`): the ground-truth answer is fed; `[SEG]`/`[REJ]`
+    decided one position earlier, every target masked after re-evaluation (gRefCOCO) — reproduces the published
+    numbers. mode "targets": the
     ground-truth expressions go through the user path, `segment(targets=...)`: the model decides each slot itself,
     exactly one result per expression. mode "generate": the model answers the same question itself; slots pair
     with targets in order, a missing slot counts as `[REJ]` with an empty mask, extra slots are ignored (both
@@ -118,20 +122,21 @@ def evaluate_dataset(
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
             batch["sam_pixel_values"] = batch["sam_pixel_values"].to(model.dtype)
             # A target that is absent and rejected scores the same whatever its mask: no mask is computed for it.
-            out = model.score_teacher_forced(**batch, reeval=is_gres, mask_confirmed_rejections=False)
+            out = score_teacher_forced(model, **batch, reeval=is_gres, mask_confirmed_rejections=False)
             for row, logits in enumerate(out.pred_masks):
                 if not bool(torch.isfinite(logits).all()):
                     raise ValueError(f"image {row}: the model's mask logits are not finite")
             scorer = new_accumulator(name, protocol, ignore_mode)
             return [
-                (scorer.scored_form(out.pred_masks[row]).cpu(), out.predicted_rejected[row].cpu().tolist(), None)
+                (scorer.scored_form(out.pred_masks[row]).cpu(), out.rejected[row].cpu().tolist(), None)
                 for row in range(len(samples))
             ]
+        images = [sample.image for sample in samples]
         if mode == "targets":
-            results = model.segment(processor, [s.image for s in samples], targets=[list(s.targets) for s in samples], batch_size=batch_size)
+            results = segment(model, processor, images, targets=[list(s.targets) for s in samples], batch_size=batch_size)
         else:
             questions = [sample.rounds[0][0] for sample in samples]
-            results = model.segment(processor, [s.image for s in samples], text=questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            results = segment(model, processor, images, text=questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
         return [_pair_generated(result, sample) for result, sample in zip(results, samples)]
 
     for chunk in batches:

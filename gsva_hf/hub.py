@@ -13,8 +13,8 @@ decides which targets exist). No transformers pipeline returns GSVA's masks, so 
 `model.segment(...)`. Comparable LLM+SAM releases (Sa2VA) use the same tag.
 """
 
-import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -22,17 +22,13 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .cli import CommandParser, describe, fail
+from .cli import CommandParser, describe, fail, usage_errors
+from .export import CODE_FILES, code_files_differing, save_folder, size_words
+from .loading import BUNDLED_MODEL, DTYPES
 
-# The top-level files a Hub repository ships for `trust_remote_code`; the ones present next to `modeling_gsva.py`
-# are copied into every layout (adding a file here is all a new one needs).
-REMOTE_CODE_FILES = ("configuration_gsva.py", "modeling_gsva.py", "processing_gsva.py", "pipeline_gsva.py")
-CODE_DIR = Path(importlib.util.find_spec("modeling_gsva").origin).parent
-CODE_FILES = tuple(name for name in REMOTE_CODE_FILES if (CODE_DIR / name).is_file())
 # Written into every folder gsva-push lays out; only such a folder is ever replaced by --overwrite.
 PUSH_MARKER = ".gsva-push"
 MARKER_TEXT = "Written by gsva-push for "  # how the marker starts; a file that does not is not ours
-BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
 BUNDLED_MODEL_ID = "gsva_hf/assets/gsva-tiny-synthetic"  # the card's model_id: the folder, from a clone's root
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoProcessor")
 PIPELINE_TAG = "image-text-to-text"
@@ -236,14 +232,6 @@ def usage_snippet(repo_id: str, targets: list[str], with_example: bool, syntheti
     )
 
 
-def size_words(parameters: int) -> str:
-    """7,063,085,061 -> "7.06B"; 1,631,048 -> "1.63M"."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if parameters >= scale:
-            return f"{parameters / scale:.2f}{unit}"
-    return str(parameters)
-
-
 def model_details(config: dict, parameters: int, dtype: str, training_data: str = "not stated") -> str:
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     sam_vision = config.get("sam_config", {}).get("vision_config", {})
@@ -399,8 +387,13 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
 
     Only a folder holding gsva-push's marker file is replaced: a model folder (it has a config and a README
     too) may hold the user's own files. The marker must be a regular file (not a link) holding the text gsva-push
-    writes, and `out_dir` itself must not be a link: nothing is deleted through one.
+    writes, and `out_dir` itself must not be a link, empty or not: nothing is written or deleted through one.
     """
+    if out_dir.is_symlink():
+        raise FileExistsError(
+            f"--out {out_dir}: is a symbolic link (to {os.readlink(out_dir)}); gsva-push never writes or deletes "
+            "through a link: give the folder itself or an empty or new --out folder"
+        )
     if not out_dir.exists():
         return False
     if not out_dir.is_dir():
@@ -409,11 +402,6 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
         return False
     if not overwrite:
         raise FileExistsError(f"--out {out_dir}: not empty; pass --overwrite to replace an earlier gsva-push layout")
-    if out_dir.is_symlink():
-        raise FileExistsError(
-            f"--out {out_dir}: is a symbolic link; gsva-push never deletes through a link: give the folder itself "
-            "or an empty or new --out folder"
-        )
     marker = out_dir / PUSH_MARKER
     if marker.is_symlink() or not marker.is_file():
         found = f"no {PUSH_MARKER} file in it" if not marker.is_symlink() else f"its {PUSH_MARKER} is a symbolic link"
@@ -520,14 +508,12 @@ def layout_repo(
     says so, its results get the synthetic dataset type, and the snippet defaults to the bundled example and
     shapes; a real model's card defaults to the user's photo and everyday phrases.
     """
-    import torch
     from transformers.utils.hub import convert_file_size_to_int
 
     from modeling_gsva import GSVAForCausalLM
     from processing_gsva import GSVAProcessor
 
     from .loading import check_finite_weights, check_gsva_folder, check_loading_info
-    from .training import give_umask_mode
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
@@ -553,22 +539,29 @@ def layout_repo(
     if example_image is None and synthetic and BUNDLED_EXAMPLE.is_file():
         example_image = BUNDLED_EXAMPLE
     clear = check_out_dir(out_dir, overwrite)
-    if example_image is not None and not Path(example_image).is_file():
-        raise FileNotFoundError(f"--example-image {example_image}: no such file")
+    example = None
+    if example_image is not None:
+        from processing_gsva import load_image
+
+        if not Path(example_image).is_file():
+            raise FileNotFoundError(f"--example-image {example_image}: no such file")
+        try:  # decoded now, so an unreadable image is refused before anything is written
+            example = load_image(example_image)
+        except ValueError as error:
+            raise ValueError(f"--example-image {example_image}: {error}") from error
     try:
         shard_bytes = convert_file_size_to_int(max_shard_size)
     except ValueError:
         shard_bytes = 0
     if shard_bytes <= 0:
         raise ValueError(f"--max-shard-size {max_shard_size!r}: expected a positive size such as 5GB or 500MB")
-    dtypes = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
     # As strict as load_gsva: a tensor the folder lacks would be pushed as a random draw.
     check_gsva_folder(model_dir)
     model, info = GSVAForCausalLM.from_pretrained(
-        model_dir, dtype=dtypes[dtype], output_loading_info=True, ignore_mismatched_sizes=True
+        model_dir, dtype=DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True
     )
     check_loading_info(f"MODEL_DIR {model_dir}", info)
     model = model.eval()
@@ -582,15 +575,9 @@ def layout_repo(
         (out_dir / PUSH_MARKER).write_text(
             f"{MARKER_TEXT}{repo_id} from {model_dir}; gsva-push --overwrite may replace this folder.\n"
         )
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    processor.save_pretrained(out_dir)
-    give_umask_mode(out_dir)
-    for name in CODE_FILES:
-        shutil.copyfile(CODE_DIR / name, out_dir / name)
-    if example_image is not None:
-        from PIL import Image
-
-        Image.open(example_image).convert("RGB").save(out_dir / EXAMPLE_NAME)
+    save_folder(model, processor, out_dir, max_shard_size)
+    if example is not None:
+        example.save(out_dir / EXAMPLE_NAME)
     saved_config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
     card = build_card(
         repo_id,
@@ -644,11 +631,7 @@ def refresh_bundled(folder: str | Path = BUNDLED_MODEL) -> list[str]:
 
 def bundled_out_of_date(folder: str | Path = BUNDLED_MODEL) -> list[str]:
     """Code files of the bundled model that differ from this checkout's (missing ones included)."""
-    folder = Path(folder)
-    return [
-        name for name in CODE_FILES
-        if not (folder / name).is_file() or (folder / name).read_bytes() != (CODE_DIR / name).read_bytes()
-    ]  # fmt: skip
+    return code_files_differing(folder)
 
 
 def upload(
@@ -705,7 +688,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="folder to lay out (required with --dry-run; else a temporary one)")
     parser.add_argument("--dry-run", action="store_true", help="only write the folder, upload nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier gsva-push layout in --out")
-    parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="safetensors shard size (default 5GB)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE, help="safetensors shard size")
     parser.add_argument(
         "--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="weights dtype to save"
     )
@@ -715,7 +698,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base-model", action="append", default=[], help="parent model id (repeatable)")
     parser.add_argument("--base-model-relation", choices=["finetune", "merge", "adapter", "quantized"])
     parser.add_argument(
-        "--license", default="apache-2.0", help="license id (default apache-2.0; 'other' + name + link)"
+        "--license", default="apache-2.0", help="license id ('other' + --license-name + --license-link)"
     )
     parser.add_argument("--license-name")
     parser.add_argument("--license-link")
@@ -729,12 +712,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--example-targets",
-        help='phrases for the card snippet, ";"-separated (default: shapes for a synthetic model, else everyday ones)',
+        help='phrases for the card snippet, ";"-separated; when not given: shapes for a synthetic model, else everyday ones',
     )
     parser.add_argument(
         "--example-image",
         type=Path,
-        help=f"image shipped as {EXAMPLE_NAME} (default: the bundled one for a synthetic model, none otherwise)",
+        help=f"image shipped as {EXAMPLE_NAME}; when not given: the bundled one for a synthetic model, none otherwise",
     )
     parser.add_argument("--revision", help="branch to push to (created when missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
@@ -749,7 +732,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gsva-push-") as scratch:
         out_dir = args.out or Path(scratch) / "repo"
-        try:
+        with usage_errors("gsva-push", args.debug):
             names = layout_repo(
                 args.model_dir,
                 out_dir,
@@ -772,10 +755,6 @@ def main(argv=None) -> int:
                 synthetic=True if args.synthetic else None,
                 training_data=args.training_data,
             )
-        except (OSError, ValueError) as error:
-            if args.debug:
-                raise
-            fail("gsva-push", describe(error))
         print(f"wrote {out_dir}: {', '.join(names)}")
         if args.dry_run:
             return 0

@@ -4,17 +4,22 @@
 folder missing one weight would segment with noise and exit 0. `load_gsva` refuses it, naming the folder and
 the keys, and a model with a NaN or infinite weight (`NonFiniteError`, naming the tensors). It also decides
 whose code runs: by default the installed project's classes, even when the folder ships `modeling_gsva.py`; the
-folder's (or repository's) code only with `trust_remote_code=True`.
+folder's (or repository's) code only with `trust_remote_code=True`. `load_gsva_pinned` is how every command
+loads: the same, and a Hub repository's code only at a pinned revision; `add_loading_arguments` gives its flags.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+# The model shipped with the package: every command's default --model, and what `refresh-bundled` rewrites.
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
 # Modules kept in full precision when the LLM is quantized: the mask path and what feeds it.
 KEEP_UNQUANTIZED = ["sam", "vision_tower", "multi_modal_projector", "text_hidden_fcs", "lm_head"]
 
@@ -266,7 +271,22 @@ def load_gsva(
     trust_remote_code: run the folder's/repository's `modeling_gsva.py` & co. through the Auto classes; without
         it the installed project's classes load the weights and the folder's code is never imported.
     revision: branch, tag or commit of a Hub repository (pin a commit when trusting remote code).
+    An error of a Hub download (offline, no such repository or file) names the repository: `Hub repository ID: ...`.
     """
+    if Path(model_dir).is_dir():
+        return _load_gsva(model_dir, dtype, device, load_in, trust_remote_code, revision)
+    try:
+        return _load_gsva(model_dir, dtype, device, load_in, trust_remote_code, revision)
+    except (OSError, ValueError) as error:
+        message = str(error)
+        if str(model_dir) in message:
+            raise
+        source = f"Hub repository {model_dir}" + (f" at {revision}" if revision else "")
+        raise (OSError if isinstance(error, OSError) else ValueError)(f"{source}: {message}") from error
+
+
+def _load_gsva(model_dir, dtype, device, load_in, trust_remote_code, revision):
+    """`load_gsva`'s work; errors as the libraries raise them."""
     local = Path(model_dir)
     is_local = local.is_dir()
     if is_local:
@@ -296,12 +316,11 @@ def load_gsva(
         from processing_gsva import GSVAProcessor as processor_class
 
         if is_local:
-            from gsva_hf.hub import REMOTE_CODE_FILES
+            from .export import REMOTE_CODE_FILES, code_files_differing
 
-            installed = Path(__file__).resolve().parents[1]
             shipped = [name for name in REMOTE_CODE_FILES if (local / name).is_file()]
             # Code identical to the installed files changes nothing, so only a folder whose code differs is noted.
-            differs = [n for n in shipped if not (installed / n).is_file() or (local / n).read_bytes() != (installed / n).read_bytes()]
+            differs = code_files_differing(local, shipped)
             if differs:
                 print(
                     f"note: {local} ships its own {', '.join(differs)}; using the installed gsva-hf classes instead "
@@ -332,4 +351,53 @@ def load_gsva(
     return model, processor
 
 
-__all__ = ["IncompleteCheckpointError", "NonFiniteError", "check_finite_weights", "check_loading_info", "load_gsva", "non_finite_tensors"]
+def load_gsva_pinned(
+    model_dir: str | Path,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    load_in: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """`load_gsva` as every command loads (installed classes unless `trust_remote_code`; strict weights), and a Hub
+    repo's remote code only at a pinned `revision`, so the code that runs is the code that was read."""
+    if trust_remote_code and revision is None and not Path(model_dir).is_dir():
+        raise ValueError(f"--trust-remote-code with the Hub repo {model_dir}: pin the code with --revision COMMIT")
+    return load_gsva(model_dir, dtype, device, load_in, trust_remote_code=trust_remote_code, revision=revision)
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser, underscores: bool = False) -> None:
+    """`--trust-remote-code` and `--revision` for every command that loads a model (`underscores`: shown as
+    `--trust_remote_code`, for commands whose flags use underscores; a `CommandParser` takes both spellings)."""
+    parser.add_argument(
+        "--trust_remote_code" if underscores else "--trust-remote-code",
+        dest="trust_remote_code",
+        action="store_true",
+        help="run the model folder's own code files (modeling_gsva.py ...) instead of the installed classes",
+    )
+    parser.add_argument("--revision", help="Hub revision (commit) when --model is a repo id; required with --trust-remote-code")
+
+
+class _DropPilFallbackNote(logging.Filter):
+    """The project uses the PIL image processors on purpose (torchvision is not a dependency); transformers'
+    note that it falls back to them says nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropPilFallbackNote())
+
+
+__all__ = [
+    "BUNDLED_MODEL",
+    "DTYPES",
+    "IncompleteCheckpointError",
+    "NonFiniteError",
+    "add_loading_arguments",
+    "check_finite_weights",
+    "check_loading_info",
+    "load_gsva",
+    "load_gsva_pinned",
+    "non_finite_tensors",
+]

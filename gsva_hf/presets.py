@@ -13,16 +13,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, SamImageProcessorPil
 
 from configuration_gsva import GSVAConfig
-from processing_gsva import (
+from gsva_hf.data.prompts import (
     ANSWER_LIST,
-    CONVERSATION_TEMPLATES,
     EXPLANATORY_QUESTION_LIST,
     LONG_QUESTION_LIST,
-    MULTI_TARGET_ANSWER_STYLES,
     SHORT_QUESTION_LIST,
     SHORT_QUESTION_LIST_MODE4,
-    GSVAProcessor,
 )
+from processing_gsva import MULTI_TARGET_ANSWER_STYLES, SYSTEM_PROMPTS, GSVAProcessor
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -42,7 +40,7 @@ TINY_WORDS = (
 
 def tiny_tokenizer_corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: every GSVA template plus the synthetic task's words."""
-    lines = [t.system for t in CONVERSATION_TEMPLATES.values()]
+    lines = list(SYSTEM_PROMPTS.values())
     lines += ["USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>>"]
     lines += SHORT_QUESTION_LIST + SHORT_QUESTION_LIST_MODE4 + LONG_QUESTION_LIST + EXPLANATORY_QUESTION_LIST
     lines += ANSWER_LIST + [" ".join(style) for style in MULTI_TARGET_ANSWER_STYLES]
@@ -127,34 +125,16 @@ def large_presets() -> dict[str, tuple[GSVAConfig, dict]]:
     """
     ids_7b = dict(image_token_id=32000, im_start_token_id=32001, im_end_token_id=32002, seg_token_id=32003, rej_token_id=32004)
     ids_13b = dict(seg_token_id=32000, rej_token_id=32001, im_start_token_id=32002, im_end_token_id=32003, image_token_id=32004)
+
+    def preset(text_config: dict, ids: dict, conv_template: str, image_token: str) -> tuple[GSVAConfig, dict]:
+        """CLIP ViT-L/14 and SAM ViT-H (every GSVA release) around `text_config`."""
+        config = GSVAConfig(vision_config=CLIP_VIT_L_14, text_config=text_config, sam_config=sam_config("vit_h"), **ids)
+        return config, {"conv_template": conv_template, "image_token": image_token}
+
     return {
-        "gsva-7b": (
-            GSVAConfig(
-                vision_config=CLIP_VIT_L_14,
-                text_config=llama_config(4096, 32, 32, 11008, 32005, 1e-6, 2048),
-                sam_config=sam_config("vit_h"),
-                **ids_7b,
-            ),
-            {"conv_template": "llava_v1", "image_token": "<im_patch>"},
-        ),
-        "gsva-13b": (
-            GSVAConfig(
-                vision_config=CLIP_VIT_L_14,
-                text_config=llama_config(5120, 40, 40, 13824, 32005, 1e-6, 2048),
-                sam_config=sam_config("vit_h"),
-                **ids_13b,
-            ),
-            {"conv_template": "llava_v1", "image_token": "<image>"},
-        ),
-        "gsva-13b-llama2": (
-            GSVAConfig(
-                vision_config=CLIP_VIT_L_14,
-                text_config=llama_config(5120, 40, 40, 13824, 32005, 1e-5, 4096),
-                sam_config=sam_config("vit_h"),
-                **ids_13b,
-            ),
-            {"conv_template": "llava_llama_2", "image_token": "<image>"},
-        ),
+        "gsva-7b": preset(llama_config(4096, 32, 32, 11008, 32005, 1e-6, 2048), ids_7b, "llava_v1", "<im_patch>"),
+        "gsva-13b": preset(llama_config(5120, 40, 40, 13824, 32005, 1e-6, 2048), ids_13b, "llava_v1", "<image>"),
+        "gsva-13b-llama2": preset(llama_config(5120, 40, 40, 13824, 32005, 1e-5, 4096), ids_13b, "llava_llama_2", "<image>"),
     }
 
 

@@ -9,7 +9,6 @@ could not be written; 2: a usage error (an --out where no file can be created in
 
 import argparse
 import json
-import logging
 import math
 import os
 import re
@@ -19,215 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .cli import CommandParser, UsageError, describe, naming_file, write_text_replacing
 from .cpu_memory import MALLOC_CHOICES, apply_malloc_choice
-from .loading import DTYPES, load_gsva
+from .loading import BUNDLED_MODEL, DTYPES, add_loading_arguments, load_gsva_pinned
+from .overlay import overlay
+from .queries import check_result, describe_query, parse_query
+from .rle import compressed_rle
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"}
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
+DEFAULT_MODEL = BUNDLED_MODEL  # --model when none is given
 SUMMARY = "summary.json"
-REJECTED_COLOUR = (150, 150, 150)
-TINT = 0.5  # weight of the target colour over the image inside a mask
-MIN_DISPLAY_SIDE = 512  # small images are upscaled (nearest neighbour) to at least this long side
-OUTLINE_WIDTH = 2  # pixels at display scale
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-class _DropPilFallbackNote(logging.Filter):
-    """The project uses the PIL image processors on purpose (torchvision is not a dependency); transformers'
-    note that it falls back to them says nothing to act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed); falling back to" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_DropPilFallbackNote())
-
-
-def load_model(
-    model_dir: str | Path,
-    dtype: str = "fp32",
-    device: str = "cpu",
-    load_in: str | None = None,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-):
-    """`load_gsva` for the commands (installed classes unless `trust_remote_code`; strict weights), and a Hub
-    repo's remote code only at a pinned `revision`, so the code that runs is the code that was read."""
-    if trust_remote_code and revision is None and not Path(model_dir).is_dir():
-        raise ValueError(f"--trust-remote-code with the Hub repo {model_dir}: pin the code with --revision COMMIT")
-    return load_gsva(model_dir, dtype, device, load_in, trust_remote_code=trust_remote_code, revision=revision)
-
-
-def add_loading_arguments(parser: argparse.ArgumentParser, underscores: bool = False) -> None:
-    """`--trust-remote-code` and `--revision` for every command that loads a model (`underscores`: shown as
-    `--trust_remote_code`, for commands whose flags use underscores; a `CommandParser` takes both spellings)."""
-    parser.add_argument(
-        "--trust_remote_code" if underscores else "--trust-remote-code",
-        dest="trust_remote_code",
-        action="store_true",
-        help="run the model folder's own code files (modeling_gsva.py ...) instead of the installed classes",
-    )
-    parser.add_argument("--revision", help="Hub revision (commit) when --model is a repo id; required with --trust-remote-code")
-
-
-# ---------------------------------------------------------------------------------------------------- queries
-def parse_query(text: str, allow_question: bool = True) -> dict:
-    """`segment()` keyword arguments for what the user typed: `text=` for one line ending with "?" (a question),
-    else `targets=`, the phrases separated by ";" or new lines."""
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if allow_question and len(lines) == 1 and ";" not in lines[0] and lines[0].endswith("?"):
-        return {"text": lines[0]}
-    phrases = [part.strip() for line in lines for part in line.split(";") if part.strip()]
-    if not phrases:
-        raise ValueError("type a sentence, or phrases separated by ';' or new lines")
-    return {"targets": phrases}
-
-
-def describe_query(query: dict) -> dict:
-    """The query as written into the JSON files: the question, or the phrases asked."""
-    return {"question": query["text"]} if "text" in query else {"asked": list(query["targets"])}
-
-
-def check_result(result, query: dict) -> list[str]:
-    """What is missing from one image's result: an asked phrase without a decision, or the result's warnings."""
-    problems = list(getattr(result, "warnings", None) or [])
-    asked = query.get("targets")
-    if asked is not None and len(result.targets) != len(asked):
-        missing = asked[len(result.targets) :]
-        problems.append(
-            f"{len(asked)} targets asked but {len(result.targets)} decided"
-            + (f"; no result for {missing}" if missing else "")
-        )
-    return problems
-
-
-# ---------------------------------------------------------------------------------------------------- overlay
-def srgb_to_lab(rgb) -> np.ndarray:
-    """CIELAB (D65) of sRGB colours in 0..255, shape (..., 3)."""
-    c = np.asarray(rgb, np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
-    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
-
-
-def _candidate_colours() -> np.ndarray:
-    """Saturated, light and dark versions of 24 hues, plus black and white."""
-    colours = [(0, 0, 0), (255, 255, 255)]
-    for hue in range(0, 360, 15):
-        for saturation, value in ((1.0, 1.0), (0.55, 1.0), (1.0, 0.55)):
-            chroma = value * saturation
-            x = chroma * (1 - abs((hue / 60) % 2 - 1))
-            r, g, b = [(chroma, x, 0), (x, chroma, 0), (0, chroma, x), (0, x, chroma), (x, 0, chroma), (chroma, 0, x)][hue // 60]
-            m = value - chroma
-            colours.append(tuple(round(255 * (v + m)) for v in (r, g, b)))
-    return np.array(colours, np.float64)
-
-
-CANDIDATES = _candidate_colours()
-CANDIDATES_LAB = srgb_to_lab(CANDIDATES)
-
-
-def image_colours(image: Image.Image, cell: float = 20.0, share: float = 0.002) -> np.ndarray:
-    """CIELAB of the colours the image shows: means of the `cell`-wide Lab bins holding at least `share` of a
-    thumbnail's pixels (a small object of its own colour counts, unlike in a few-colour palette)."""
-    small = image.convert("RGB")
-    small.thumbnail((128, 128))
-    lab = srgb_to_lab(np.asarray(small).reshape(-1, 3))
-    _, bins, counts = np.unique(np.floor(lab / cell), axis=0, return_inverse=True, return_counts=True)
-    bins = bins.reshape(-1)
-    means = np.stack([np.bincount(bins, weights=lab[:, k]) for k in range(3)], -1) / counts[:, None]
-    return means[counts >= share * len(lab)]
-
-
-def target_colours(image: Image.Image, result) -> list[tuple[int, int, int]]:
-    """Per target the candidate colour whose tint (`TINT` over the mean colour under its mask) stands furthest
-    apart, by the smallest CIE76 delta-E, from that mean colour, from the image's other colours (a tint never
-    looks like another object) and from the colours and tints already taken. Rejected targets are grey."""
-    pixels = np.asarray(image.convert("RGB"), np.float64)
-    scene, taken, colours = list(image_colours(image)), [], []
-    for target in result.targets:
-        mask = np.asarray(target.mask, bool)
-        if target.rejected:
-            colours.append(REJECTED_COLOUR)
-            continue
-        under = pixels[mask].mean(0) if mask.any() else pixels.reshape(-1, 3).mean(0)
-        tint = srgb_to_lab((1 - TINT) * under + TINT * CANDIDATES)
-        distance = np.linalg.norm(tint - srgb_to_lab(under), axis=-1)
-        for lab in scene:
-            distance = np.minimum(distance, np.linalg.norm(tint - lab, axis=-1))
-        for lab in taken:
-            distance = np.minimum(distance, np.linalg.norm(CANDIDATES_LAB - lab, axis=-1))
-        best = int(distance.argmax())
-        taken.append(CANDIDATES_LAB[best])
-        scene.append(tint[best])  # later tints must not look like this one either
-        colours.append(tuple(int(v) for v in CANDIDATES[best]))
-    return colours
-
-
-def mask_border(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    """Mask pixels within `width` pixels (4-neighbourhood steps) of the mask's edge or the image's edge."""
-    inner = mask.copy()
-    for _ in range(width):
-        padded = np.pad(inner, 1, constant_values=False)
-        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
-
-
-def display_scale(size: tuple[int, int]) -> int:
-    """Integer upscale factor that brings the long side to at least `MIN_DISPLAY_SIDE`."""
-    return max(1, math.ceil(MIN_DISPLAY_SIDE / max(size)))
-
-
-def overlay(image: Image.Image, result) -> Image.Image:
-    """Each present target tinted and outlined in a colour picked against the image under it; below, a legend
-    (font scaled to the picture) lists every phrase with its score, rejected ones as not present."""
-    image = image.convert("RGB")
-    colours = target_colours(image, result)
-    scale = display_scale(image.size)
-    base = np.asarray(image, np.float32)
-    if scale > 1:
-        base = base.repeat(scale, 0).repeat(scale, 1)
-    for target, colour in zip(result.targets, colours):
-        if target.rejected:
-            continue
-        mask = np.asarray(target.mask, bool)
-        if scale > 1:
-            mask = mask.repeat(scale, 0).repeat(scale, 1)
-        base[mask] = (1 - TINT) * base[mask] + TINT * np.array(colour, np.float32)
-        base[mask_border(mask, OUTLINE_WIDTH)] = colour
-    picture = Image.fromarray(base.round().astype(np.uint8))
-
-    font_size = max(14, round(max(picture.size) / 30))
-    font = ImageFont.load_default(size=font_size)
-    line_height, pad = round(font_size * 1.5), round(font_size * 0.5)
-    labels = []
-    for index, target in enumerate(result.targets):
-        phrase = target.phrase or f"target {index}"
-        if target.rejected:
-            labels.append(f"{phrase} - not present ({target.score:.2f})")
-        else:
-            empty = "" if bool(target.mask.any()) else ", empty mask"
-            labels.append(f"{phrase} ({target.score:.2f}{empty})")
-    if not labels:
-        labels, colours = ["no target in the answer"], [None]
-    measure = ImageDraw.Draw(picture)
-    text_width = max(measure.textlength(label, font=font) for label in labels)
-    width = max(picture.width, math.ceil(2 * pad + 1.5 * font_size + text_width))
-    canvas = Image.new("RGB", (width, picture.height + line_height * len(labels) + 2 * pad), "white")
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for index, (label, colour) in enumerate(zip(labels, colours)):
-        top = picture.height + pad + index * line_height
-        if colour is not None:
-            box = [pad, top + (line_height - font_size) // 2, pad + font_size, top + (line_height + font_size) // 2]
-            draw.rectangle(box, fill=colour, outline=(0, 0, 0))
-        draw.text((pad + 1.5 * font_size, top + line_height / 2), label, fill=(0, 0, 0), font=font, anchor="lm")
-    return canvas
+# What marks a summary.json as this command's own: only such a summary's `files` are ever removed by a rerun.
+WRITTEN_BY = "gsva-segment"
+SUMMARY_FORMAT = 1
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -261,13 +66,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "target"
 
 
-def mask_rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 # The files gsva-segment writes, in OUT (one image) or in a per-image folder OUT/<image file name>/.
 IMAGE_FILE_NAMES = re.compile(r"mask_\d{2,}_[a-z0-9_]{1,40}\.png|overlay\.png|result\.json")
 
@@ -282,12 +80,13 @@ def skip_reason(path: Path) -> str:
 class OutputFolder:
     """`--out`: remembers in summary.json every file this command wrote, so a rerun removes exactly those (and
     refuses a folder holding anything else: no stale mask can sit beside a new result). Nothing is written or
-    removed through a symbolic link, and a summary.json listing a file the command never writes is refused."""
+    removed through a symbolic link, and a summary.json listing a file the command never writes is refused, as is
+    one without the `written_by`/`format` marker the command writes (any JSON file can list a user's files)."""
 
     def __init__(self, root: Path, header: dict, folders: list[Path] = ()):
         self.root = root
         self.folders = list(folders)  # where this run writes: OUT itself (one image) or one folder per image
-        self.summary = {**header, "images": [], "skipped": [], "files": []}
+        self.summary = {"written_by": WRITTEN_BY, "format": SUMMARY_FORMAT, **header, "images": [], "skipped": [], "files": []}
 
     def _refuse(self, path: Path, problem: str) -> None:
         raise ValueError(f"--out {self.root}: {path.relative_to(self.root)} {problem}; give an empty or new folder")
@@ -312,6 +111,11 @@ class OutputFolder:
     def previous_files(self) -> list[Path]:
         """The files an earlier run here wrote; raises when the folder holds anything else, a symbolic link, or
         a folder where this run writes a file."""
+        if self.root.is_symlink():
+            raise ValueError(
+                f"--out {self.root} is a symbolic link (to {os.readlink(self.root)}); gsva-segment never writes "
+                "through one: give the folder itself or a new one"
+            )
         if not self.root.exists():
             return []
         if not self.root.is_dir():
@@ -328,9 +132,17 @@ class OutputFolder:
             self._refuse(record, f"is a folder; gsva-segment writes its {SUMMARY} file there")
         if record.is_file():
             try:
-                listed = json.loads(record.read_text())["files"]
-            except (ValueError, KeyError, TypeError) as error:
+                written = json.loads(record.read_text())
+                listed = written["files"]
+                marked = (written.get("written_by"), written.get("format")) == (WRITTEN_BY, SUMMARY_FORMAT)
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
                 raise ValueError(f"--out {self.root}: {SUMMARY} is not one gsva-segment wrote ({error})") from error
+            if not marked:
+                raise ValueError(
+                    f"--out {self.root} holds files gsva-segment did not write: its {SUMMARY} lacks the marker "
+                    f'"written_by": "{WRITTEN_BY}", "format": {SUMMARY_FORMAT} (a summary of an earlier version, or '
+                    "another program's file); give a new --out"
+                )
             if not isinstance(listed, list):
                 raise ValueError(f"--out {self.root}: {SUMMARY} is not one gsva-segment wrote ('files' is not a list)")
             ours = [self._listed(name) for name in listed] + [record]
@@ -421,7 +233,7 @@ def write_outputs(image_path: Path, image: Image.Image, query: dict, result, fol
             "score": round(target.score, 6),
             "mask_score": round(target.mask_score, 6),
             "area": int(mask.sum()),
-            "rle": mask_rle(mask),
+            "rle": compressed_rle(mask),
         }
         if "targets" in query and index < len(query["targets"]):
             entry["asked"] = query["targets"][index]
@@ -511,7 +323,7 @@ def main(argv=None) -> int:
         out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)}, folders)
         previous = out.previous_files()
         check_out_writable(args.out)
-        model, processor = load_model(
+        model, processor = load_gsva_pinned(
             args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
         )
         if "targets" in query:  # phrases target mode cannot write (only full stops) are a usage error, before any image

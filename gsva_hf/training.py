@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .export import give_umask_mode
 from .loading import NonFiniteError, check_finite_weights
 
 FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
@@ -109,37 +110,6 @@ def export_model(model, processor, output_dir: str | Path, max_shard_size: str =
     processor.save_pretrained(output_dir)
     give_umask_mode(output_dir)
     return output_dir
-
-
-# The weight files transformers and peft write: `model.safetensors`, its shards, `adapter_model.safetensors`.
-WEIGHT_FILE = re.compile(r"(adapter_)?model(-\d{5}-of-\d{5})?\.safetensors")
-
-
-def current_umask() -> int:
-    """The process's umask, read from /proc where it can be (setting it to read it back is not thread-safe)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def give_umask_mode(folder: str | Path) -> list[Path]:
-    """Give the weight files just saved into `folder` the mode every other file gets (0666 less the umask:
-    0644 under umask 022): safetensors writes a private temporary file (0600) and renames it. Only regular files
-    with the names the savers write are touched, never a link. Returns the files changed."""
-    mode = 0o666 & ~current_umask()
-    changed = []
-    for path in sorted(Path(folder).iterdir()):
-        if WEIGHT_FILE.fullmatch(path.name) and not path.is_symlink() and path.is_file():
-            os.chmod(path, mode)
-            changed.append(path)
-    return changed
 
 
 DIVERGED_HINT = "Lower --learning_rate, keep --max_grad_norm clipping on, or check the data of this step."

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gsva_hf import overlay as drawing
 from gsva_hf import segment as command
 from processing_gsva import SegmentationResult, SegmentedTarget, load_image
 from tests.conftest import REPO, exit_status
@@ -54,10 +55,10 @@ def test_folder_code_runs_only_with_trust_remote_code(model_dir, tmp_path, capsy
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.syspath_prepend(str(tmp_path / "modules"))
-    command.load_model(model_dir, trust_remote_code=True)
+    command.load_gsva_pinned(model_dir, trust_remote_code=True)
     assert marker.read_text() == "ran"  # the flag does run the folder's code
     with pytest.raises(ValueError, match="--revision"):
-        command.load_model("someone/gsva", trust_remote_code=True)
+        command.load_gsva_pinned("someone/gsva", trust_remote_code=True)
 
 
 @pytest.mark.slow
@@ -150,16 +151,16 @@ class DroppingModel:
 
 def test_an_undecided_target_is_an_error(model_dir, tmp_path, capsys, monkeypatch):
     image = noise_image(tmp_path / "a.png")
-    real = command.load_model
+    real = command.load_gsva_pinned
 
     def dropping(*args, **kwargs):
         model, processor = real(*args, **kwargs)
         return DroppingModel(model), processor
 
-    monkeypatch.setattr(command, "load_model", dropping)
+    monkeypatch.setattr(command, "load_gsva_pinned", dropping)
     code, err = run(capsys, image, "--targets", PHRASES, "--model", model_dir, "--out", tmp_path / "dropped")
     assert code == 1 and "2 targets asked but 1 decided" in err and "the cat" in err
-    monkeypatch.setattr(command, "load_model", real)
+    monkeypatch.setattr(command, "load_gsva_pinned", real)
     # A question whose answer is cut at --max-new-tokens: the processor's warning becomes an error.
     code, err = run(capsys, image, "what is here?", "--model", model_dir, "--out", tmp_path / "cut", "--max-new-tokens", "1")
     assert code == 1 and "max_new_tokens" in err
@@ -217,8 +218,8 @@ def shapes():
 
 def test_overlay_colours_stand_apart_outlines_and_a_readable_legend():
     image, result = shapes()
-    picture = np.asarray(command.overlay(image, result))
-    colours = command.target_colours(image, result)
+    picture = np.asarray(drawing.overlay(image, result))
+    colours = drawing.target_colours(image, result)
     scale = 4  # 128 px is shown at 512 px
     assert picture.shape[1] == 128 * scale and picture.shape[0] > 128 * scale + 3 * 18
     original = np.asarray(image, float)

@@ -154,7 +154,7 @@ def test_train_hf_help_lists_the_readme_flags_with_defaults(capsys):
             "--max_steps",
             "--per_device_train_batch_size",
             "--bf16",
-            "--gradient_checkpointing",
+            "--activation_checkpointing",
             "--deepspeed",
         )
         if flag in readme

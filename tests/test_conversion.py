@@ -270,12 +270,12 @@ def check_against_reference(folder: Path, originals: Originals, vocab_in_checkpo
     ref = reference_prompts(originals, ref_hidden[0, seg_positions - 1])
     torch.testing.assert_close(prompts, ref, **TOLERANCE)
 
-    resized = tuple(int(v) for v in batch["resized_sizes"][0])
+    resized = tuple(int(v) for v in batch["reshaped_input_sizes"][0])
     original = tuple(int(v) for v in batch["original_sizes"][0])
     _, _, _, ref_masks = reference_masks(originals.sam, batch["sam_pixel_values"], ref, resized, original)
-    masks = out.pred_masks[0]
+    masks = processor.post_process_masks(out.pred_masks, batch["original_sizes"], batch["reshaped_input_sizes"], out.slot_mask)[0]
     if with_rej:
-        assert out.target_is_seg[0].tolist() == [True, False, True]
+        assert out.slot_is_seg[0].tolist() == [True, False, True]
         assert torch.count_nonzero(masks[1]) == 0
         masks = masks[[0, 2]]
     torch.testing.assert_close(masks, ref_masks, **TOLERANCE)
@@ -310,7 +310,7 @@ def test_gsva_release_reproduces_the_original_model(world, tmp_path, base_layer_
 
     from huggingface_hub import ModelCard
 
-    from gsva_hf.hub import CODE_DIR, CODE_FILES
+    from gsva_hf.export import CODE_DIR, CODE_FILES
 
     card = ModelCard.load(out / "README.md")
     assert "gsva" in card.data.tags and not card.data.eval_results
@@ -570,7 +570,8 @@ def test_random_tiny_preset(tmp_path):
     batch = processor_batch(processor, "sure a [SEG]")
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    assert out.pred_masks[0].shape == (1, 60, 80)
+    masks = processor.post_process_masks(out.pred_masks, batch["original_sizes"], batch["reshaped_input_sizes"])
+    assert masks[0].shape == (1, 60, 80)
     assert exit_status(main, ["--random", "--preset", "tiny", "--output", str(tmp_path / "tiny")]) == 2
 
 

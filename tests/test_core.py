@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from gsva_hf.data.prompts import multi_target_answer
 from processing_gsva import (
-    CONVERSATION_TEMPLATES,
     IGNORE_INDEX,
+    SYSTEM_PROMPTS,
     eval_answer,
     eval_question,
-    multi_target_answer,
 )
 
 RNG = np.random.default_rng(0)
@@ -75,13 +76,20 @@ def reference_mask_losses(pred_masks, gt_masks):
     return bce_sum / count, dice_sum / count
 
 
+def full_size_masks(processor, out, batch):
+    """The forward's low-resolution masks at each image's original size, by the processor (every real slot)."""
+    return processor.post_process_masks(
+        out.pred_masks, batch["original_sizes"], batch["reshaped_input_sizes"], slot_mask=out.slot_mask
+    )
+
+
 def test_loss_parts_and_weights_match_independent_computation(tiny_model, tiny_processor):
     batch, gt = two_image_batch(tiny_processor)
     out = tiny_model(**batch, gt_masks=gt)
     assert all(torch.isfinite(t) for t in (out.loss, out.ce_loss, out.mask_bce_loss, out.mask_dice_loss))
 
     ce = reference_ce(out.logits, batch["labels"])
-    bce, dice = reference_mask_losses(out.pred_masks, gt)
+    bce, dice = reference_mask_losses(full_size_masks(tiny_processor, out, batch), gt)
     assert out.ce_loss.item() == pytest.approx(1.0 * ce, rel=1e-5)
     assert out.mask_bce_loss.item() == pytest.approx(2.0 * bce, rel=1e-5)
     assert out.mask_dice_loss.item() == pytest.approx(0.5 * dice, rel=1e-5)
@@ -95,15 +103,18 @@ def test_loss_parts_and_weights_match_independent_computation(tiny_model, tiny_p
 def test_rejected_slots_get_zero_logits_and_count_in_normaliser(tiny_model, tiny_processor):
     batch, gt = two_image_batch(tiny_processor)
     out = tiny_model(**batch, gt_masks=gt)
-    assert [flags.tolist() for flags in out.target_is_seg] == [[True, False, True], [True]]
-    assert [tuple(m.shape) for m in out.pred_masks] == [(3, 40, 50), (1, 30, 20)]
-    assert torch.count_nonzero(out.pred_masks[0][1]) == 0
+    assert out.slot_is_seg.tolist() == [[True, False, True], [True, False, False]]
+    assert out.slot_mask.tolist() == [[True, True, True], [True, False, False]]
+    assert out.pred_masks.shape[:2] == (2, 3) and out.iou_scores.shape == (2, 3)
+    masks = full_size_masks(tiny_processor, out, batch)
+    assert [tuple(m.shape) for m in masks] == [(3, 40, 50), (1, 30, 20)]
+    assert torch.count_nonzero(masks[0][1]) == 0
     assert out.iou_scores[0][1] == 0
     # A [REJ] slot with an all-zero mask adds BCE(0, 0) = ln 2 per pixel and Dice ~1, divided by all 4 targets.
-    rej_bce, rej_dice = reference_mask_losses([out.pred_masks[0][1:2]], [gt[0][1:2]])
+    rej_bce, rej_dice = reference_mask_losses([masks[0][1:2]], [gt[0][1:2]])
     assert rej_bce == pytest.approx(np.log(2.0)) and rej_dice == pytest.approx(1.0, abs=1e-3)
-    bce, dice = reference_mask_losses(out.pred_masks, gt)
-    seg_bce, seg_dice = reference_mask_losses([out.pred_masks[0][[0, 2]], out.pred_masks[1]], [gt[0][[0, 2]], gt[1]])
+    bce, dice = reference_mask_losses(masks, gt)
+    seg_bce, seg_dice = reference_mask_losses([masks[0][[0, 2]], masks[1]], [gt[0][[0, 2]], gt[1]])
     assert out.mask_bce_loss.item() == pytest.approx(2.0 * bce, rel=1e-5)
     assert out.mask_dice_loss.item() == pytest.approx(0.5 * dice, rel=1e-5)
     # Normalised over the three [SEG] slots only, both parts would differ far beyond that tolerance.
@@ -115,6 +126,37 @@ def test_slot_count_mismatch_names_the_row(tiny_model, tiny_processor):
     batch, gt = two_image_batch(tiny_processor)
     with pytest.raises(ValueError, match=r"row 0: the answer has 3 \[SEG\]/\[REJ\] slots"):
         tiny_model(**batch, gt_masks=[gt[0][:2], gt[1]])
+
+
+def test_the_model_returns_low_resolution_masks_and_ignores_the_processors_sizes(tiny_model, tiny_processor):
+    """`original_sizes` / `reshaped_input_sizes` are the processor's post-processing inputs: other values give the
+    same forward and losses (the loss takes its sizes from the ground truth), and no output holds an image size."""
+    batch, gt = two_image_batch(tiny_processor)
+    out = tiny_model(**batch, gt_masks=gt)
+    vision = tiny_model.config.sam_config.vision_config
+    side = 4 * vision.image_size // vision.patch_size  # SAM's mask decoder upscales its image embedding 4x
+    assert out.pred_masks.shape == (2, 3, side, side) and out.pred_masks.dtype == torch.float32
+    other = {**batch, "original_sizes": batch["original_sizes"] * 3, "reshaped_input_sizes": torch.ones_like(batch["reshaped_input_sizes"])}
+    again = tiny_model(**other, gt_masks=gt)
+    assert torch.equal(out.pred_masks, again.pred_masks) and torch.equal(out.loss, again.loss)
+    assert not [key for key in out.keys() if "size" in key]
+
+
+def test_sam_reshaped_size_is_the_processors_resize(tiny_processor):
+    """The loss derives SAM's resized input size from a ground-truth mask's size: the processor's, for the tiny
+    model's SAM (longest side 128) and for the released models' (1024)."""
+    from processing_gsva import sam_reshaped_size
+
+    sizes = [(40, 50), (30, 20), (1, 1), (3, 700), (127, 5), (333, 211), (128, 128), (17, 19), (1, 255), (480, 640)]
+    images = [np.zeros((h, w, 3), np.uint8) for h, w in sizes]
+    batch = tiny_processor(images=images, text=["x"] * len(images))
+    assert batch["original_sizes"].tolist() == [list(size) for size in sizes]
+    longest = tiny_processor.sam_longest_edge()
+    assert [list(sam_reshaped_size(size, longest)) for size in sizes] == batch["reshaped_input_sizes"].tolist()
+    sam = copy.deepcopy(tiny_processor.sam_image_processor)
+    sam.size, sam.pad_size = {"longest_edge": 1024}, {"height": 1024, "width": 1024}
+    resized = sam([Image.fromarray(image) for image in images], return_tensors="pt")["reshaped_input_sizes"]
+    assert [list(sam_reshaped_size(size, 1024)) for size in sizes] == torch.as_tensor(resized).tolist()
 
 
 def test_seg_rej_ce_weight_option(tiny_model, tiny_processor):
@@ -185,7 +227,9 @@ def test_batched_equals_one_by_one(tiny_model, tiny_processor):
             single["labels"] = single["labels"][:, :length]
             alone = tiny_model(**single)
             torch.testing.assert_close(alone.logits[0], together.logits[row, :length], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(alone.pred_masks[0], together.pred_masks[row], atol=1e-5, rtol=1e-5)
+            alone_masks = full_size_masks(tiny_processor, alone, single)[0]
+            together_masks = full_size_masks(tiny_processor, together, batch)[row]
+            torch.testing.assert_close(alone_masks, together_masks, atol=1e-5, rtol=1e-5)
 
 
 def test_sdpa_and_eager_agree_and_gradient_checkpointing_trains(tiny_config, tiny_processor):
@@ -292,7 +336,7 @@ def _save_without_gsva_tokens(tokenizer):
 
 
 def test_vicuna_v1_template_verbatim(tiny_processor):
-    system = CONVERSATION_TEMPLATES["llava_v1"].system
+    system = SYSTEM_PROMPTS["llava_v1"]
     assert system == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions."
@@ -317,7 +361,7 @@ def test_llama2_template_verbatim(tiny_processor):
         tiny_processor.image_processor, tiny_processor.sam_image_processor, tiny_processor.tokenizer,
         conv_template="llava_llama_2", num_image_tokens=tiny_processor.num_image_tokens,
     )
-    system = CONVERSATION_TEMPLATES["llava_llama_2"].system
+    system = SYSTEM_PROMPTS["llava_llama_2"]
     text = processor.prompt_text([("q1", "a1 [SEG]."), ("q2", "a2")])
     assert text == (
         f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n<im_start><image><im_end>\nq1 [/INST] a1 [SEG]. </s>"

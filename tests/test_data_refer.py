@@ -21,18 +21,12 @@ from pycocotools import mask as coco_mask
 
 from gsva_hf.data.collator import GSVACollator
 from gsva_hf.data.guards import POLYGON_MARGIN, compressed_rle_counts
+from gsva_hf.data.prompts import SHORT_QUESTION_LIST_MODE4, multi_target_answer, multi_target_question
 from gsva_hf.data.refer import ReferData, ReferDataError
 from gsva_hf.data.refer_seg import ReferSegDataset, ReferSegValDataset
 from gsva_hf.data.safe_pickle import UnsafePickleError, load_plain, loads_plain
 from gsva_hf.data.sample import Sample
-from processing_gsva import (
-    MULTI_TARGET_ANSWER_STYLES,
-    SHORT_QUESTION_LIST_MODE4,
-    eval_answer,
-    eval_question,
-    multi_target_answer,
-    multi_target_question,
-)
+from processing_gsva import MULTI_TARGET_ANSWER_STYLES, eval_answer, eval_question
 from tests._coco_fixtures import uncompressed_rle
 
 COCO_DIR = ("images", "mscoco", "images", "train2014")

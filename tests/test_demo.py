@@ -149,7 +149,7 @@ def test_page_in_headless_chromium(tiny_model, tiny_processor, tmp_path):
     folder = tmp_path / "model"
     tiny_model.save_pretrained(folder)
     tiny_processor.save_pretrained(folder)
-    model, processor = app.load_model(folder)  # the command's own loading path
+    model, processor = app.load_gsva_pinned(folder)  # the command's own loading path
     image_path = example_image(tmp_path)
     demo = app.build_demo(ForcedModel(model, [ABSENT]), processor, {"max_new_tokens": 40}, example_image=image_path)
     port = free_port()

@@ -56,6 +56,7 @@ def run_eval_here(root, output, capsys, *extra):
 def test_teacher_forced_eval_matches_an_independent_computation(eval_setup, tiny_processor, capsys):
     """The CLI's numbers equal a hand-rolled loop over the same model with GSVA's formulas."""
     from gsva_hf.data.refer_seg import ReferSegValDataset
+    from gsva_hf.teacher_forced import score_teacher_forced
     from modeling_gsva import GSVAForCausalLM
 
     stdout, report = run_eval_here(eval_setup, eval_setup / "one.json", capsys)
@@ -67,11 +68,11 @@ def test_teacher_forced_eval_matches_an_independent_computation(eval_setup, tiny
     for index in range(len(dataset)):
         sample = dataset[index]
         batch = tiny_processor(images=[sample.image], conversations=[sample.rounds])
-        out = model.score_teacher_forced(**{k: v for k, v in batch.items() if k != "labels"})
+        out = score_teacher_forced(model, **{k: v for k, v in batch.items() if k != "labels"})
         for slot in range(sample.masks.shape[0]):
             pred = (out.pred_masks[0][slot] >= 0).numpy()
             gt = sample.masks[slot]
-            rejected = bool(out.predicted_rejected[0][slot])
+            rejected = bool(out.rejected[0][slot])
             i, u = int((pred & gt).sum()), int((pred | gt).sum())
             if not gt.any():
                 tp, fn = tp + rejected, fn + (not rejected)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gsva_hf.teacher_forced import score_teacher_forced
 from processing_gsva import clean_sentence, eval_answer, mask_to_rle
 from tests.conftest import REPO
 
@@ -29,6 +30,16 @@ class EncoderCalls:
 
     def __call__(self, module, args, output):
         self.images += int(args[0].shape[0])
+
+
+def row_flags(out, row):
+    """A row's slot flags (`slot_is_seg` without its padding)."""
+    return out.slot_is_seg[row][out.slot_mask[row]]
+
+
+def full_size(processor, out, inputs):
+    """`out`'s low-resolution masks at the original sizes of `inputs` (the processor's output), every real slot."""
+    return processor.post_process_masks(out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"], out.slot_mask)
 
 
 def sharpen_slot_tokens(model, seed=0):
@@ -55,12 +66,13 @@ def test_generate_takes_processor_output_and_runs_sam_once_per_image(tiny_model,
     assert torch.equal(out.sequences, tiny_model.generate(**batch, max_new_tokens=12))
     prompt = batch["input_ids"].shape[1]
     slots = {tiny_model.config.seg_token_id, tiny_model.config.rej_token_id}
-    assert any(len(flags) for flags in out.target_is_seg)
+    assert bool(out.slot_mask.any())
+    masks = full_size(tiny_processor, out, batch)
     for row, answer in enumerate(out.answer_ids):
         generated = out.sequences[row, prompt:].tolist()
         assert generated[: len(answer)] == answer.tolist()
-        assert out.target_is_seg[row].tolist() == [t == tiny_model.config.seg_token_id for t in answer.tolist() if t in slots]
-        assert out.pred_masks[row].shape[1:] == tuple(batch["original_sizes"][row].tolist())
+        assert row_flags(out, row).tolist() == [t == tiny_model.config.seg_token_id for t in answer.tolist() if t in slots]
+        assert masks[row].shape[1:] == tuple(batch["original_sizes"][row].tolist())
 
 
 @pytest.mark.parametrize(
@@ -76,7 +88,7 @@ def test_masks_from_generate_equal_a_full_forward_over_the_generated_answer(tiny
     calls = EncoderCalls(tiny_model)
     out = tiny_model.generate(**batch, max_new_tokens=16, return_dict_in_generate=True, **sampling)
     assert calls.images == 2  # once per image, however many sequences each gets
-    assert sum(int(flags.sum()) for flags in out.target_is_seg) > 0
+    assert int(out.slot_is_seg.sum()) > 0
     copies = sampling.get("num_return_sequences", 1)
     repeated = {k: v.repeat_interleave(copies, dim=0) for k, v in batch.items()}
     mask = (out.sequences != tiny_processor.tokenizer.pad_token_id).long()
@@ -87,14 +99,13 @@ def test_masks_from_generate_equal_a_full_forward_over_the_generated_answer(tiny
             attention_mask=mask,
             pixel_values=repeated["pixel_values"],
             sam_pixel_values=repeated["sam_pixel_values"],
-            original_sizes=repeated["original_sizes"],
-            resized_sizes=repeated["resized_sizes"],
         )
+    generated_masks, full_masks = full_size(tiny_processor, out, repeated), full_size(tiny_processor, full, repeated)
     for row in range(2 * copies):
-        count = len(out.target_is_seg[row])
-        assert torch.equal(full.target_is_seg[row][:count], out.target_is_seg[row])
-        seg = out.target_is_seg[row]
-        torch.testing.assert_close(out.pred_masks[row][seg], full.pred_masks[row][:count][seg], atol=1e-4, rtol=1e-4)
+        count = int(out.slot_mask[row].sum())
+        assert torch.equal(row_flags(full, row)[:count], row_flags(out, row))
+        seg = row_flags(out, row)
+        torch.testing.assert_close(generated_masks[row][seg], full_masks[row][:count][seg], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("count", range(1, 9))
@@ -115,17 +126,17 @@ def test_target_decisions_equal_teacher_forced_scoring_of_the_models_own_answer(
     for seed in range(50):  # a direction whose decisions mix [SEG] and [REJ] within a row
         sharpen_slot_tokens(tiny_model, seed=seed)
         decided = tiny_model.decide_targets(**inputs)
-        if any(len(set(flags.tolist())) == 2 for flags in decided.target_is_seg):
+        if any(len(set(row_flags(decided, row).tolist())) == 2 for row in range(len(phrases))):
             break
     ids = tiny_model.config
     checked = 0
     for row, sentences in enumerate(phrases):
-        rejected = [not flag for flag in decided.target_is_seg[row].tolist()]
+        rejected = [not flag for flag in row_flags(decided, row).tolist()]
         question = tiny_processor.targets_conversation(sentences)[0]
         answer = eval_answer([clean_sentence(s) for s in sentences], rejected)
         gt = tiny_processor(images=images[row : row + 1], text=[question], answers=[answer])
         assert torch.equal(gt["input_ids"][0][gt["attention_mask"][0].bool()], decided.sequences[row])
-        scored = tiny_model.score_teacher_forced(**{k: v for k, v in gt.items() if k != "labels"})
+        scored = score_teacher_forced(tiny_model, **{k: v for k, v in gt.items() if k != "labels"})
         with torch.no_grad():
             logits = tiny_model(input_ids=gt["input_ids"], attention_mask=gt["attention_mask"], pixel_values=gt["pixel_values"]).logits
         positions = torch.nonzero(torch.isin(gt["input_ids"][0], torch.tensor([ids.seg_token_id, ids.rej_token_id]))).flatten()
@@ -133,8 +144,8 @@ def test_target_decisions_equal_teacher_forced_scoring_of_the_models_own_answer(
         for slot, top in enumerate(argmax.tolist()):
             if top in (ids.seg_token_id, ids.rej_token_id):
                 checked += 1
-                assert bool(scored.predicted_rejected[0][slot]) == rejected[slot], (row, slot)
-    assert checked >= 5 and any(len(set(flags.tolist())) == 2 for flags in decided.target_is_seg)
+                assert bool(scored.rejected[0][slot]) == rejected[slot], (row, slot)
+    assert checked >= 5 and any(len(set(row_flags(decided, row).tolist())) == 2 for row in range(len(phrases)))
 
 
 def test_target_mode_masks_equal_a_full_forward_over_the_decided_answer(tiny_model, tiny_processor):
@@ -143,22 +154,22 @@ def test_target_mode_masks_equal_a_full_forward_over_the_decided_answer(tiny_mod
     images = images_of((40, 50), (20, 30))
     inputs = tiny_processor(images=images, targets=phrases)
     decided = tiny_model.decide_targets(**inputs)
+    decided_masks = full_size(tiny_processor, decided, inputs)
     for row in range(2):
         ids = decided.sequences[row][None]
+        single = {k: v[row : row + 1] for k, v in inputs.items()}
         with torch.no_grad():
             full = tiny_model(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                pixel_values=inputs["pixel_values"][row : row + 1],
-                sam_pixel_values=inputs["sam_pixel_values"][row : row + 1],
-                original_sizes=inputs["original_sizes"][row : row + 1],
-                resized_sizes=inputs["resized_sizes"][row : row + 1],
+                pixel_values=single["pixel_values"],
+                sam_pixel_values=single["sam_pixel_values"],
             )
-        seg = decided.target_is_seg[row]
-        torch.testing.assert_close(decided.pred_masks[row][seg], full.pred_masks[0][seg], atol=1e-4, rtol=1e-4)
+        seg = row_flags(decided, row)
+        torch.testing.assert_close(decided_masks[row][seg], full_size(tiny_processor, full, single)[0][seg], atol=1e-4, rtol=1e-4)
         slot_positions = torch.nonzero(torch.isin(ids[0], torch.tensor([tiny_model.config.seg_token_id, tiny_model.config.rej_token_id]))).flatten()
         expected = tiny_model.slot_scores(full.logits[0, slot_positions - 1], seg)
-        torch.testing.assert_close(decided.slot_scores[row], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decided.slot_scores[row][: len(seg)], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_target_mode_runs_the_system_prompt_once_then_one_chunk_per_slot(tiny_model, tiny_processor):
@@ -236,7 +247,7 @@ def test_generate_and_segment_on_the_bundled_model():
     batch = processor(images=[image], text=[processor.targets_question(["the red circle", "the green star"])])
     out = model.generate(**batch, max_new_tokens=40, return_dict_in_generate=True)
     assert calls.images == 1 and out.finished == [True]
-    result = processor.post_process_instance_segmentation(out)[0]
+    result = processor.post_process_instance_segmentation(out, target_sizes=batch["original_sizes"])[0]
     assert [t.phrase for t in result.targets] == ["the red circle", "the green star"]
     asked = ["the red circle", "the blue square", "the green star", "the dog", "the yellow triangle"]
     targets = model.segment(processor, image, targets=asked)[0].targets
@@ -304,8 +315,13 @@ def test_misused_inputs_and_outputs_are_refused_with_what_to_do(tiny_model, tiny
     with pytest.raises(ValueError, match="needs sam_pixel_values"):
         tiny_model.decide_targets(**{k: v for k, v in inputs.items() if k != "sam_pixel_values"})
     decided = tiny_model.decide_targets(**inputs)
+    with pytest.raises(ValueError, match=r'needs target_sizes.*target_sizes=inputs\["original_sizes"\]'):
+        tiny_processor.post_process_instance_segmentation(decided, targets=[["a", "b"]])
+    sizes = inputs["original_sizes"]
     with pytest.raises(ValueError, match="got 2 target lists for 1 images"):
-        tiny_processor.post_process_instance_segmentation(decided, targets=[["a", "b"], ["c"]])
+        tiny_processor.post_process_instance_segmentation(decided, target_sizes=sizes, targets=[["a", "b"], ["c"]])
+    with pytest.raises(ValueError, match=r"got 2 target_sizes for 1 output rows.*repeat_interleave"):
+        tiny_processor.post_process_instance_segmentation(decided, target_sizes=sizes.repeat(2, 1), targets=[["a", "b"]])
     prompt = tiny_processor(images=image, text="what?")
     plain = tiny_model.generate(input_ids=prompt["input_ids"], pixel_values=prompt["pixel_values"], max_new_tokens=3, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="hold no masks"):
@@ -325,7 +341,7 @@ def test_generation_config_and_own_suppressed_tokens_are_honoured(tiny_model, ti
     batch = tiny_processor(images=images_of((40, 50)), text=["what is the red circle?"])
     config = GenerationConfig(max_new_tokens=8, return_dict_in_generate=True, suppress_tokens=[5])
     out = tiny_model.generate(**batch, generation_config=config)
-    assert out.target_is_seg is not None and config.suppress_tokens == [5]
+    assert out.slot_is_seg is not None and config.suppress_tokens == [5]
     # The image token is suppressed alongside the caller's own: pushing it to the top still never generates it.
     image_id = tiny_model.config.image_token_id
     ids = tiny_model.generate(**batch, max_new_tokens=4, suppress_tokens=[5], sequence_bias={(image_id,): 1e4})

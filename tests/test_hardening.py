@@ -175,8 +175,8 @@ def test_segment_and_the_pipeline_refuse_counts_below_one(tiny_model, tiny_proce
 # ------------------------------------------------------------------------------------------ outputs
 def test_segment_checks_out_before_loading_the_model(saved_tiny_folder, tmp_path, capsys, monkeypatch):
     loads = []
-    real_load = command.load_model
-    monkeypatch.setattr(command, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = command.load_gsva_pinned
+    monkeypatch.setattr(command, "load_gsva_pinned", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     picture = image(tmp_path / "a.png")
     blocker = tmp_path / "a_file"
     blocker.write_text("")

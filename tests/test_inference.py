@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
+from gsva_hf.data.prompts import multi_target_answer
 from gsva_hf.forced_answers import ForceAnswers, answer_token_ids
-from processing_gsva import MULTI_TARGET_ANSWER_STYLES, multi_target_answer
+from gsva_hf.teacher_forced import score_teacher_forced
+from processing_gsva import MULTI_TARGET_ANSWER_STYLES
 
 RNG = np.random.default_rng(1)
 
@@ -48,10 +50,11 @@ def test_generate_path_equals_teacher_forced_pass(tiny_model, tiny_processor):
     full = tiny_processor(images=images, text=TEXTS, answers=ANSWERS, padding_side="left")
     with torch.no_grad():
         out = tiny_model(**{k: v for k, v in full.items() if k != "labels"})
+    masks = tiny_processor.post_process_masks(out.pred_masks, full["original_sizes"], full["reshaped_input_sizes"], out.slot_mask)
     for row, result in enumerate(results):
         for slot, target in enumerate(result.targets):
             if not target.rejected:
-                expected = out.pred_masks[row][slot] > 0
+                expected = masks[row][slot] > 0
                 assert torch.equal(target.mask, expected), (row, slot)
 
 
@@ -86,12 +89,12 @@ def test_teacher_forced_decisions_follow_argmax_one_position_earlier(tiny_model,
         gt_seg = int(batch["input_ids"][0, position]) == ids["seg_token_id"]
         predicted = int(argmax[position - 1])
         expected.append(predicted != ids["seg_token_id"] if gt_seg else predicted == ids["rej_token_id"])
-    out = tiny_model.score_teacher_forced(**batch)
-    assert out.predicted_rejected[0].tolist() == expected
-    assert out.gt_is_seg[0].tolist() == [True, False, True]
+    out = score_teacher_forced(tiny_model, **batch)
+    assert out.rejected[0].tolist() == expected
+    assert out.slot_is_seg[0].tolist() == [True, False, True]
     assert len(sentences) == out.pred_masks[0].shape[0]
     assert out.pred_masks[0][1].abs().sum() > 0  # re-eval: the [REJ] slot gets a mask as well
-    plain = tiny_model.score_teacher_forced(**batch, reeval=False)
+    plain = score_teacher_forced(tiny_model, **batch, reeval=False)
     assert plain.pred_masks[0][1].abs().sum() == 0
 
 

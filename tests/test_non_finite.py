@@ -81,7 +81,8 @@ def test_training_stops_at_the_first_non_finite_loss_naming_step_and_part(synthe
 
     output = tmp_path / "run"
     with pytest.raises(ValueError, match=r"step (\d+)/6: the (ce|bce|dice)( and (ce|bce|dice))* loss") as caught:
-        train_hf.main(train_args(synthetic_dir, output, "--max_steps", "6", "--learning_rate", "1e6"))
+        run = train_hf.build_run(train_args(synthetic_dir, output, "--max_steps", "6", "--learning_rate", "1e6"))
+        train_hf.train_and_finish(run)
     step = int(re.search(r"step (\d+)/6", str(caught.value)).group(1))
     assert "nothing was exported" in str(caught.value) and named_non_finite(caught.value)
     assert not (output / "final").exists()
@@ -308,8 +309,8 @@ def test_a_training_sentence_holding_seg_and_rej_keeps_one_slot_per_mask(synthet
 
 
 def test_typed_seg_in_explanations_and_vqa_answers_stays_text(tiny_processor):
+    from gsva_hf.data.prompts import ANSWER_LIST, multi_target_answer
     from gsva_hf.data.vqa import conversation_rounds
-    from processing_gsva import ANSWER_LIST, multi_target_answer
 
     rounds = conversation_rounds([{"from": "human", "value": "What is written?"}, {"from": "gpt", "value": "[SEG]"}], "x")
     ids, labels = tiny_processor.encode_conversation(rounds)

@@ -114,7 +114,8 @@ def test_segment_refuses_a_summary_listing_a_users_file(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.docx").write_text("four years of work")
-    (out / "summary.json").write_text(json.dumps({"images": [], "files": ["thesis.docx"]}))
+    marker = {"written_by": command.WRITTEN_BY, "format": command.SUMMARY_FORMAT}
+    (out / "summary.json").write_text(json.dumps({**marker, "images": [], "files": ["thesis.docx"]}))
     code, err = segment(capsys, picture, PHRASES, "--out", out)
     assert code == 2 and "'thesis.docx'" in err and "refusing to delete it" in err
     assert (out / "thesis.docx").read_text() == "four years of work"

@@ -1,12 +1,12 @@
-"""score_teacher_forced's single pass + prefix-reuse rerun against two full passes, and the cropped upsampling."""
+"""`score_teacher_forced`'s single pass + prefix-reuse rerun against two full passes, and the cropped upsampling."""
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.reference_eval import full_upsample_postprocess, two_pass_score_teacher_forced
-from modeling_gsva import GSVAForCausalLM
-from processing_gsva import eval_answer, eval_question
+from gsva_hf.teacher_forced import score_teacher_forced
+from processing_gsva import eval_answer, eval_question, upscale_mask_logits
 
 RNG = np.random.default_rng(3)
 NAMES = ["the red circle", "a small blue square on the left", "the green star", "two yellow things", "the cat"]
@@ -35,11 +35,11 @@ def sharpen_decisions(model, seed=1):
 
 def assert_same(out, reference):
     assert len(out.pred_masks) == len(reference.pred_masks)
-    for got, want, flags, want_flags in zip(out.pred_masks, reference.pred_masks, out.gt_is_seg, reference.gt_is_seg):
+    for got, want, flags, want_flags in zip(out.pred_masks, reference.pred_masks, out.slot_is_seg, reference.slot_is_seg):
         assert got.shape == want.shape and got.dtype == want.dtype
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert flags.tolist() == want_flags.tolist()
-    assert [r.tolist() for r in out.predicted_rejected] == [r.tolist() for r in reference.predicted_rejected]
+    assert [r.tolist() for r in out.rejected] == [r.tolist() for r in reference.rejected]
 
 
 MIXED = [
@@ -56,20 +56,20 @@ def test_batched_mixed_rows_match_two_full_passes(tiny_model, tiny_processor, re
     sharpen_decisions(tiny_model)
     batch = batch_of(tiny_processor, MIXED)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "rows should be padded differently"
-    out = tiny_model.score_teacher_forced(**batch, reeval=reeval)
+    out = score_teacher_forced(tiny_model, **batch, reeval=reeval)
     reference = two_pass_score_teacher_forced(tiny_model, **batch, reeval=reeval)
     assert_same(out, reference)
-    decisions = torch.cat(out.predicted_rejected)
+    decisions = torch.cat(out.rejected)
     assert decisions.any() and not decisions.all(), "the test needs both decisions to be exercised"
     if not reeval:
-        assert all(float(mask[~flags].abs().sum()) == 0 for mask, flags in zip(out.pred_masks, out.gt_is_seg))
+        assert all(float(mask[~flags].abs().sum()) == 0 for mask, flags in zip(out.pred_masks, out.slot_is_seg))
 
 
 @pytest.mark.parametrize("rejected", [[False, True, False], [False, False], [True], [True, False, True, False]])
 def test_single_rows_match_two_full_passes(tiny_model, tiny_processor, rejected):
     sharpen_decisions(tiny_model)
     batch = batch_of(tiny_processor, [(37, 29, rejected)])
-    assert_same(tiny_model.score_teacher_forced(**batch), two_pass_score_teacher_forced(tiny_model, **batch))
+    assert_same(score_teacher_forced(tiny_model, **batch), two_pass_score_teacher_forced(tiny_model, **batch))
 
 
 def shared_prefix(input_ids, config) -> int:
@@ -99,7 +99,7 @@ def test_rerun_feeds_only_the_rows_and_tokens_after_the_first_rej(tiny_model, ti
         lambda module, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
     )
     try:
-        tiny_model.score_teacher_forced(**batch)
+        score_teacher_forced(tiny_model, **batch)
     finally:
         hook.remove()
     shared = shared_prefix(batch["input_ids"], config)
@@ -113,7 +113,7 @@ def test_no_rej_in_the_batch_runs_the_language_model_once_over_each_token(tiny_m
         lambda module, args, kwargs, out: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
     )
     try:
-        out = tiny_model.score_teacher_forced(**batch)
+        out = score_teacher_forced(tiny_model, **batch)
     finally:
         hook.remove()
     shared = shared_prefix(batch["input_ids"], tiny_model.config)
@@ -136,7 +136,7 @@ def test_no_rej_in_the_batch_runs_the_language_model_once_over_each_token(tiny_m
 )
 def test_cropped_upsampling_equals_full_upsampling_then_crop(sam_size, low, resized, original):
     low_res = 10 * torch.randn(3, low, low, generator=torch.Generator().manual_seed(0))
-    got = GSVAForCausalLM.postprocess_masks(low_res, resized, original, sam_size)
+    got = upscale_mask_logits(low_res, resized, original, sam_size)
     want = full_upsample_postprocess(low_res, resized, original, sam_size)
     assert got.shape == want.shape == (3, *original) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
@@ -152,13 +152,13 @@ def test_confirmed_rejections_skip_their_masks_and_keep_the_metrics(tiny_model, 
     seen = []
     hook = tiny_model.sam.vision_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     try:
-        out = tiny_model.score_teacher_forced(**batch, mask_confirmed_rejections=False)
+        out = score_teacher_forced(tiny_model, **batch, mask_confirmed_rejections=False)
     finally:
         hook.remove()
     reference = two_pass_score_teacher_forced(tiny_model, **batch)
-    assert [r.tolist() for r in out.predicted_rejected] == [r.tolist() for r in reference.predicted_rejected]
-    confirmed = [~is_seg & rejected for is_seg, rejected in zip(out.gt_is_seg, out.predicted_rejected)]
-    kinds = torch.cat([torch.stack([~is_seg & ~c, c]) for is_seg, c in zip(out.gt_is_seg, confirmed)], 1)
+    assert [r.tolist() for r in out.rejected] == [r.tolist() for r in reference.rejected]
+    confirmed = [~is_seg & rejected for is_seg, rejected in zip(out.slot_is_seg, out.rejected)]
+    kinds = torch.cat([torch.stack([~is_seg & ~c, c]) for is_seg, c in zip(out.slot_is_seg, confirmed)], 1)
     assert kinds.any(1).all(), "the test needs confirmed and unconfirmed [REJ] slots"
     for got, want, skip in zip(out.pred_masks, reference.pred_masks, confirmed):
         assert got.shape == want.shape
@@ -168,11 +168,11 @@ def test_confirmed_rejections_skip_their_masks_and_keep_the_metrics(tiny_model, 
 
     # Ground truth: random for [SEG] slots, empty for [REJ] slots (what makes the slot a [REJ]).
     rng = np.random.default_rng(0)
-    gts = [(rng.random(masks.shape) > 0.5) & is_seg.numpy()[:, None, None] for masks, is_seg in zip(out.pred_masks, out.gt_is_seg)]
+    gts = [(rng.random(masks.shape) > 0.5) & is_seg.numpy()[:, None, None] for masks, is_seg in zip(out.pred_masks, out.slot_is_seg)]
     metrics = []
     for result in (out, reference):
         accumulator = GresAccumulator()
-        for masks, rejected, gt in zip(result.pred_masks, result.predicted_rejected, gts):
+        for masks, rejected, gt in zip(result.pred_masks, result.rejected, gts):
             for mask, rej, target in zip(masks, rejected.tolist(), gt):
                 accumulator.add(accumulator.scored_form(mask), target.astype(np.uint8), rej)
         metrics.append(accumulator.compute())

@@ -12,6 +12,7 @@ import torch
 from configuration_gsva import GSVAConfig
 from gsva_hf.conversion import ConversionError, convert_sam_state_dict, sam_config_from_shapes, sam_rename_plan
 from modeling_gsva import GSVAForCausalLM
+from processing_gsva import upscale_mask_logits
 from tests._sam_reference import (
     IMAGE_SIZE,
     PROMPT_WIDTH,
@@ -108,11 +109,12 @@ def test_gsva_mask_path_matches_segment_anything(reference_sam, converted):
     torch.testing.assert_close(low_res[0, :, 0], ref_low, **TOLERANCE)
     torch.testing.assert_close(iou[0, :, 0], ref_iou, **TOLERANCE)
 
-    masks, scores = converted.masks_from_hidden_states(
-        [lift_prompts(prompts, TEXT_WIDTH)], embedding, torch.tensor([resized]), torch.tensor([original])
-    )
-    assert masks[0].shape == (3, *original)
-    torch.testing.assert_close(masks[0], ref_full, **TOLERANCE)
+    states = lift_prompts(prompts, TEXT_WIDTH)[None]
+    low_res, scores = converted.masks_from_hidden_states(states, embedding, torch.ones(states.shape[:2], dtype=torch.bool))
+    torch.testing.assert_close(low_res[0], ref_low, **TOLERANCE)
+    masks = upscale_mask_logits(low_res[0], resized, original, converted.config.sam_config.vision_config.image_size)
+    assert masks.shape == (3, *original)
+    torch.testing.assert_close(masks, ref_full, **TOLERANCE)
     torch.testing.assert_close(scores[0], ref_iou, **TOLERANCE)
 
 

@@ -177,7 +177,10 @@ def pretrain_vision_tower(model, processor, data_args, training_args, tiny: Tiny
     if training_args.process_index == 0:
         output_dir = Path(training_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "vision_pretraining.json").write_text(json.dumps(report, indent=2) + "\n")
+        from gsva_hf.metrics import strict_json
+
+        report_file = output_dir / "vision_pretraining.json"
+        report_file.write_text(strict_json(report, str(report_file)) + "\n")
     return report["seconds"]
 
 

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from ..rle import compressed_rle
 from .guards import AnnotationError, check_polygon, check_rle_counts
 from .images import check_claimed_size
 from .refer import _PYCOCOTOOLS_NUMPY2_WARNING, LAYOUTS, ImageInfo, Ref, ReferDataError, RefSentence, open_image
+from .refer_specs import HF_PREFIX, parse_val_spec
 
 logger = logging.getLogger(__name__)
 
-HF_PREFIX = "hf:"
 DEFAULT_KIND = "grefcoco"
 _INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _FLOATS = ("float16", "float32", "float64")
@@ -142,16 +143,6 @@ def check_schema(dataset, origin: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def parse_hf_spec(spec: str) -> tuple[str, str]:
-    """`"hf:PATH_OR_REPO|split"` → (PATH_OR_REPO, split)."""
-    if not spec.startswith(HF_PREFIX) or "|" not in spec:
-        raise ValueError(f"a datasets source must look like 'hf:PATH_OR_REPO|split', got {spec!r}")
-    source, split = spec[len(HF_PREFIX):].rsplit("|", 1)
-    if not source or not split:
-        raise ValueError(f"a datasets source must look like 'hf:PATH_OR_REPO|split', got {spec!r}")
-    return source, split
-
-
 def load_hf_split(source: str, split: str):
     """One split of a `save_to_disk` folder, a data-files folder or a Hub repo, as a `datasets.Dataset`."""
     import datasets
@@ -160,7 +151,10 @@ def load_hf_split(source: str, split: str):
     saved = os.path.isdir(source) and any(
         os.path.isfile(os.path.join(source, name)) for name in ("dataset_dict.json", "state.json")
     )
-    loaded = datasets.load_from_disk(source) if saved else datasets.load_dataset(source)
+    try:
+        loaded = datasets.load_from_disk(source) if saved else datasets.load_dataset(source)
+    except (OSError, ValueError) as error:  # no such folder or repository, offline, not a dataset: name the spec
+        raise ReferDataError(f"{origin}|{split}: cannot load it as a datasets source: {error}") from error
     if isinstance(loaded, (datasets.DatasetDict, dict)):
         if split not in loaded:
             raise ReferDataError(f"{origin}: no split {split!r}; available: {', '.join(sorted(loaded)) or 'none'}")
@@ -404,10 +398,7 @@ def _tree_rows(dataset_dir: str, dataset: str, split_by: str, split: str):
         with open(info.path, "rb") as handle:
             image = {"bytes": handle.read(), "path": os.path.basename(info.file_name)}
         for ref in data.refs_of_image(image_id, split):
-            masks = []
-            for ann_id in ref.ann_ids:
-                rle = coco_mask.encode(np.asfortranarray(data.ann_mask(ann_id).astype(np.uint8)))
-                masks.append({"size": [info.height, info.width], "counts": rle["counts"].decode("ascii")})
+            masks = [compressed_rle(data.ann_mask(ann_id)) for ann_id in ref.ann_ids]
             yield {
                 "image": image,
                 "image_id": image_id,
@@ -432,8 +423,6 @@ def tree_to_hf(dataset_dir, specs: str | list[str], out=None):
     (polygons, RLEs and crowd regions merged), so both sources give identical samples.
     """
     import datasets
-
-    from .refer_seg import parse_val_spec
 
     dataset_dir = os.fspath(dataset_dir)
     spec_list = [s.strip() for s in specs.split("||")] if isinstance(specs, str) else list(specs)

@@ -13,16 +13,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from processing_gsva import (
-    ANSWER_LIST,
-    EXPLANATORY_QUESTION_LIST,
-    LONG_QUESTION_LIST,
-    SEG_TOKEN,
-    SHORT_QUESTION_LIST,
-    AnswerText,
-)
+from processing_gsva import SEG_TOKEN, AnswerText
 
 from .images import open_dataset_image
+from .prompts import ANSWER_LIST, EXPLANATORY_QUESTION_LIST, LONG_QUESTION_LIST, SHORT_QUESTION_LIST
 from .sample import Sample
 from .seeding import check_index, index_rng
 

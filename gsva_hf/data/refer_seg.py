@@ -13,10 +13,12 @@ import random
 import numpy as np
 from torch.utils.data import Dataset
 
-from processing_gsva import clean_sentence, eval_answer, eval_question, multi_target_answer, multi_target_question
+from processing_gsva import clean_sentence, eval_answer, eval_question
 
-from .hf_datasets import HF_PREFIX, load_hf_refer, parse_hf_spec
+from .hf_datasets import load_hf_refer
+from .prompts import multi_target_answer, multi_target_question
 from .refer import LAYOUTS, ReferDataError, gsva_split_by, load_refer, open_image
+from .refer_specs import HF_PREFIX, parse_hf_spec, parse_val_spec
 from .sample import Sample
 from .seeding import check_index, index_rng
 from .specs import parse_dataset_list
@@ -141,18 +143,6 @@ class ReferSegDataset(Dataset):
             f"{which}: {MAX_DRAWS} draws from {self.names} gave only [REJ] targets; their train refs have "
             "(almost) no non-empty masks"
         )
-
-
-def parse_val_spec(spec: str) -> tuple[str, str, str]:
-    """`"<dataset>|<splitBy>|<split>"` → (dataset, GSVA's splitBy, split); the given splitBy is overridden, as GSVA
-    does (umd for refcocog, unc otherwise)."""
-    parts = spec.split("|")
-    if len(parts) != 3 or not all(parts):
-        raise ValueError(f"refer val spec must look like 'grefcoco|unc|val', got {spec!r}")
-    dataset, _, split = parts
-    if dataset not in LAYOUTS:
-        raise ValueError(f"unknown refer dataset {dataset!r} in {spec!r}; known: {', '.join(sorted(LAYOUTS))}")
-    return dataset, gsva_split_by(dataset), split
 
 
 class ReferSegValDataset(Dataset):

@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from processing_gsva import multi_target_answer, multi_target_question
-
 from .guards import AnnotationError, check_polygon, check_rle_counts, safe_join
 from .images import check_claimed_size, image_header_size, open_dataset_image
+from .prompts import multi_target_answer, multi_target_question
 from .reason_seg import read_json_file
 from .sample import Sample
 from .seeding import check_index, index_rng

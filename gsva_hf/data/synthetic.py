@@ -12,10 +12,12 @@ reader builds agree with the image exactly. Output is deterministic: the same ar
     python -m gsva_hf.data.synthetic --out data/synthetic
 """
 
-import argparse
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from ..cli import CommandParser
 
 SPLITS = ("train", "val", "testA", "testB")
 DEFAULT_NUM_IMAGES = {"train": 4000, "val": 250, "testA": 250, "testB": 250}
@@ -631,6 +635,92 @@ def write_synthetic_grefcoco(
     return manifest
 
 
+# Written into an --hf-out folder: what marks a `datasets` folder this generator wrote, and lists its files.
+HF_MANIFEST_NAME = "synthetic_hf.json"
+HF_FORMAT = 1
+
+
+def _folder_entries(folder: Path, flag: str) -> list[Path]:
+    """Every entry under `folder`, refusing a symbolic link anywhere (nothing is replaced through one)."""
+    entries = []
+    for parent, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = Path(parent, name)
+            if path.is_symlink():
+                raise FileExistsError(
+                    f"{flag} {folder}: {path.relative_to(folder)} is a symbolic link; the generator never writes or "
+                    "deletes through one: give an empty or new folder"
+                )
+            entries.append(path)
+    return entries
+
+
+def check_hf_out(folder: str | Path) -> list[Path]:
+    """The files an earlier `--hf-out` run wrote in `folder`, which a new run replaces; none for an absent or empty
+    folder. Any other folder is refused (FileExistsError naming it): a link, a file, or one holding a file that no
+    `HF_MANIFEST_NAME` of this generator there lists (a user's own DatasetDict above all)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise FileExistsError(
+            f"--hf-out {folder} is a symbolic link (to {os.readlink(folder)}); the generator never writes through "
+            "one: give the folder itself or a new one"
+        )
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise FileExistsError(f"--hf-out {folder} is a file, not a folder; give an empty or new folder")
+    files = [path for path in _folder_entries(folder, "--hf-out") if not path.is_dir()]
+    if not files:
+        return []
+    manifest = folder / HF_MANIFEST_NAME
+    try:
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+        listed = record["files"] if (record["written_by"], record["format"]) == (GENERATOR, HF_FORMAT) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+        raise FileExistsError(
+            f"--hf-out {folder} holds files this generator did not write (no {HF_MANIFEST_NAME} of "
+            f"{GENERATOR} there); refusing to replace them: give an empty or new folder"
+        )
+    ours = {folder / name for name in listed} | {manifest}
+    left = sorted(str(path.relative_to(folder)) for path in files if path not in ours)
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        raise FileExistsError(
+            f"--hf-out {folder} holds files this generator did not write ({shown}); refusing to replace them: give "
+            "an empty or new folder"
+        )
+    return files
+
+
+def write_hf_out(dataset_dir, specs: list[str], folder: str | Path) -> None:
+    """Save `specs` of the tree as a DatasetDict in `folder`, with its `HF_MANIFEST_NAME`, replacing only what
+    `check_hf_out` allows. Saved into a new folder beside it first, so a failed save leaves the earlier one whole."""
+    from .hf_datasets import tree_to_hf
+
+    folder = Path(os.path.abspath(folder))  # "." and "x/.." have a real name and parent
+    check_hf_out(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        fresh = scratch / "hf"
+        tree_to_hf(dataset_dir, specs, fresh)
+        names = sorted(str(path.relative_to(fresh)) for path in fresh.rglob("*") if path.is_file())
+        record = {"written_by": GENERATOR, "format": HF_FORMAT, "tree": str(dataset_dir), "specs": list(specs),
+                  "files": names}
+        (fresh / HF_MANIFEST_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        for path in check_hf_out(folder):  # checked again: the folder may have changed during the save
+            path.unlink()
+        if folder.exists():
+            for path in sorted(_folder_entries(folder, "--hf-out"), key=lambda p: len(p.parts), reverse=True):
+                path.rmdir()
+            folder.rmdir()
+        os.replace(fresh, folder)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _readme(manifest: dict) -> str:
     p = manifest["parameters"]
     lines = [
@@ -661,7 +751,7 @@ def _readme(manifest: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m gsva_hf.data.synthetic",
         description="Write the synthetic coloured-shapes GRES task as gRefCOCO files under OUT/refer_seg/, "
         "so `grefcoco|unc|<split>` loads it with the ordinary reader (pass OUT as the dataset dir).",
@@ -669,19 +759,19 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="dataset dir (GSVA data root) to write into")
     for split in SPLITS:
         parser.add_argument(f"--{split}", type=int, default=DEFAULT_NUM_IMAGES[split], metavar="N",
-                            help=f"images in the {split} split (default {DEFAULT_NUM_IMAGES[split]})")
-    parser.add_argument("--image-size", type=int, default=128, help="square image side in pixels (default 128)")
-    parser.add_argument("--seed", type=int, default=0, help="seed; same arguments give identical files (default 0)")
+                            help=f"images in the {split} split")
+    parser.add_argument("--image-size", type=int, default=128, help="square image side in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="seed; same arguments give identical files")
     parser.add_argument("--colors", default=",".join(DEFAULT_COLORS),
-                        help=f"comma-separated colours from {','.join(PALETTE)} (default %(default)s)")
+                        help=f"comma-separated colours from {','.join(PALETTE)}")
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
-                        help=f"comma-separated shapes from {','.join(ALL_SHAPES)} (default %(default)s)")
+                        help=f"comma-separated shapes from {','.join(ALL_SHAPES)}")
     parser.add_argument("--eval-hard-negative-rate", type=float, default=SPLIT_DEFAULTS["val"]["hard_negative_rate"],
                         help="share of absent targets in val/testA/testB that share a colour or shape with a present "
-                        "object (default %(default)s)")
+                        "object")
     parser.add_argument("--train-hard-negative-rate", type=float,
                         default=SPLIT_DEFAULTS["train"]["hard_negative_rate"],
-                        help="the same share for train (default %(default)s)")
+                        help="the same share for train")
     parser.add_argument("--hf-out", metavar="DIR",
                         help="also save the written splits as a `datasets` DatasetDict in DIR (read it with "
                         "'hf:DIR|<split>'; see gsva_hf.data.hf_datasets)")
@@ -689,6 +779,11 @@ def main(argv=None):
     split_options = {s: {"hard_negative_rate": args.eval_hard_negative_rate} for s in ("val", "testA", "testB")}
     split_options["train"] = {"hard_negative_rate": args.train_hard_negative_rate}
     try:
+        if args.hf_out:  # refused before the tree is written
+            tree, hf = Path(args.out).resolve(), Path(args.hf_out).resolve()
+            if tree == hf or tree in hf.parents or hf in tree.parents:
+                raise ValueError(f"--hf-out {args.hf_out} and --out {args.out} overlap; give two separate folders")
+            check_hf_out(args.hf_out)
         manifest = write_synthetic_grefcoco(
             args.out,
             num_images={s: getattr(args, s) for s in SPLITS},
@@ -698,16 +793,28 @@ def main(argv=None):
             shapes=[s.strip() for s in args.shapes.split(",") if s.strip()],
             split_options=split_options,
         )
-    except (FileExistsError, ValueError) as error:  # a refused --out or a bad option: one line, no traceback
-        parser.error(str(error))
+    except (OSError, ValueError) as error:  # a refused or unwritable --out, a bad option: one line, no traceback
+        if args.debug:
+            raise
+        parser.error(_one_line(error, "--out", args.out))
     print(_readme(manifest), end="")
     print(f"wrote {Path(args.out) / GREFCOCO_SUBDIR} and {Path(args.out) / IMAGE_SUBDIR} in {manifest['seconds']} s")
     if args.hf_out:
-        from .hf_datasets import tree_to_hf
-
         written = [f"grefcoco|unc|{split}" for split in SPLITS if getattr(args, split) > 0]
-        tree_to_hf(args.out, written, args.hf_out)
+        try:
+            write_hf_out(args.out, written, args.hf_out)
+        except (OSError, ValueError) as error:
+            if args.debug:
+                raise
+            parser.error(_one_line(error, "--hf-out", args.hf_out))
         print(f"wrote the datasets form of {', '.join(written)} to {args.hf_out}")
+
+
+def _one_line(error: Exception, flag: str, folder) -> str:
+    """The error as one line naming the flag: Python's own OSErrors (a folder that cannot be created) say where."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{flag} {folder}: cannot write {error.filename} ({error.strerror or error})"
+    return str(error)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,49 @@ def check_config_sizes(config, where: str = "GSVA config") -> None:
                     )
 
 
+# Upper bound on the estimated parameters of each sub-model (CLIP, the LLM, SAM). Every field can lie within
+# `SIZE_LIMITS` while their product asks for trillions (hidden 65536 x 1024 layers); training (DeepSpeed ZeRO-2
+# included) and `load_gsva` keep every parameter on one device, and 200 billion in bf16 is 400 GB, more than any.
+MAX_SUB_MODEL_PARAMETERS = 200_000_000_000
+# Fields that multiply a sub-model's feed-forward blocks (mixture-of-experts LLMs).
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _size(config, name: str) -> int:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def estimated_parameters(config) -> int:
+    """About how many parameters a (sub-)config builds, from its sizes alone (nested configs, SAM's parts, summed):
+    per layer the attention projections and a gated feed-forward block (per expert), the token embeddings and
+    output head, the patch embedding and positions. Close to the true count (biases and norms left out): for bounds."""
+    total = sum(estimated_parameters(value) for value in vars(config).values() if isinstance(value, PreTrainedConfig))
+    hidden = _size(config, "hidden_size")
+    inner = _size(config, "intermediate_size") or _size(config, "mlp_dim")
+    heads = _size(config, "num_attention_heads") or 1
+    head_dim = _size(config, "head_dim") or hidden // heads
+    kv_heads = _size(config, "num_key_value_heads") or heads
+    experts = max([_size(config, name) for name in _EXPERT_FIELDS] + [1])
+    feed_forward = 3 * hidden * (_size(config, "moe_intermediate_size") or inner) * experts if experts > 1 else 3 * hidden * inner
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    patch = _size(config, "patch_size")
+    patches = (_size(config, "image_size") // patch) ** 2 + _size(config, "num_channels") * patch**2 if patch else 0
+    return total + _size(config, "num_hidden_layers") * (attention + feed_forward) + (2 * _size(config, "vocab_size") + patches) * hidden
+
+
+def check_config_parameters(config, where: str = "GSVA config") -> None:
+    """Refuse a config whose vision tower, LLM or SAM would have more than `MAX_SUB_MODEL_PARAMETERS` (estimated
+    before anything is built)."""
+    for name in SUB_CONFIGS:
+        estimate = estimated_parameters(getattr(config, name))
+        if estimate > MAX_SUB_MODEL_PARAMETERS:
+            raise ValueError(
+                f"{where}: {name} would build about {estimate / 1e9:,.0f} billion parameters (estimated from its sizes); "
+                f"at most {MAX_SUB_MODEL_PARAMETERS / 1e9:,.0f} billion per sub-model are allowed"
+            )
+
+
 @strict
 class GSVAConfig(PreTrainedConfig):
     r"""
@@ -137,6 +180,7 @@ class GSVAConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         check_config_sizes(self)
+        check_config_parameters(self)
         if self.out_dim != self.sam_config.prompt_encoder_config.hidden_size:
             raise ValueError(
                 f"GSVAConfig.out_dim ({self.out_dim}) must equal sam_config.prompt_encoder_config.hidden_size "
@@ -177,7 +221,15 @@ class GSVAConfig(PreTrainedConfig):
         return per_side * per_side + (1 if self.vision_feature_select_strategy == "full" else 0)
 
 
-__all__ = ["GSVAConfig", "SIZE_LIMITS", "check_config_dict", "check_config_sizes"]
+__all__ = [
+    "GSVAConfig",
+    "MAX_SUB_MODEL_PARAMETERS",
+    "SIZE_LIMITS",
+    "check_config_dict",
+    "check_config_parameters",
+    "check_config_sizes",
+    "estimated_parameters",
+]
 
 GSVAConfig.register_for_auto_class("AutoConfig")
 # Lets AutoConfig (and AutoTokenizer, which reads config.json) resolve "gsva" once this module is imported.

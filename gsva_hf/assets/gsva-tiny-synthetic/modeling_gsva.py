@@ -8,7 +8,6 @@ Shipped with a Hub repository for ``trust_remote_code``: imports only torch, tra
 """
 
 import copy
-import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,10 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 try:
     from .configuration_gsva import GSVAConfig
+    from .processing_gsva import sam_reshaped_size, upscale_slot_masks
 except ImportError:
     from configuration_gsva import GSVAConfig
+    from processing_gsva import sam_reshaped_size, upscale_slot_masks
 
 IGNORE_INDEX = -100
 AUTO_MAP = {
@@ -44,6 +45,8 @@ CUSTOM_PIPELINES = {
     }
 }
 DICE_SCALE = 1000.0
+# Processor outputs for its own post-processing, never read by the model.
+PROCESSOR_ONLY_INPUTS = ("original_sizes", "reshaped_input_sizes")
 DICE_EPS = 1e-6
 
 
@@ -65,13 +68,16 @@ class GSVAOutput(ModelOutput):
             The decoder's key/value cache.
         hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
             The decoder's, when `output_hidden_states` / `output_attentions` are set.
-        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`, *optional*, with SAM inputs):
-            Per row, mask logits at the original image size, one per `[SEG]`/`[REJ]` slot in text order;
-            `[REJ]` slots hold zeros (no prediction), as in GSVA's training.
-        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`, *optional*):
-            Per row, which slots are `[SEG]` (True) or `[REJ]` (False).
-        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`, *optional*):
-            Per row, SAM's predicted IoU for each slot (0 for `[REJ]` slots).
+        pred_masks (`torch.FloatTensor` of shape `(batch_size, num_slots, height, width)`, *optional*, with SAM inputs):
+            SAM's low-resolution mask logits (float32), one per `[SEG]`/`[REJ]` slot in text order, rows padded to
+            the longest; `[REJ]` and padding slots hold zeros (no prediction), as in GSVA's training.
+            `processor.post_process_masks` brings them to the original image size.
+        iou_scores (`torch.FloatTensor` of shape `(batch_size, num_slots)`, *optional*):
+            SAM's predicted IoU for each slot (0 for `[REJ]` and padding).
+        slot_is_seg (`torch.BoolTensor` of shape `(batch_size, num_slots)`, *optional*):
+            Whether each slot's token is `[SEG]` (False for `[REJ]` and padding).
+        slot_mask (`torch.BoolTensor` of shape `(batch_size, num_slots)`, *optional*):
+            Which slots are real (True) rather than padding; a row's real slots come first.
     """
 
     loss: torch.Tensor | None = None
@@ -82,29 +88,10 @@ class GSVAOutput(ModelOutput):
     cache: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-    pred_masks: list[torch.Tensor] | None = None
-    target_is_seg: list[torch.Tensor] | None = None
-    iou_scores: list[torch.Tensor] | None = None
-
-
-@dataclass
-class GSVATeacherForcedOutput(ModelOutput):
-    r"""
-    Output of `GSVAForCausalLM.score_teacher_forced` (GSVA's evaluation protocol).
-
-    Args:
-        predicted_rejected (`list[torch.BoolTensor]`, each `(num_slots,)`):
-            Per row, for each ground-truth `[SEG]`/`[REJ]` slot in text order, whether the model rejects it
-            (`slot_decisions` with the ground truth, read one position earlier).
-        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
-            Per row, mask logits at the original size (every slot with `reeval`).
-        gt_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
-            Per row, the ground-truth slot types.
-    """
-
-    predicted_rejected: list[torch.Tensor] | None = None
-    pred_masks: list[torch.Tensor] | None = None
-    gt_is_seg: list[torch.Tensor] | None = None
+    pred_masks: torch.Tensor | None = None
+    iou_scores: torch.Tensor | None = None
+    slot_is_seg: torch.Tensor | None = None
+    slot_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -118,25 +105,23 @@ class GSVAGenerateOutput(GenerateDecoderOnlyOutput):
             The generated answer up to (not including) its end-of-sequence token.
         finished (`list[bool]`):
             Whether the row ended with end-of-sequence (False: cut at `max_new_tokens`).
-        target_is_seg (`list[torch.BoolTensor]`, each `(num_slots,)`):
-            Per `[SEG]`/`[REJ]` slot of the answer, in order, whether it is `[SEG]`.
-        slot_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
+        slot_is_seg, slot_mask (`torch.BoolTensor` of shape `(num_sequences, num_slots)`):
+            Per `[SEG]`/`[REJ]` slot of the answer, in order, whether it is `[SEG]`; which slots are real.
+        slot_scores (`torch.FloatTensor` of shape `(num_sequences, num_slots)`):
             The probability of that choice between the two tokens (softmax over their two logits).
-        pred_masks (`list[torch.FloatTensor]`, each `(num_slots, height, width)`):
-            Mask logits at the original size (zeros for `[REJ]`).
-        iou_scores (`list[torch.FloatTensor]`, each `(num_slots,)`):
-            SAM's predicted IoU (0 for `[REJ]`).
-        original_sizes (`torch.LongTensor` of shape `(batch_size, 2)`):
-            Image sizes (height, width).
+        pred_masks (`torch.FloatTensor` of shape `(num_sequences, num_slots, height, width)`):
+            SAM's low-resolution mask logits (zeros for `[REJ]` and padding).
+        iou_scores (`torch.FloatTensor` of shape `(num_sequences, num_slots)`):
+            SAM's predicted IoU (0 for `[REJ]` and padding).
     """
 
     answer_ids: list[torch.LongTensor] | None = None
     finished: list[bool] | None = None
-    target_is_seg: list[torch.Tensor] | None = None
-    slot_scores: list[torch.Tensor] | None = None
-    pred_masks: list[torch.Tensor] | None = None
-    iou_scores: list[torch.Tensor] | None = None
-    original_sizes: torch.Tensor | None = None
+    slot_is_seg: torch.Tensor | None = None
+    slot_mask: torch.Tensor | None = None
+    slot_scores: torch.Tensor | None = None
+    pred_masks: torch.Tensor | None = None
+    iou_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -147,16 +132,27 @@ class GSVATargetsOutput(ModelOutput):
     Args:
         sequences (`list[torch.LongTensor]`):
             Per row, the input tokens (padding removed) with each slot set to the decided token.
-        target_is_seg, slot_scores, pred_masks, iou_scores, original_sizes:
+        slot_is_seg, slot_mask, slot_scores, pred_masks, iou_scores:
             As in `GSVAGenerateOutput`.
     """
 
     sequences: list[torch.LongTensor] | None = None
-    target_is_seg: list[torch.Tensor] | None = None
-    slot_scores: list[torch.Tensor] | None = None
-    pred_masks: list[torch.Tensor] | None = None
-    iou_scores: list[torch.Tensor] | None = None
-    original_sizes: torch.Tensor | None = None
+    slot_is_seg: torch.Tensor | None = None
+    slot_mask: torch.Tensor | None = None
+    slot_scores: torch.Tensor | None = None
+    pred_masks: torch.Tensor | None = None
+    iou_scores: torch.Tensor | None = None
+
+
+def pad_slots(values: list[torch.Tensor], fill=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row slot values `[n_i, ...]` as one `[B, max n_i, ...]` tensor (padding `fill`) and its slot mask."""
+    count = max((len(v) for v in values), default=0)
+    dense = values[0].new_full((len(values), count, *values[0].shape[1:]), fill)
+    mask = torch.zeros((len(values), count), dtype=torch.bool, device=values[0].device)
+    for row, value in enumerate(values):
+        dense[row, : len(value)] = value
+        mask[row, : len(value)] = True
+    return dense, mask
 
 
 class GSVAMultiModalProjector(nn.Module):
@@ -323,102 +319,60 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         return slots
 
     def masks_from_hidden_states(
-        self,
-        seg_hidden_states: list[torch.Tensor],
-        sam_image_embeddings: torch.Tensor,
-        resized_sizes: torch.Tensor,
-        original_sizes: torch.Tensor,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        self, slot_hidden_states: torch.Tensor, sam_image_embeddings: torch.Tensor, decode: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The one place where `[SEG]` hidden states become masks, for training, evaluation and inference.
 
-        seg_hidden_states: per image, last-layer states `[n_i, d]` at the positions just before its `[SEG]`s.
-        sam_image_embeddings: `[B, C, h, w]` from `get_sam_image_embeddings`, one per image.
-        resized_sizes / original_sizes: `[B, 2]` (height, width) after SAM's longest-side resize / of the image.
-        Returns per image mask logits `[n_i, H_i, W_i]` (float32) and SAM's IoU predictions `[n_i]`.
+        slot_hidden_states: `[B, S, d]` last-layer states at the positions just before each slot (`gather_slot_states`).
+        sam_image_embeddings: `[B, C, h, w]` from `get_sam_image_embeddings`, one per row.
+        decode: `[B, S]` bool, the slots that get a mask (usually `slot_is_seg`).
+        Returns SAM's low-resolution mask logits `[B, S, h', w']` (float32) and IoU predictions `[B, S]`, zeros
+        where `decode` is False. All decoded slots of the batch go through SAM's mask decoder in one call.
         """
-        decoder = self.sam.mask_decoder
-        sam_size = self.config.sam_config.vision_config.image_size
-        dtype = decoder.iou_token.weight.dtype
-        counts = [int(states.shape[0]) for states in seg_hidden_states]
-        total = sum(counts)
+        mask_decoder = self.sam.mask_decoder
+        dtype = mask_decoder.iou_token.weight.dtype
+        decode = decode.to(slot_hidden_states.device)
+        batch, count = decode.shape
+        # SAM's mask decoder upscales its image embedding 4x.
+        side = tuple(4 * size for size in sam_image_embeddings.shape[-2:])
+        masks = torch.zeros((batch, count, *side), dtype=torch.float32, device=sam_image_embeddings.device)
+        iou = torch.zeros((batch, count), dtype=torch.float32, device=sam_image_embeddings.device)
+        total = int(decode.sum())
         if total == 0:
-            zeros = sam_image_embeddings.new_zeros
-            masks = [zeros((0, int(h), int(w)), dtype=torch.float32) for h, w in original_sizes.tolist()]
-            return masks, [zeros((0,), dtype=torch.float32) for _ in counts]
-        # All targets of the batch go through the decoder in one call: row t sees its own image's embedding.
-        states = torch.cat(seg_hidden_states, dim=0)
+            return masks, iou
+        states = slot_hidden_states[decode]
         prompts = self.text_hidden_fcs[0](states.to(next(self.text_hidden_fcs.parameters()).dtype)).to(dtype)
-        device = sam_image_embeddings.device
-        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+        # Slot t of the call sees its own row's image embedding.
+        owner = torch.nonzero(decode)[:, 0].to(sam_image_embeddings.device)
         image_embeddings = sam_image_embeddings.to(dtype).index_select(0, owner)
         positional = self.sam.get_image_wide_positional_embeddings().to(dtype).expand(total, -1, -1, -1)
         no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
-        low_res, iou = decoder(
+        low_res, scores = mask_decoder(
             image_embeddings=image_embeddings,
             image_positional_embeddings=positional,
             sparse_prompt_embeddings=prompts[:, None, None, :],
             dense_prompt_embeddings=no_mask.expand_as(image_embeddings),
             multimask_output=False,
         )
-        low_res, iou = low_res[:, 0, 0], iou[:, 0, 0].float()
-        # Post-process images that share (resized, original) sizes together: one interpolation per size pair.
-        sizes = [tuple(resized) + tuple(original) for resized, original in zip(resized_sizes.tolist(), original_sizes.tolist())]
-        starts = [0, *itertools.accumulate(counts)]
-        masks: list[torch.Tensor | None] = [None] * len(counts)
-        for key in dict.fromkeys(sizes):
-            members = [i for i, size in enumerate(sizes) if size == key]
-            rows = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in members]).to(low_res.device)
-            upsampled = self.postprocess_masks(low_res.index_select(0, rows), key[:2], key[2:], sam_size)
-            for i, part in zip(members, upsampled.split([counts[i] for i in members])):
-                masks[i] = part
-        return masks, list(iou.split(counts))
-
-    @staticmethod
-    def postprocess_masks(low_res: torch.Tensor, resized_size, original_size, sam_size: int) -> torch.Tensor:
-        """SAM's post-processing: upsample to the padded input, crop the resized image, resize to the original.
-
-        Only the low-resolution rows and columns that the crop keeps are upsampled. With an integer ratio r,
-        bilinear upsampling (align_corners=False) reads output pixel i from input position (i + 0.5) / r - 0.5
-        whatever the input's extent, so upsampling the slice by r gives the full result's numbers on the crop.
-        """
-        height, width = int(resized_size[0]), int(resized_size[1])
-        logits = low_res[:, None].float()
-        ratio = sam_size // logits.shape[-1]
-        if ratio * logits.shape[-1] == sam_size and logits.shape[-2] == logits.shape[-1]:
-            # Output row i < height interpolates input rows floor((i + 0.5) / r - 0.5) and the next: < ceil(h / r) + 1.
-            rows, cols = (min(logits.shape[-1], -(-size // ratio) + 1) for size in (height, width))
-            logits = F.interpolate(logits[..., :rows, :cols], scale_factor=ratio, mode="bilinear", align_corners=False)
-        else:
-            logits = F.interpolate(logits, (sam_size, sam_size), mode="bilinear", align_corners=False)
-        logits = logits[..., :height, :width]
-        original = tuple(int(v) for v in original_size)
-        if original != (height, width):
-            logits = F.interpolate(logits, original, mode="bilinear", align_corners=False)
-        return logits[:, 0]
+        decode = decode.to(masks.device)
+        masks = masks.masked_scatter(decode[..., None, None], low_res[:, 0, 0].float())
+        iou = iou.masked_scatter(decode, scores[:, 0, 0].float())
+        return masks, iou
 
     def gather_slot_states(
         self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The one `[SEG]` gather: per row, the states that predict each `[SEG]`/`[REJ]` of `input_ids` (position
-        - 1; `last_hidden_state[:, j]` belongs to `input_ids[:, j]`) and the row's slot flags (True for `[SEG]`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one `[SEG]` gather: the states that predict each `[SEG]`/`[REJ]` of `input_ids` (position - 1;
+        `last_hidden_state[:, j]` belongs to `input_ids[:, j]`) as `[B, S, d]`, with `slot_is_seg` and `slot_mask`
+        `[B, S]` (rows padded to the most slots)."""
         states, flags = [], []
         for row, (positions, is_seg) in enumerate(self.target_slots(input_ids)):
             if (positions == 0).any():
                 raise ValueError(f"row {row}: a [SEG]/[REJ] token at position 0 has no preceding state")
             states.append(last_hidden_state[row, positions - 1])
             flags.append(is_seg)
-        return states, flags
-
-    def scatter_to_slots(
-        self, seg_values: list[torch.Tensor], flags: list[torch.Tensor], fill: float = 0.0
-    ) -> list[torch.Tensor]:
-        """Place per-`[SEG]` values at their slots; the other slots get `fill` (zeros for `[REJ]`, as in GSVA)."""
-        out = []
-        for values, is_seg in zip(seg_values, flags):
-            full = values.new_full((is_seg.shape[0],) + tuple(values.shape[1:]), fill)
-            full[is_seg.to(values.device)] = values
-            out.append(full)
-        return out
+        slot_states, slot_mask = pad_slots(states)
+        return slot_states, pad_slots(flags, fill=False)[0], slot_mask
 
     # ----------------------------------------------------------------- losses
     def ce_loss(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
@@ -434,22 +388,31 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         return (per_token * weight).sum() / weight.sum().clamp_min(1e-8)
 
     def mask_losses(
-        self, pred_masks: list[torch.Tensor], gt_masks: list[torch.Tensor]
+        self, pred_masks: torch.Tensor, slot_is_seg: torch.Tensor, slot_mask: torch.Tensor, gt_masks: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted BCE and Dice over all targets of the batch, normalised by the target count incl. `[REJ]`."""
-        num_targets = 0
-        bce = dice = pred_masks[0].new_zeros(())
-        for row, (pred, gt) in enumerate(zip(pred_masks, gt_masks)):
-            if pred.shape != gt.shape:
+        """GSVA's weighted BCE and Dice over all slots of the batch at the ground truth's size, normalised by the
+        slot count incl. `[REJ]` (whose prediction is all zeros). A mask's size gives SAM's resized input size
+        (`sam_reshaped_size`), so the low-resolution logits are brought to it exactly as the processor would."""
+        counts = slot_mask.sum(1).tolist()
+        for row, gt in enumerate(gt_masks):
+            if gt.dim() != 3 or gt.shape[0] != counts[row]:
                 raise ValueError(
-                    f"row {row}: the answer has {pred.shape[0]} [SEG]/[REJ] slots of size {tuple(pred.shape[1:])} "
-                    f"but gt_masks[{row}] has shape {tuple(gt.shape)}; give one mask per slot at the original size"
+                    f"row {row}: the answer has {counts[row]} [SEG]/[REJ] slots but gt_masks[{row}] has shape "
+                    f"{tuple(gt.shape)}; give one mask per slot at the original image size, [num_slots, H, W]"
                 )
+        side = self.config.sam_config.vision_config.image_size
+        sizes = [tuple(gt.shape[1:]) for gt in gt_masks]
+        seg_masks = upscale_slot_masks(
+            pred_masks, slot_is_seg, sizes, [sam_reshaped_size(size, side) for size in sizes], side
+        )
+        bce = dice = pred_masks.new_zeros(())
+        for row, (seg, gt) in enumerate(zip(seg_masks, gt_masks)):
+            pred = seg.new_zeros((counts[row], *sizes[row]))
+            pred[slot_is_seg[row, : counts[row]].to(seg.device)] = seg
             gt = gt.to(pred.device)
             bce = bce + mask_bce_loss(pred, gt)
             dice = dice + mask_dice_loss(pred, gt)
-            num_targets += gt.shape[0]
-        denominator = num_targets + 1e-8
+        denominator = sum(counts) + 1e-8
         return self.config.bce_loss_weight * bce / denominator, self.config.dice_loss_weight * dice / denominator
 
     # ----------------------------------------------------------------- forward
@@ -461,8 +424,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         sam_pixel_values: torch.Tensor | None = None,
         sam_image_embeddings: torch.Tensor | None = None,
-        original_sizes: torch.Tensor | None = None,
-        resized_sizes: torch.Tensor | None = None,
         gt_masks: list[torch.Tensor] | None = None,
         labels: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
@@ -477,11 +438,13 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         r"""
         input_ids: text with each image expanded to `config.num_image_tokens` image tokens (see `GSVAProcessor`).
         pixel_values: CLIP input, one image per row that holds image tokens.
-        sam_pixel_values / sam_image_embeddings: SAM input `[B, 3, 1024, 1024]` or its encoder output. When given
-            (with `original_sizes` and `resized_sizes`), masks are predicted for every `[SEG]` in `input_ids`.
+        sam_pixel_values / sam_image_embeddings: SAM input `[B, 3, 1024, 1024]` or its encoder output. When given,
+            low-resolution masks are predicted for every `[SEG]` in `input_ids`.
         gt_masks: per row, `[num_slots, H, W]` ground truth at the original size, one per `[SEG]`/`[REJ]` slot;
             with `labels` it adds the BCE and Dice losses.
+        The processor's `original_sizes` / `reshaped_input_sizes` are accepted and ignored (see `drop_processor_sizes`).
         """
+        drop_processor_sizes(kwargs)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
@@ -504,23 +467,14 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         else:
             logits = self.get_output_embeddings()(last_hidden_state)
 
-        pred_masks = target_is_seg = iou_scores = None
+        pred_masks = iou_scores = slot_is_seg = slot_mask = None
         if wants_masks:
             if input_ids is None:
                 raise ValueError("mask prediction needs input_ids to find the [SEG] tokens")
-            if original_sizes is None or resized_sizes is None:
-                raise ValueError("mask prediction needs original_sizes and resized_sizes (from GSVAProcessor)")
             if sam_image_embeddings is None:
                 sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-            slot_states, target_is_seg = self.gather_slot_states(last_hidden_state, input_ids)
-            seg_masks, seg_scores = self.masks_from_hidden_states(
-                [states[is_seg] for states, is_seg in zip(slot_states, target_is_seg)],
-                sam_image_embeddings,
-                resized_sizes,
-                original_sizes,
-            )
-            pred_masks = self.scatter_to_slots(seg_masks, target_is_seg)
-            iou_scores = self.scatter_to_slots(seg_scores, target_is_seg)
+            slot_states, slot_is_seg, slot_mask = self.gather_slot_states(last_hidden_state, input_ids)
+            pred_masks, iou_scores = self.masks_from_hidden_states(slot_states, sam_image_embeddings, slot_is_seg)
 
         loss = ce = bce = dice = None
         if labels is not None:
@@ -529,7 +483,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             if gt_masks is not None:
                 if pred_masks is None:
                     raise ValueError("gt_masks need sam_pixel_values (or sam_image_embeddings) to predict masks")
-                bce, dice = self.mask_losses(pred_masks, gt_masks)
+                bce, dice = self.mask_losses(pred_masks, slot_is_seg, slot_mask, gt_masks)
                 loss = ce + bce + dice
 
         return GSVAOutput(
@@ -542,135 +496,35 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             hidden_states=decoder_outputs.hidden_states,
             attentions=decoder_outputs.attentions,
             pred_masks=pred_masks,
-            target_is_seg=target_is_seg,
             iou_scores=iou_scores,
+            slot_is_seg=slot_is_seg,
+            slot_mask=slot_mask,
         )
 
     # ----------------------------------------------------------------- [REJ] rule
-    def slot_decisions(self, slot_logits: torch.Tensor, gt_is_seg: torch.Tensor | None = None) -> torch.Tensor:
-        """The one place that turns the logits one position before each slot into `[REJ]` decisions (`[n]` bool).
+    def slot_decisions(self, slot_logits: torch.Tensor, slot_is_seg: torch.Tensor | None = None) -> torch.Tensor:
+        """The one place that turns the logits one position before each slot into `[REJ]` decisions (`[n]` bool,
+        True: rejected).
 
-        slot_logits: `[n, vocab]`. With `gt_is_seg` (GSVA's teacher-forced protocol) the full-vocabulary argmax
-        decides: a ground-truth `[SEG]` slot is kept only if `[SEG]` is the argmax, a `[REJ]` slot rejected only
-        if `[REJ]` is. Without it (the model decides) the larger of the two logits wins, ties keeping `[SEG]`.
+        slot_logits: `[n, vocab]`. With `slot_is_seg`, the ground-truth slot tokens (GSVA's teacher-forced
+        protocol), the full-vocabulary argmax decides: a ground-truth `[SEG]` slot is kept only if `[SEG]` is the
+        argmax, a `[REJ]` slot rejected only if `[REJ]` is. Without it (the model decides) the larger of the two
+        logits wins, ties keeping `[SEG]`.
         """
         seg_id, rej_id = self.config.seg_token_id, self.config.rej_token_id
-        if gt_is_seg is None:
+        if slot_is_seg is None:
             return slot_logits[:, rej_id] > slot_logits[:, seg_id]
         predicted = slot_logits.argmax(-1)
-        gt_is_seg = gt_is_seg.to(predicted.device)
-        return torch.where(gt_is_seg, predicted != seg_id, predicted == rej_id)
+        slot_is_seg = slot_is_seg.to(predicted.device)
+        return torch.where(slot_is_seg, predicted != seg_id, predicted == rej_id)
 
     def slot_scores(self, slot_logits: torch.Tensor, is_seg: torch.Tensor) -> torch.Tensor:
         """Probability of the chosen slot token between `[SEG]` and `[REJ]` (softmax over the two logits)."""
-        pair = slot_logits[:, [self.config.seg_token_id, self.config.rej_token_id]].float().softmax(-1)
-        return torch.where(is_seg.to(pair.device), pair[:, 0], pair[:, 1])
+        pair = slot_logits[..., [self.config.seg_token_id, self.config.rej_token_id]].float().softmax(-1)
+        return torch.where(is_seg.to(pair.device), pair[..., 0], pair[..., 1])
 
-    # ----------------------------------------------------------------- evaluation and inference
-    @torch.no_grad()
-    def score_teacher_forced(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        pixel_values: torch.Tensor,
-        sam_pixel_values: torch.Tensor,
-        original_sizes: torch.Tensor,
-        resized_sizes: torch.Tensor,
-        reeval: bool = True,
-        mask_confirmed_rejections: bool = True,
-        **unused,
-    ) -> GSVATeacherForcedOutput:
-        """GSVA's evaluation forward over ground-truth conversations.
-
-        At each ground-truth `[SEG]`/`[REJ]` slot the decision is `slot_decisions` with the ground truth, read one
-        position earlier. With `reeval` every `[REJ]` is rewritten to `[SEG]` and the model runs again so every
-        slot gets a mask. `mask_confirmed_rejections=False` leaves out the masks that GSVA's gRefCOCO metrics never
-        read: a slot whose ground truth is `[REJ]` and which the model rejects gets the lowest float32 logit
-        everywhere (an empty mask), and neither SAM nor the rerun runs for it.
-
-        Same numbers as two full passes with less work: one pass up to the last slot gives the decisions (LM head
-        at the slots only) and every state before its first `[REJ]`; the rows with a masked slot after their first
-        `[REJ]` rerun from the earliest such `[REJ]` on, on the first pass's KV cache of the shared prefix; SAM
-        encodes only images with a masked slot and its mask decoder runs once for all of them.
-        """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        slots = self.target_slots(input_ids)
-        first_rej = {
-            row: int(positions[~is_seg][0]) for row, (positions, is_seg) in enumerate(slots) if reeval and not is_seg.all()
-        }
-        may_redo = any(int(slots[row][0][-1]) > position for row, position in first_rej.items())
-        end = max((int(positions[-1]) for positions, _ in slots if positions.numel()), default=1)
-        embeddings = self.embed_inputs(input_ids, pixel_values)[:, :end]
-        first_states, cache = self._decode_sharing_prefix(embeddings, input_ids, attention_mask, use_cache=may_redo)
-        slot_states, gt_is_seg = self.gather_slot_states(first_states, input_ids)
-        slot_logits = self.get_output_embeddings()(torch.cat(slot_states)).split([len(s) for s in slot_states])
-        rejected = [self.slot_decisions(logits, is_seg) for logits, is_seg in zip(slot_logits, gt_is_seg)]
-        if not reeval:
-            masked = list(gt_is_seg)
-        elif mask_confirmed_rejections:
-            masked = [torch.ones_like(is_seg) for is_seg in gt_is_seg]
-        else:
-            masked = [is_seg | ~rej.to(is_seg.device) for is_seg, rej in zip(gt_is_seg, rejected)]
-        # A row's states before its first [REJ] are the same in both passes: only rows with a masked slot after it
-        # rerun, from the earliest such first [REJ] on.
-        redo = [
-            row for row, position in first_rej.items() if bool(masked[row][slots[row][0] > position].any())
-        ]
-        if redo:
-            start = min(first_rej[row] for row in redo)
-            rerun = self._rerun_from(start, cache, embeddings, input_ids, attention_mask, redo)
-            for k, row in enumerate(redo):
-                before = slots[row][0].to(rerun.device) - 1
-                late = before >= start
-                slot_states[row][late] = rerun[k, before[late] - start]
-        del first_states, cache
-        rows = [row for row, keep in enumerate(masked) if keep.any()]
-        masks = [torch.zeros((0, int(h), int(w)), device=sam_pixel_values.device) for h, w in original_sizes.tolist()]
-        if rows:
-            index = torch.tensor(rows, device=sam_pixel_values.device)
-            sam_embeddings = self.get_sam_image_embeddings(sam_pixel_values.index_select(0, index))
-            states = [slot_states[row][masked[row].to(slot_states[row].device)] for row in rows]
-            computed, _ = self.masks_from_hidden_states(
-                states, sam_embeddings, resized_sizes[index], original_sizes[index]
-            )
-            for row, part in zip(rows, computed):
-                masks[row] = part
-        if not all(bool(keep.all()) for keep in masked):
-            fill = 0.0 if not reeval else torch.finfo(torch.float32).min
-            masks = self.scatter_to_slots(masks, masked, fill=fill)
-        return GSVATeacherForcedOutput(predicted_rejected=rejected, pred_masks=masks, gt_is_seg=gt_is_seg)
-
-    def _decode_sharing_prefix(
-        self, embeddings: torch.Tensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor, use_cache: bool
-    ) -> tuple[torch.Tensor, object]:
-        """Last-layer states `[B, L, d]` (and the KV cache) of one causal pass over `embeddings` of right-padded rows.
-
-        The text that every row starts with, up to the image (GSVA's system prompt), runs once and its cache is
-        repeated over the batch; the rest runs on it at its own positions, so each row's states are a full pass's.
-        A batch of one takes the same two steps, so a row's numbers do not depend on its batch.
-        """
-        decoder = self.get_decoder()
-        batch, length = embeddings.shape[:2]
-        shared = self._shared_prompt_length(input_ids[:, :length], attention_mask[:, :length])
-        if shared in (0, length):
-            out = decoder(
-                inputs_embeds=embeddings, attention_mask=attention_mask[:, :length], use_cache=use_cache, return_dict=True
-            )
-            return out.last_hidden_state, out.cache
-        prompt_states, cache = self._run_shared_prompt(embeddings[:1, :shared], batch)
-        tail = decoder(
-            inputs_embeds=embeddings[:, shared:],
-            attention_mask=attention_mask[:, :length],
-            position_ids=torch.arange(shared, length, device=embeddings.device)[None],
-            cache=cache,
-            use_cache=True,
-            return_dict=True,
-        )
-        states = torch.cat([prompt_states.expand(batch, -1, -1), tail.last_hidden_state], dim=1)
-        return states, tail.cache if use_cache else None
-
-    def _shared_prompt_length(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> int:
+    # ----------------------------------------------------------------- shared system prompt
+    def shared_prompt_length(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> int:
         """How many leading positions hold the same real, non-image token in every row (GSVA's system prompt);
         0 when fewer than two do, as a one-token prompt is not worth a pass of its own."""
         common = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
@@ -678,33 +532,14 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         shared = int(common.int().cumprod(0).sum())
         return shared if shared >= 2 else 0
 
-    def _run_shared_prompt(self, prompt_embeds: torch.Tensor, batch: int) -> tuple[torch.Tensor, object]:
-        """The shared prompt `[1, n, d]` run once: its last-layer states and its KV cache repeated over `batch` rows."""
+    def run_shared_prompt(self, prompt_embeds: torch.Tensor, batch: int) -> tuple[torch.Tensor, object]:
+        """The shared prompt `[1, n, d]` run once: its last-layer states and its KV cache repeated over `batch` rows,
+        so every row continues from it at position n with a full pass's numbers (target mode, evaluation)."""
         head = self.get_decoder()(inputs_embeds=prompt_embeds, use_cache=True, return_dict=True)
         head.cache.batch_repeat_interleave(batch)
         return head.last_hidden_state, head.cache
 
-    def _rerun_from(self, start: int, cache, embeddings, input_ids, attention_mask, redo: list[int]) -> torch.Tensor:
-        """Last-layer states `[len(redo), end - start, d]` of the rows `redo` from `start` on, every `[REJ]` read
-        as `[SEG]`, on the first pass's cache cropped to `start` (positions are token indices, as in a full pass)."""
-        end = embeddings.shape[1]
-        index = torch.tensor(redo, device=embeddings.device)
-        cache.crop(start - end)
-        if len(redo) < embeddings.shape[0]:
-            cache.batch_select_indices(index)
-        tail_ids = input_ids[index, start:end]
-        seg = self.get_input_embeddings()(tail_ids.new_full((1, 1), self.config.seg_token_id))
-        tail = torch.where((tail_ids == self.config.rej_token_id)[..., None], seg, embeddings[index, start:end])
-        rerun = self.get_decoder()(
-            inputs_embeds=tail,
-            attention_mask=attention_mask[index, :end],
-            position_ids=torch.arange(start, end, device=tail.device)[None],
-            cache=cache,
-            use_cache=True,
-            return_dict=True,
-        )
-        return rerun.last_hidden_state
-
+    # ----------------------------------------------------------------- generation and target mode
     def _special_suppressed(self, kwargs: dict) -> dict:
         """Image and image-boundary tokens are never generated: they join whatever `suppress_tokens` the call or its
         generation config already holds (set on a copy of a given config, so transformers sees no conflict)."""
@@ -721,22 +556,22 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
 
     def _slot_outputs(
         self,
-        slot_states: list[torch.Tensor],
+        slot_states: torch.Tensor,
+        slot_is_seg: torch.Tensor,
+        slot_mask: torch.Tensor,
         slot_logits: list[torch.Tensor],
-        flags: list[torch.Tensor],
         sam_image_embeddings: torch.Tensor,
-        resized_sizes: torch.Tensor,
-        original_sizes: torch.Tensor,
     ) -> dict:
-        """Scores and masks for decided slots (generated or target mode), one SAM image embedding per row."""
-        seg_states = [states[is_seg.to(states.device)] for states, is_seg in zip(slot_states, flags)]
-        masks, iou = self.masks_from_hidden_states(seg_states, sam_image_embeddings, resized_sizes, original_sizes)
+        """Scores and low-resolution masks for decided slots (generated or target mode), one SAM image embedding
+        per row; `slot_logits` per row `[n_i, vocab]`, the logits the decisions were read from."""
+        masks, iou = self.masks_from_hidden_states(slot_states, sam_image_embeddings, slot_is_seg)
+        scores = [self.slot_scores(logits, is_seg[: len(logits)]) for logits, is_seg in zip(slot_logits, slot_is_seg)]
         return {
-            "target_is_seg": flags,
-            "slot_scores": [self.slot_scores(logits, is_seg) for logits, is_seg in zip(slot_logits, flags)],
-            "pred_masks": self.scatter_to_slots(masks, flags),
-            "iou_scores": self.scatter_to_slots(iou, flags),
-            "original_sizes": original_sizes,
+            "slot_is_seg": slot_is_seg,
+            "slot_mask": slot_mask,
+            "slot_scores": pad_slots(scores, fill=0.0)[0],
+            "pred_masks": masks,
+            "iou_scores": iou,
         }
 
     def _slot_ids(self, device) -> torch.Tensor:
@@ -748,18 +583,18 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         inputs: torch.LongTensor | None = None,
         sam_pixel_values: torch.Tensor | None = None,
         sam_image_embeddings: torch.Tensor | None = None,
-        original_sizes: torch.Tensor | None = None,
-        resized_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
-        """`GenerationMixin.generate`, plus masks for the generated `[SEG]`s.
+        """`GenerationMixin.generate`, plus low-resolution masks for the generated `[SEG]`s.
 
-        Takes `**processor(images=..., text=...)` as is. The SAM inputs never reach the decoding steps. With
-        `return_dict_in_generate=True` (and the SAM inputs) the result is a `GSVAGenerateOutput`: the usual fields
-        plus per row the answer ids, slot flags, scores and mask logits (`processor.post_process_instance_segmentation`
-        reads it); SAM's encoder runs once per image after decoding, and the `[SEG]` states come from one pass over
-        the answer on top of the decoding cache. Without it, `generate` returns token ids like any causal LM.
+        Takes `**processor(images=..., text=...)` as is (its sizes are ignored). The SAM inputs never reach the
+        decoding steps. With `return_dict_in_generate=True` (and the SAM inputs) the result is a
+        `GSVAGenerateOutput`: the usual fields plus per row the answer ids, slot flags, scores and mask logits
+        (`processor.post_process_instance_segmentation` reads it); SAM's encoder runs once per image after
+        decoding, and the `[SEG]` states come from one pass over the answer on top of the decoding cache. Without
+        it, `generate` returns token ids like any causal LM.
         """
+        drop_processor_sizes(kwargs)
         kwargs = self._special_suppressed(kwargs)
         input_ids = kwargs.pop("input_ids", inputs)
         config = kwargs.get("generation_config") or self.generation_config
@@ -768,8 +603,6 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         )
         if not wants_masks:
             return super().generate(input_ids, **kwargs)
-        if original_sizes is None or resized_sizes is None:
-            raise ValueError("masks from generate need original_sizes and resized_sizes (from GSVAProcessor)")
         if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) != 1:
             raise ValueError("masks from generate need num_beams=1 (greedy or sampling)")
         copies = int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1)
@@ -810,19 +643,14 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             else:
                 answer_ids.append(sequences[row, prompt_length:])
         aligned = torch.cat([sequences[:, prompt_length - 1 : prompt_length], answers], dim=1)
-        slot_states, flags = self.gather_slot_states(states, aligned)
-        slot_logits = [self.get_output_embeddings()(chosen) for chosen in slot_states]
+        slot_states, slot_is_seg, slot_mask = self.gather_slot_states(states, aligned)
+        counts = slot_mask.sum(1).tolist()
+        slot_logits = [self.get_output_embeddings()(slot_states[row, :n]) for row, n in enumerate(counts)]
 
         if sam_image_embeddings is None:
             sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-        slots = self._slot_outputs(
-            slot_states,
-            slot_logits,
-            flags,
-            sam_image_embeddings.repeat_interleave(copies, dim=0),
-            resized_sizes.repeat_interleave(copies, dim=0),
-            original_sizes.repeat_interleave(copies, dim=0),
-        )
+        embeddings = sam_image_embeddings.repeat_interleave(copies, dim=0)
+        slots = self._slot_outputs(slot_states, slot_is_seg, slot_mask, slot_logits, embeddings)
         return GSVAGenerateOutput(**dict(out.items()), **slots, answer_ids=answer_ids, finished=finished)
 
     @torch.no_grad()
@@ -831,20 +659,22 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor,
-        original_sizes: torch.Tensor,
-        resized_sizes: torch.Tensor,
         sam_pixel_values: torch.Tensor | None = None,
         sam_image_embeddings: torch.Tensor | None = None,
+        **processor_sizes,
     ) -> GSVATargetsOutput:
         """Target mode: the answer is fixed up to its slots; the model decides only `[SEG]` or `[REJ]` at each.
 
-        Takes `**processor(images=..., targets=[...])`: each row holds GSVA's answer template with one slot per
-        asked phrase. The system prompt runs once for the batch; one pass reads the image, the question and the
-        answer up to the first slot; then, per slot, the decided slot token and the text up to the next slot are
-        fed on the same KV cache. The decision is `slot_decisions` (larger of the two logits, conditioned on the
-        earlier decisions) and the `[SEG]` state is the last state of that pass. Every asked phrase gets exactly
-        one decision, in order.
+        Takes `**processor(images=..., targets=[...])` (its sizes are ignored): each row holds GSVA's answer
+        template with one slot per asked phrase. The system prompt runs once for the batch; one pass reads the
+        image, the question and the answer up to the first slot; then, per slot, the decided slot token and the
+        text up to the next slot are fed on the same KV cache. The decision is `slot_decisions` (larger of the two
+        logits, conditioned on the earlier decisions) and the `[SEG]` state is the last state of that pass. Every
+        asked phrase gets exactly one decision, in order.
         """
+        drop_processor_sizes(processor_sizes)
+        if processor_sizes:
+            raise TypeError(f"decide_targets got unexpected arguments: {sorted(processor_sizes)}")
         if sam_pixel_values is None and sam_image_embeddings is None:
             raise ValueError("decide_targets needs sam_pixel_values (or sam_image_embeddings) from GSVAProcessor")
         slot_ids = self._slot_ids(input_ids.device)
@@ -861,10 +691,10 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         # Every row keeps at least the token before its first slot for the first chunk.
         before_first_slot = min(int(positions[0]) for positions in slots) - 1
         head = torch.stack([ids[:before_first_slot] for ids in rows])
-        shared = self._shared_prompt_length(head, torch.ones_like(head))
+        shared = self.shared_prompt_length(head, torch.ones_like(head))
         cache = None
         if shared:
-            _, cache = self._run_shared_prompt(self.embed_inputs(rows[0][None, :shared], None), len(rows))
+            _, cache = self.run_shared_prompt(self.embed_inputs(rows[0][None, :shared], None), len(rows))
         # Chunk k of a row: the text before its first slot (k = 0), else its slot k-1 token and the text up to slot k.
         bounds = [[shared, *positions.tolist()] for positions in slots]
         seen = torch.full((len(rows),), shared, dtype=torch.long, device=input_ids.device)
@@ -904,61 +734,27 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                     slot_logits[row].append(logits[row])
         if sam_image_embeddings is None:
             sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-        outputs = self._slot_outputs(
-            [torch.stack(states) for states in slot_states],
-            [torch.stack(logits) for logits in slot_logits],
-            [ids[positions] == self.config.seg_token_id for ids, positions in zip(decided, slots)],
-            sam_image_embeddings,
-            resized_sizes,
-            original_sizes,
-        )
+        states, slot_mask = pad_slots([torch.stack(states) for states in slot_states])
+        slot_is_seg, _ = pad_slots([ids[positions] == self.config.seg_token_id for ids, positions in zip(decided, slots)], fill=False)
+        logits = [torch.stack(row_logits) for row_logits in slot_logits]
+        outputs = self._slot_outputs(states, slot_is_seg, slot_mask, logits, sam_image_embeddings)
         return GSVATargetsOutput(sequences=decided, **outputs)
 
-    @torch.no_grad()
-    def segment(
-        self,
-        processor,
-        images,
-        text: str | list[str] | None = None,
-        targets: list[str] | list[list[str]] | None = None,
-        max_new_tokens: int = 128,
-        do_sample: bool = False,
-        threshold: float = 0.0,
-        batch_size: int = 8,
-        **generate_kwargs,
-    ) -> list:
-        """Image(s) + a question or target phrases in, per image one `SegmentationResult` out.
+    def segment(self, processor, images, **kwargs) -> list:
+        """`pipeline_gsva.segment(self, processor, images, ...)`: image(s) + a question (`text=`) or target phrases
+        (`targets=`) in, per image one `SegmentationResult` out (kept on the model for existing callers)."""
+        try:
+            from .pipeline_gsva import segment
+        except ImportError:
+            from pipeline_gsva import segment
+        return segment(self, processor, images, **kwargs)
 
-        targets: phrases per image (target mode, `decide_targets`): exactly one result per phrase, in order.
-        text: a question per image (free generation, `generate`): the model's own answer decides the targets.
-        A thin processor -> model -> processor loop over batches of `batch_size` images.
-        """
-        for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-            # A batch size below 1 would make the loop below run no batch and return no result.
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
-        if (generate_kwargs.get("num_return_sequences") or 1) > 1:
-            raise ValueError(
-                "segment() returns one result per image; for several answers per image call model.generate(..., "
-                "num_return_sequences=n, return_dict_in_generate=True) and processor.post_process_instance_segmentation"
-            )
-        image_list = list(images) if isinstance(images, (list, tuple)) else [images]
-        queries = processor.segmentation_queries(len(image_list), text=text, targets=targets)
-        results = []
-        for start in range(0, len(image_list), batch_size):
-            chunk = slice(start, start + batch_size)
-            if targets is not None:
-                inputs = processor(images=image_list[chunk], targets=queries[chunk]).to(self.device)
-                outputs = self.decide_targets(**inputs)
-            else:
-                inputs = processor(images=image_list[chunk], text=queries[chunk]).to(self.device)
-                outputs = self.generate(
-                    **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, return_dict_in_generate=True, **generate_kwargs
-                )
-            results += processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, targets=queries[chunk] if targets is not None else None
-            )
-        return results
+
+def drop_processor_sizes(kwargs: dict) -> None:
+    """Remove the processor's `original_sizes` / `reshaped_input_sizes` from `kwargs`: they are for its
+    post-processing and the model never reads them (as SAM's), so `model(**processor(...))` works as is."""
+    for name in PROCESSOR_ONLY_INPUTS:
+        kwargs.pop(name, None)
 
 
 GSVAForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,17 +1,20 @@
 """GSVAProcessor: tokenizer + CLIP image processor + SAM image processor, and GSVA's prompt templates.
 
-All prompt text GSVA uses (conversation templates, question and answer templates) is defined here, once.
+The prompt text a model user needs is defined here, once: GSVA's two conversation formats as chat templates, target
+mode's question and answer. Training's prompt augmentation lists are in the training package (gsva_hf/data).
 Shipped with a Hub repository for ``trust_remote_code``: imports only torch, transformers and its sibling files.
 """
 
-import random
+import json
 import re
 import struct
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
@@ -29,38 +32,14 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Prompt templates (GSVA `model/llava/constants.py` and `conversation.py`, verbatim). Question templates are
-# stored without GSVA's leading "<image>\n": the processor always puts the image first, followed by "\n".
+# Prompt text a model user needs (GSVA `utils/utils.py`, verbatim); training augmentation lists are in the
+# training package (`gsva_hf/data/prompts.py`). Questions are stored without GSVA's leading "<image>\n": the chat
+# template puts the image first, followed by "\n".
 # --------------------------------------------------------------------------------------------------------------
-SHORT_QUESTION_LIST = [
-    "Can you segment the {class_name} in this image?",
-    "Please segment the {class_name} in this image.",
-    "What is {class_name} in this image? Please respond with segmentation mask.",
-    "What is {class_name} in this image? Please output segmentation mask.",
-]
-SHORT_QUESTION_LIST_MODE4 = [
-    "Can you segment {class_name} in this image?",
-    "Please segment {class_name} in this image.",
-    "What are {class_name} in this image? Please respond with segmentation masks.",
-    "What are {class_name} in this image? Please output segmentation masks.",
-]
-LONG_QUESTION_LIST = [
-    "{sent} Please respond with segmentation mask.",
-    "{sent} Please output segmentation mask.",
-]
-EXPLANATORY_QUESTION_LIST = [
-    "Please output segmentation mask and explain why.",
-    "Please output segmentation mask and explain the reason.",
-    "Please output segmentation mask and give some explaination.",
-]
-ANSWER_LIST = [
-    "It is [SEG].",
-    "Sure, [SEG].",
-    "Sure, it is [SEG].",
-    "Sure, the segmentation result is [SEG].",
-    "[SEG].",
-]
-# (start, per-target template, end) of GSVA's multi-target answers (ANSWER_LIST_MODE4_*).
+# GSVA's multi-target question (`SHORT_QUESTION_LIST_MODE4[3]`), asked by `targets_question` for free generation.
+TARGETS_QUESTION = "What are {class_name} in this image? Please output segmentation masks."
+# (start, per-target template, end) of GSVA's multi-target answers (ANSWER_LIST_MODE4_*): what the model writes,
+# read back by `answer_phrases`; the data readers build training answers from them.
 MULTI_TARGET_ANSWER_STYLES = [
     ("The segmentation results are", "{class_name} [SEG]", "."),
     ("Sure, they are", "{class_name}:[SEG]", "."),
@@ -68,37 +47,6 @@ MULTI_TARGET_ANSWER_STYLES = [
     ("Sure,", "the segmentation of {class_name} is [SEG]", "."),
     ("Sure,", "the referred {class_name} is [SEG]", "."),
 ]
-
-
-def multi_target_question(class_names: list[str], rng: random.Random | None = None, style: int | None = None) -> str:
-    """A GSVA training question over several targets (`SHORT_QUESTION_LIST_MODE4`), names lower-cased."""
-    if style is None:
-        style = (rng or random).randrange(len(SHORT_QUESTION_LIST_MODE4))
-    return SHORT_QUESTION_LIST_MODE4[style].format(class_name=", ".join(class_names).lower())
-
-
-def multi_target_answer(
-    class_names: list[str],
-    rejected: list[bool],
-    rng: random.Random | None = None,
-    style: int | None = None,
-    separator: str = ", ",
-) -> str:
-    """A GSVA training answer: `START part, part END`, `[SEG]` → `[REJ]` for absent targets.
-
-    refer_seg joins parts with ", ", sem_seg with "," (GSVA's own difference, kept).
-    """
-    if len(class_names) != len(rejected):
-        raise ValueError(f"got {len(class_names)} class names but {len(rejected)} rejected flags")
-    if style is None:
-        style = (rng or random).randrange(len(MULTI_TARGET_ANSWER_STYLES))
-    start, template, end = MULTI_TARGET_ANSWER_STYLES[style]
-    before, after = template.split("{class_name}")
-    parts = [(start + " ", False)]
-    for index, (name, is_rejected) in enumerate(zip(class_names, rejected)):
-        slot = after.replace(SEG_TOKEN, REJ_TOKEN) if is_rejected else after
-        parts += [((separator if index else "") + before, False), (name, True), (slot, False)]
-    return AnswerText.join(parts + [(end, False)])
 
 
 def eval_question(sentences: list[str]) -> str:
@@ -143,35 +91,64 @@ def clean_sentence(sentence: str) -> str:
     return sentence.strip().lower().strip(".")
 
 
-@dataclass(frozen=True)
-class ConversationTemplate:
-    """How one conversation becomes text. Pieces are rendered by `GSVAProcessor.render`."""
-
-    name: str
-    system: str
-    user_role: str
-    assistant_role: str
-    style: str  # "two" (vicuna v1) or "llama_2"
-
-
-CONVERSATION_TEMPLATES = {
-    "llava_v1": ConversationTemplate(
-        name="llava_v1",
-        system="A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-        user_role="USER",
-        assistant_role="ASSISTANT",
-        style="two",
-    ),
-    "llava_llama_2": ConversationTemplate(
-        name="llava_llama_2",
-        system="You are a helpful language and vision assistant. You are able to understand the visual content "
-        "that the user provides, and assist the user with a variety of tasks using natural language.",
-        user_role="USER",
-        assistant_role="ASSISTANT",
-        style="llama_2",
-    ),
+# --------------------------------------------------------------------------------------------------------------
+# Chat templates: GSVA's two conversation formats (`model/llava/conversation.py`: `conv_llava_v1`, the Vicuna
+# "two" style, and `conv_llava_llama_2`), the one definition of the prompt text. `gsva_chat_template` prefixes a
+# body with the system prompt and this processor's image markup, so a saved `chat_template.jinja` stands alone.
+# --------------------------------------------------------------------------------------------------------------
+SYSTEM_PROMPTS = {
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "llava_llama_2": "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language.",
 }
+# A message's content (a string, or items {"type": "image"} / {"type": "text", "text": ...}) placed verbatim; a
+# leading system message replaces the default system prompt. The assistant's answer and end-of-turn token are in
+# `{% generation %}`: the tokens trained on.
+_CONTENT_MACRO = r"""{%- macro content_text(content) -%}
+{%- if content is string -%}{{- content -}}
+{%- else -%}{%- for item in content -%}
+{%- if item['type'] == 'image' -%}{{- image -}}{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}
+{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+{%- set system = content_text(messages[0]['content']) -%}{%- set messages = messages[1:] -%}
+{%- endif -%}
+"""
+CHAT_TEMPLATE_BODIES = {
+    # SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>
+    "llava_v1": r"""{{- system + ' ' -}}
+{%- for message in messages -%}
+{%- if message['role'] == 'user' -%}{{- 'USER: ' + content_text(message['content']) -}}
+{%- elif message['role'] == 'assistant' -%}{{- ' ASSISTANT: ' -}}
+{%- generation -%}{{- content_text(message['content']) -}}{{- eos_token -}}{%- endgeneration -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}
+""",
+    # [INST] <<SYS>>\nSYSTEM\n<</SYS>>\n\n<image>\nQ [/INST] A </s><s>[INST] Q2 [/INST] A2 </s>
+    "llava_llama_2": r"""{%- for message in messages -%}
+{%- if message['role'] == 'user' -%}
+{%- if loop.first -%}{{- '[INST] <<SYS>>\n' + system + '\n<</SYS>>\n\n' -}}
+{%- else -%}{{- bos_token -}}{{- '[INST] ' -}}{%- endif -%}
+{{- content_text(message['content']) + ' [/INST]' -}}
+{%- elif message['role'] == 'assistant' -%}{{- ' ' -}}
+{%- generation -%}{{- content_text(message['content']) + ' ' -}}{{- eos_token -}}{%- endgeneration -%}
+{%- endif -%}
+{%- endfor -%}
+""",
+}
+
+
+def gsva_chat_template(conv_template: str, image_token: str = DEFAULT_IMAGE_TOKEN, use_im_start_end: bool = True):
+    """The Jinja chat template of a GSVA conversation format, with its system prompt and this processor's image
+    markup (`<im_start><image><im_end>` or the image token alone, then a line break) written in."""
+    if conv_template not in CHAT_TEMPLATE_BODIES:
+        raise ValueError(f"conv_template must be one of {sorted(CHAT_TEMPLATE_BODIES)}, got {conv_template!r}")
+    image = (IM_START_TOKEN + image_token + IM_END_TOKEN if use_im_start_end else image_token) + "\n"
+    header = "{%- set system = " + json.dumps(SYSTEM_PROMPTS[conv_template]) + " -%}\n"
+    header += "{%- set image = " + json.dumps(image) + " -%}\n"
+    return header + _CONTENT_MACRO + CHAT_TEMPLATE_BODIES[conv_template]
 
 
 @dataclass
@@ -320,7 +297,10 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 class GSVAProcessor(ProcessorMixin):
     r"""Tokenizer + CLIP image processor + SAM image processor for GSVA.
 
-    conv_template (`str`, defaults to `"llava_v1"`): `"llava_v1"` (Vicuna) or `"llava_llama_2"`.
+    conv_template (`str`, defaults to `"llava_v1"`): `"llava_v1"` (Vicuna) or `"llava_llama_2"`, the conversation
+        format whose chat template is used when `chat_template` is not given.
+    chat_template (`str`, optional): a Jinja chat template (saved as `chat_template.jinja`); every prompt the
+        processor builds, `__call__`'s included, comes from it (see `render_messages`).
     image_token (`str`, defaults to `"<image>"`): vocabulary token repeated `num_image_tokens` times per image.
     num_image_tokens (`int`, defaults to 256): visual tokens per image (CLIP patches without CLS).
     use_im_start_end (`bool`, defaults to True): wrap the image in `<im_start>`/`<im_end>` as GSVA does.
@@ -338,10 +318,11 @@ class GSVAProcessor(ProcessorMixin):
         chat_template=None,
         **kwargs,
     ):
-        if conv_template not in CONVERSATION_TEMPLATES:
-            raise ValueError(
-                f"conv_template must be one of {sorted(CONVERSATION_TEMPLATES)}, got {conv_template!r}"
-            )
+        if chat_template is None:
+            # A folder saved before chat templates has none: the format named by `conv_template` gives the same ids.
+            chat_template = gsva_chat_template(conv_template, image_token, use_im_start_end)
+        elif conv_template not in CHAT_TEMPLATE_BODIES:
+            raise ValueError(f"conv_template must be one of {sorted(CHAT_TEMPLATE_BODIES)}, got {conv_template!r}")
         self.conv_template = conv_template
         self.image_token = image_token
         self.num_image_tokens = int(num_image_tokens)
@@ -428,55 +409,92 @@ class GSVAProcessor(ProcessorMixin):
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary has {vocab} rows")
 
     # ------------------------------------------------------------------ text
-    def render(self, rounds: list[tuple[str, str | None]]) -> list[tuple[str, str]]:
-        """Conversation → pieces `(kind, value)`: kind is "text", "answer" (trained on), "special", "image".
-
-        The image always opens the first user turn, followed by "\n", as in every GSVA question template.
-        A final round whose answer is None ends with the assistant prompt for generation.
-        """
-        template = CONVERSATION_TEMPLATES[self.conv_template]
-        pieces: list[tuple[str, str]] = []
-        for index, (question, answer) in enumerate(rounds):
+    @staticmethod
+    def rounds_to_messages(rounds: list[tuple[str, str | None]]) -> list[dict]:
+        """`(question, answer)` rounds as chat messages: the image opens the first question, as in every GSVA
+        question template; a final round whose answer is None leaves the conversation at the user's turn."""
+        if not isinstance(rounds, (list, tuple)) or not rounds:
+            raise ValueError(f"a conversation must be a non-empty list of (question, answer) rounds, got {rounds!r}")
+        messages = []
+        for index, entry in enumerate(rounds):
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(f"round {index}: expected a (question, answer) pair, got {entry!r}")
+            question, answer = entry
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"round {index}: the question must be a non-empty string, got {question!r}")
             if answer is None and index != len(rounds) - 1:
                 raise ValueError(f"round {index}: only the last round may have no answer")
-            user_pieces: list[tuple[str, str]] = []
-            if index == 0:
-                if self.use_im_start_end:
-                    user_pieces += [("special", IM_START_TOKEN), ("image", self.image_token), ("special", IM_END_TOKEN)]
-                else:
-                    user_pieces.append(("image", self.image_token))
-                user_pieces.append(("text", "\n"))
-            user_pieces.append(("text", question))
-            if template.style == "two":
-                opening = template.system + " " if index == 0 else ""
-                pieces.append(("text", opening + template.user_role + ": "))
-                pieces += user_pieces
-                pieces.append(("text", " " + template.assistant_role + ":"))
-                if answer is not None:
-                    pieces += [("text", " "), ("answer", answer), ("special", "eos")]
-            else:
-                if index > 0:
-                    pieces.append(("special", "bos"))
-                opening = "[INST] " + (f"<<SYS>>\n{template.system}\n<</SYS>>\n\n" if index == 0 else "")
-                pieces.append(("text", opening))
-                pieces += user_pieces
-                pieces.append(("text", " [/INST]"))
-                if answer is not None:
-                    pieces += [("text", " "), ("answer", answer), ("answer", " "), ("special", "eos")]
-        return pieces
+            if answer is not None and not isinstance(answer, str):
+                raise ValueError(f"round {index}: the answer must be a string or None, got {answer!r}")
+            content = ([{"type": "image"}] if index == 0 else []) + [{"type": "text", "text": question}]
+            messages.append({"role": "user", "content": content})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return messages
+
+    def render(self, rounds: list[tuple[str, str | None]]) -> list[tuple[str, str]]:
+        """`(question, answer)` rounds → pieces, through the chat template (`rounds_to_messages`, then
+        `render_messages`); a final answer of None ends with the generation prompt."""
+        return self.render_messages(self.rounds_to_messages(rounds))
+
+    def render_messages(
+        self, messages: list[dict], add_generation_prompt: bool | None = None, chat_template: str | None = None
+    ) -> list[tuple[str, str]]:
+        """Chat messages → pieces `(kind, value)`: kind is "text", "answer" (trained on), "special" ("bos", "eos"
+        or a GSVA token) or "image", in the order the chat template writes them.
+
+        Typed text never becomes a special token, provably: the template is rendered with a placeholder in place of
+        each text item (never the text itself), so the string split on the markers the template may write (bos,
+        eos, `<im_start>`, `<im_end>`, the image token) holds only the template's own text; each text item is then
+        put back as a piece of its own, tokenized with special tokens split. User and system text is "text"; an
+        assistant's text is "answer", where only `[SEG]`/`[REJ]` outside `AnswerText`'s typed spans become slot
+        tokens. The template's own text inside `{% generation %}` is answer too (llama-2's space before `</s>`).
+
+        messages: an optional system message (replacing the default system prompt), then user and assistant turns
+            in turn, starting with the user; content is a string or a list of `{"type": "image"}` and
+            `{"type": "text", "text": ...}` items, with one image in the first user message.
+        add_generation_prompt: None adds it when the last message is the user's (the prompt for `generate`).
+        """
+        structure, values = _message_structure(messages)
+        if add_generation_prompt is None:
+            add_generation_prompt = structure[-1][0] == "user"
+        template = self._chat_template(chat_template)
+        tokenizer = self.tokenizer
+        variables = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token)
+        skeleton = _template_pieces(template, structure, bool(add_generation_prompt), variables, self.image_token)
+        return [values[value] if kind == "content" else (kind, value) for kind, value in skeleton]
+
+    def _chat_template(self, chat_template: str | None = None) -> str:
+        """The template to render: `chat_template` (a template, or the name of one of this processor's), else this
+        processor's own (its "default" when it holds several)."""
+        own = self.chat_template
+        if chat_template is None:
+            chat_template = own.get("default") if isinstance(own, dict) else own
+            if chat_template is None:
+                raise ValueError(f"this processor has no default chat template; it holds {sorted(own)}")
+        elif isinstance(own, dict) and chat_template in own:
+            chat_template = own[chat_template]
+        return chat_template
 
     def prompt_text(self, rounds: list[tuple[str, str | None]]) -> str:
-        """The conversation as one string (image shown once as its token), to inspect what the model reads."""
+        """The conversation as one string (image shown once as its token), to inspect what the model reads; equal
+        to `apply_chat_template(rounds_to_messages(rounds), add_generation_prompt=...)`."""
         names = {"eos": self.tokenizer.eos_token, "bos": self.tokenizer.bos_token}
         return "".join(names.get(value, value) if kind == "special" else value for kind, value in self.render(rounds))
 
-    def _plan_conversation(self, rounds: list[tuple[str, str | None]]) -> list[tuple]:
-        """The conversation as a list of steps: ("text", chunk, answer character spans) for the text between special
-        tokens, ("token", id, label) and ("eos",), whose label depends on whether an answer precedes it."""
+    def _conversation_pieces(self, conversation, add_generation_prompt=None, chat_template=None) -> list[tuple]:
+        """Pieces of a conversation given as `(question, answer)` rounds or as chat messages."""
+        if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], dict):
+            return self.render_messages(conversation, add_generation_prompt, chat_template)
+        return self.render(conversation)
+
+    def _plan_conversation(self, pieces: list[tuple[str, str]]) -> list[tuple]:
+        """A conversation's pieces as a list of steps: ("text", chunk, answer character spans) for the text between
+        special tokens, ("token", id, label) and ("eos",), whose label depends on whether an answer precedes it.
+        The tokenizer's bos opens it (as the tokenizer would add it), unless the template writes one first."""
         bos = self.tokenizer.bos_token_id
-        plan: list[tuple] = [] if bos is None else [("token", bos, IGNORE_INDEX)]
+        opened = bool(pieces) and pieces[0] == ("special", "bos")
+        plan: list[tuple] = [] if bos is None or opened else [("token", bos, IGNORE_INDEX)]
         chunk, spans = "", []
 
         def flush():
@@ -485,7 +503,7 @@ class GSVAProcessor(ProcessorMixin):
                 plan.append(("text", chunk, spans))
             chunk, spans = "", []
 
-        for kind, value in self.render(rounds):
+        for kind, value in pieces:
             if kind == "text":
                 chunk += value
             elif kind == "answer":
@@ -510,14 +528,20 @@ class GSVAProcessor(ProcessorMixin):
         flush()
         return plan
 
-    def encode_conversations(self, conversations: list[list[tuple[str, str | None]]]) -> list[tuple[list[int], list[int]]]:
-        """Token ids and labels (answers and their end-of-turn token only) for each conversation.
+    def encode_conversations(
+        self, conversations: list, add_generation_prompt: bool | None = None, chat_template: str | None = None
+    ) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels (answers and their end-of-turn token only) for each conversation, given as
+        `(question, answer)` rounds or as chat messages (`render_messages`).
 
         Text between special tokens is tokenized as one chunk (so ids match GSVA's legacy Llama tokenisation), all
         chunks of all conversations in one tokenizer call; `[SEG]`/`[REJ]` in answers become their tokens, while
         questions never produce special tokens.
         """
-        plans = [self._plan_conversation(rounds) for rounds in conversations]
+        plans = [
+            self._plan_conversation(self._conversation_pieces(conversation, add_generation_prompt, chat_template))
+            for conversation in conversations
+        ]
         texts = [step[1] for plan in plans for step in plan if step[0] == "text"]
         encodings = iter([])
         if texts:
@@ -550,13 +574,91 @@ class GSVAProcessor(ProcessorMixin):
         """`encode_conversations` for one conversation."""
         return self.encode_conversations([rounds])[0]
 
+    def _pad_rows(self, encoded: list[tuple[list[int], list[int]]], padding_side: str):
+        """`input_ids`, `attention_mask` and `labels` tensors of encoded rows, padded on `padding_side`."""
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(encoded):
+            span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, span] = 1
+            labels[row, span] = torch.tensor(row_labels, dtype=torch.long)
+        return input_ids, attention_mask, labels
+
+    def apply_chat_template(
+        self,
+        conversation,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str | None = None,
+        **kwargs,
+    ):
+        """transformers' `apply_chat_template`. Without `tokenize`, the text the template renders. With it, the
+        ids `render_messages` gives (typed text stays text), as a list (lists for a batch) or, with
+        `return_tensors="pt"`, padded tensors; `return_dict` adds `attention_mask`, and `labels` when every
+        conversation ends with an answer.
+
+        Messages that carry their image (`{"type": "image", "image"|"path": ...}`, one per conversation) give
+        `processor(images=..., conversations=...)`, the model's full inputs; that call adds the generation prompt
+        exactly to conversations that end with the user's turn, so `add_generation_prompt` must say the same.
+        """
+        if not tokenize:
+            return super().apply_chat_template(
+                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        if kwargs:
+            raise TypeError(f"GSVAProcessor.apply_chat_template(tokenize=True) does not take {sorted(kwargs)}")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation)
+        batched = batched and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        for messages in conversations:
+            _message_structure(messages)
+        answered = [messages[-1]["role"] == "assistant" for messages in conversations]
+        images = [_message_images(messages) for messages in conversations]
+        if any(images):
+            if chat_template is not None:
+                raise ValueError("with images in the messages, the processor's own chat template is used: drop chat_template")
+            if not all(len(found) == 1 for found in images):
+                raise ValueError(f"give one image per conversation in its messages, or none; got {[len(f) for f in images]}")
+            if any(add_generation_prompt == done for done in answered):
+                raise ValueError(
+                    "with images the generation prompt is added exactly to conversations that end with the user's "
+                    "turn: pass add_generation_prompt=True for those and False for conversations ending with an answer"
+                )
+            images = [found[0] for found in images]
+            out = self(images=images, conversations=conversations, return_tensors=return_tensors or "pt")
+            return out if return_dict else out["input_ids"]
+        encoded = self.encode_conversations(conversations, add_generation_prompt, chat_template)
+        with_labels = all(answered)
+        if return_tensors == "pt":
+            input_ids, attention_mask, labels = self._pad_rows(encoded, "right" if with_labels else "left")
+        else:
+            input_ids = [ids for ids, _ in encoded]
+            attention_mask = [[1] * len(ids) for ids in input_ids]
+            labels = [row_labels for _, row_labels in encoded]
+            if not batched:
+                input_ids, attention_mask, labels = input_ids[0], attention_mask[0], labels[0]
+        if not return_dict:
+            return input_ids
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if with_labels:
+            data["labels"] = labels
+        return BatchFeature(data=data)
+
     # ------------------------------------------------------------------ call
     def __call__(
         self,
         images=None,
         text: str | list[str] | None = None,
         answers: str | list[str] | None = None,
-        conversations: list[list[tuple[str, str | None]]] | None = None,
+        conversations: list[list[tuple[str, str | None]]] | list[list[dict]] | None = None,
         targets: list[str] | list[list[str]] | None = None,
         return_tensors: str = "pt",
         padding_side: str | None = None,
@@ -567,7 +669,9 @@ class GSVAProcessor(ProcessorMixin):
 
         text / answers: one question (and optionally its answer) per image. Without answers the prompt ends
         where the assistant starts (for `generate`), left-padded; with answers `labels` are returned and rows are
-        right-padded. `conversations` gives several (question, answer) rounds per image instead.
+        right-padded. `conversations` gives several (question, answer) rounds per image instead, or chat messages
+        (`render_messages`): one ending with the user's turn gets the generation prompt, one ending with an answer
+        labels. Every prompt comes from the chat template.
         targets: phrases per image instead (target mode, for `model.decide_targets`): GSVA's question and answer
             template with one slot per phrase; no labels.
         max_length: raise (never truncate) when a row is longer.
@@ -599,7 +703,7 @@ class GSVAProcessor(ProcessorMixin):
         self._check_aspect_ratios(pil_images)
 
         encoded = self.encode_conversations(conversations)
-        with_labels = all(rounds[-1][1] is not None for rounds in conversations)
+        with_labels = all(_ends_with_answer(conversation) for conversation in conversations)
         if padding_side is None:
             padding_side = "right" if with_labels else "left"
         if padding_side not in ("left", "right"):
@@ -611,16 +715,7 @@ class GSVAProcessor(ProcessorMixin):
                     f"conversation {row} is {len(ids)} tokens long (with {self.num_image_tokens} image tokens), "
                     f"more than the limit of {limit}; shorten the text or raise max_length"
                 )
-        width = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(encoded):
-            span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, span] = 1
-            labels[row, span] = torch.tensor(row_labels, dtype=torch.long)
+        input_ids, attention_mask, labels = self._pad_rows(encoded, padding_side)
 
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if with_labels and targets is None:
@@ -629,7 +724,7 @@ class GSVAProcessor(ProcessorMixin):
         sam = self.sam_image_processor(pil_images, return_tensors="pt")
         data["sam_pixel_values"] = sam["pixel_values"]
         data["original_sizes"] = torch.as_tensor(sam["original_sizes"], dtype=torch.long)
-        data["resized_sizes"] = torch.as_tensor(sam["reshaped_input_sizes"], dtype=torch.long)
+        data["reshaped_input_sizes"] = torch.as_tensor(sam["reshaped_input_sizes"], dtype=torch.long)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _check_aspect_ratios(self, images: list[Image.Image]) -> None:
@@ -658,7 +753,7 @@ class GSVAProcessor(ProcessorMixin):
     @staticmethod
     def targets_question(phrases: list[str]) -> str:
         """A question over several phrases for free generation: GSVA's "What are ... in this image?" template."""
-        return multi_target_question(_checked_phrases(phrases), style=3)
+        return TARGETS_QUESTION.format(class_name=", ".join(_checked_phrases(phrases)).lower())
 
     @staticmethod
     def targets_conversation(phrases: list[str]) -> tuple[str, str]:
@@ -711,29 +806,80 @@ class GSVAProcessor(ProcessorMixin):
                 previous = part
         return phrases
 
+    def sam_longest_edge(self) -> int:
+        """The long side SAM's image processor resizes images to (its `size["longest_edge"]`)."""
+        return int(self.sam_image_processor.size["longest_edge"])
+
+    def post_process_masks(
+        self, masks: torch.Tensor, original_sizes, reshaped_input_sizes, slot_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """SAM's mask post-processing (`SamImageProcessor.post_process_masks`' names, logits kept): upsample the
+        model's low-resolution masks `[B, S, h, w]` to SAM's padded input, crop each image's resized part, resize
+        to its original size.
+
+        original_sizes / reshaped_input_sizes: `[B, 2]` (height, width), as this processor returns them.
+        slot_mask: `[B, S]` bool, the slots to post-process (default: all).
+        Returns per image float32 logits `[k_i, H_i, W_i]` for its selected slots, in order.
+        """
+        if slot_mask is None:
+            slot_mask = torch.ones(masks.shape[:2], dtype=torch.bool)
+        if not (len(masks) == len(slot_mask) == len(original_sizes) == len(reshaped_input_sizes)):
+            raise ValueError(
+                f"post_process_masks got {len(masks)} mask rows, {len(slot_mask)} slot-mask rows, "
+                f"{len(original_sizes)} original_sizes and {len(reshaped_input_sizes)} reshaped_input_sizes; "
+                "give one per image"
+            )
+        pad_size = int(self.sam_image_processor.pad_size["height"])
+        return upscale_slot_masks(masks, slot_mask, _size_list(original_sizes), _size_list(reshaped_input_sizes), pad_size)
+
     def post_process_instance_segmentation(
-        self, outputs, threshold: float = 0.0, targets: list[list[str]] | None = None, return_rle: bool = False
+        self,
+        outputs,
+        target_sizes=None,
+        threshold: float = 0.0,
+        targets: list[list[str]] | None = None,
+        return_rle: bool = False,
     ) -> list[SegmentationResult]:
         """Per image: the answer and, per slot in order, phrase, rejected, bool mask at the original size, score.
 
         outputs: `model.generate(..., return_dict_in_generate=True)` with the SAM inputs (phrases are read from
             the generated answer; a slot whose phrase cannot be read, or an answer cut at `max_new_tokens`, is
             named in `warnings`), or `model.decide_targets(...)` with `targets`, the phrases asked per image.
+        target_sizes: `[B, 2]` (height, width) of the images, `inputs["original_sizes"]` of this processor's
+            output; the resized sizes follow from them and SAM's longest edge.
         threshold: mask logit threshold (GSVA: 0). return_rle: add each mask's COCO RLE.
         """
-        if outputs.get("target_is_seg") is None:
+        if outputs.get("slot_is_seg") is None:
             raise ValueError(
                 "these outputs hold no masks: use model.decide_targets(**processor(images=..., targets=...)) or "
                 "model.generate(**processor(images=..., text=...), return_dict_in_generate=True)"
             )
+        rows = len(outputs["slot_is_seg"])
+        if target_sizes is None:
+            raise ValueError(
+                "post_process_instance_segmentation needs target_sizes, the image sizes: pass "
+                'target_sizes=inputs["original_sizes"] from this processor\'s output'
+            )
+        sizes = _size_list(target_sizes)
+        if len(sizes) != rows:
+            raise ValueError(
+                f"got {len(sizes)} target_sizes for {rows} output rows; with num_return_sequences=n give each image's "
+                'size n times: inputs["original_sizes"].repeat_interleave(n, dim=0)'
+            )
         from_targets = outputs.get("answer_ids") is None
         if from_targets and targets is None:
             raise ValueError("target-mode outputs need `targets`, the phrases asked per image")
-        if from_targets and len(targets) != len(outputs["target_is_seg"]):
-            raise ValueError(f"got {len(targets)} target lists for {len(outputs['target_is_seg'])} images")
+        if from_targets and len(targets) != rows:
+            raise ValueError(f"got {len(targets)} target lists for {rows} images")
+        longest = self.sam_longest_edge()
+        reshaped = [sam_reshaped_size(size, longest) for size in sizes]
+        seg_logits = self.post_process_masks(outputs["pred_masks"], sizes, reshaped, slot_mask=outputs["slot_is_seg"])
         results = []
-        fields = zip(outputs["target_is_seg"], outputs["slot_scores"], outputs["pred_masks"])
-        for row, (flags, scores, logits) in enumerate(fields):
+        for row in range(rows):
+            count = int(outputs["slot_mask"][row].sum())
+            flags, scores = outputs["slot_is_seg"][row, :count].cpu(), outputs["slot_scores"][row, :count]
+            logits = seg_logits[row].new_zeros((count, *sizes[row]))
+            logits[flags.to(logits.device)] = seg_logits[row]
             _check_finite_outputs(row, flags, scores, logits)
             flags, scores = flags.tolist(), scores.tolist()
             warnings = []
@@ -753,7 +899,7 @@ class GSVAProcessor(ProcessorMixin):
                         warnings.append(f"slot {slot} has no phrase in the answer")
                 if not outputs["finished"][row]:
                     warnings.append("the answer was cut at max_new_tokens: targets after it are missing")
-            height, width = (int(v) for v in outputs["original_sizes"][row])
+            height, width = sizes[row]
             entries = []
             for slot, (is_seg, phrase) in enumerate(zip(flags, phrases)):
                 if is_seg:
@@ -769,6 +915,64 @@ class GSVAProcessor(ProcessorMixin):
             results.append(SegmentationResult(answer=answer, targets=entries, warnings=warnings))
         return results
 
+
+def _size_list(sizes) -> list[tuple[int, int]]:
+    """`[B, 2]` sizes (tensor, array or pairs) as (height, width) int tuples."""
+    return [(int(size[0]), int(size[1])) for size in (sizes.tolist() if hasattr(sizes, "tolist") else sizes)]
+
+
+def sam_reshaped_size(size, longest_edge: int) -> tuple[int, int]:
+    """The (height, width) SAM's image processor resizes an image of `size` to: longest side `longest_edge`, the
+    other rounded half up (`SamImageProcessor`'s rule), so a mask's size alone gives its resized input size."""
+    height, width = int(size[0]), int(size[1])
+    scale = longest_edge * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def upscale_mask_logits(low_res: torch.Tensor, input_size, output_size, pad_size: int) -> torch.Tensor:
+    """SAM's mask post-processing: upsample `[n, h, w]` to the padded input, crop the resized image (`input_size`),
+    resize to `output_size`; float32.
+
+    Only the low-resolution rows and columns that the crop keeps are upsampled. With an integer ratio r,
+    bilinear upsampling (align_corners=False) reads output pixel i from input position (i + 0.5) / r - 0.5
+    whatever the input's extent, so upsampling the slice by r gives the full result's numbers on the crop.
+    """
+    height, width = int(input_size[0]), int(input_size[1])
+    logits = low_res[:, None].float()
+    ratio = pad_size // logits.shape[-1]
+    if ratio * logits.shape[-1] == pad_size and logits.shape[-2] == logits.shape[-1]:
+        # Output row i < height interpolates input rows floor((i + 0.5) / r - 0.5) and the next: < ceil(h / r) + 1.
+        rows, cols = (min(logits.shape[-1], -(-size // ratio) + 1) for size in (height, width))
+        logits = F.interpolate(logits[..., :rows, :cols], scale_factor=ratio, mode="bilinear", align_corners=False)
+    else:
+        logits = F.interpolate(logits, (pad_size, pad_size), mode="bilinear", align_corners=False)
+    logits = logits[..., :height, :width]
+    output = tuple(int(v) for v in output_size)
+    if output != (height, width):
+        logits = F.interpolate(logits, output, mode="bilinear", align_corners=False)
+    return logits[:, 0]
+
+
+def upscale_slot_masks(
+    masks: torch.Tensor, keep: torch.Tensor, output_sizes, input_sizes, pad_size: int
+) -> list[torch.Tensor]:
+    """`upscale_mask_logits` for the slots `keep` `[B, S]` of `masks` `[B, S, h, w]`: per row `[k_i, H_i, W_i]`.
+
+    Rows that share (input, output) sizes are upsampled together, one interpolation per size pair."""
+    keep = keep.to(masks.device)
+    counts = keep.sum(1).tolist()
+    sizes = [tuple(int(v) for v in i) + tuple(int(v) for v in o) for i, o in zip(input_sizes, output_sizes)]
+    out: list[torch.Tensor | None] = [None] * len(counts)
+    for key in dict.fromkeys(sizes):
+        members = [row for row, size in enumerate(sizes) if size == key]
+        selected = torch.cat([masks[row][keep[row]] for row in members])
+        if selected.shape[0] == 0:
+            upsampled = masks.new_zeros((0, *key[2:]), dtype=torch.float32)
+        else:
+            upsampled = upscale_mask_logits(selected, key[:2], key[2:], pad_size)
+        for row, part in zip(members, upsampled.split([counts[row] for row in members])):
+            out[row] = part
+    return out
 
 def _check_finite_outputs(row: int, flags: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor) -> None:
     """Refuse NaN or infinite slot scores and mask logits, naming the image row and slots: NaN compares false, so
@@ -846,6 +1050,145 @@ def _strip_template_words(text: str) -> str:
 
 def _previous_is_answer(labels: list[int]) -> bool:
     return bool(labels) and labels[-1] != IGNORE_INDEX
+
+
+def _ends_with_answer(conversation) -> bool:
+    """Whether a conversation (rounds or chat messages) ends with an answer, i.e. is encoded with labels."""
+    last = conversation[-1]
+    return last.get("role") == "assistant" if isinstance(last, dict) else last[1] is not None
+
+
+def _message_images(messages) -> list:
+    """The images a conversation's messages carry (`{"type": "image", "image"|"path"|"url": ...}` items)."""
+    found = []
+    for message in messages if isinstance(messages, (list, tuple)) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for item in content if isinstance(content, (list, tuple)) else ():
+            if isinstance(item, dict) and item.get("type") == "image":
+                found += [item[key] for key in ("image", "path", "url") if item.get(key) is not None]
+    return found
+
+
+def _message_structure(messages) -> tuple[tuple, list[tuple[str, str]]]:
+    """Check chat messages against GSVA's conversation format and split them into their structure (roles and item
+    types: what the template's output depends on besides the text) and their text items as pieces, in order."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"a conversation must be a non-empty list of messages, got {messages!r}")
+    structure, values, images = [], [], 0
+    expected, first_user = "user", 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {index}: expected a dict with 'role' and 'content', got {message!r}")
+        role, content = message["role"], message["content"]
+        if role == "system" and index == 0:
+            pass
+        elif role != expected:
+            raise ValueError(
+                f"message {index}: expected role {expected!r}, got {role!r}; GSVA's conversations are an optional "
+                "system message, then user and assistant turns in turn, starting with the user"
+            )
+        else:
+            expected = "assistant" if role == "user" else "user"
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"message {index}: content must be a string or a list of items, got {content!r}")
+        kinds, typed = [], ""
+        for item in items:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text" and isinstance(item.get("text"), str):
+                values.append(("answer" if role == "assistant" else "text", item["text"]))
+                typed += item["text"]
+            elif kind == "image" and role == "user" and images == 0 and index == first_user:
+                images += 1
+            else:
+                raise ValueError(
+                    f"message {index} ({role}): content items must be {{'type': 'text', 'text': str}} or, once in the "
+                    f"first user message, {{'type': 'image'}}; got {item!r}"
+                )
+            kinds.append(kind)
+        if role == "user" and not typed.strip():
+            raise ValueError(f"message {index}: the user's text must not be empty")
+        structure.append((role, None if isinstance(content, str) else tuple(kinds)))
+    if images != 1:
+        raise ValueError("GSVA reads one image per conversation: put {'type': 'image'} in the first user message")
+    return tuple(structure), values
+
+
+# A text item's stand-in while the template renders: private-use characters, so it can meet no marker, with spaces
+# and both letter cases, so a template that trims or re-cases text is caught instead of silently mis-encoded.
+_PLACEHOLDER = " \ue000{}aZ\ue001 "
+
+
+@lru_cache(maxsize=256)
+def _template_pieces(template: str, structure: tuple, add_generation_prompt: bool, variables: tuple, image_token: str):
+    """What `template` writes for a conversation of this structure, as pieces with ("content", n) in place of the
+    n-th text item. Depends on no text, so one rendering serves every conversation of a batch.
+
+    variables: the tokenizer's bos, eos, unk and pad tokens (`bos_token`... in the template); bos, eos,
+    `<im_start>`, `<im_end>` and `image_token` are the markers the template's own text is split on."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages, count = [], 0
+    for role, kinds in structure:
+        if kinds is None:
+            content, count = _PLACEHOLDER.format(count), count + 1
+        else:
+            content = []
+            for kind in kinds:
+                if kind == "image":
+                    content.append({"type": "image"})
+                else:
+                    content.append({"type": "text", "text": _PLACEHOLDER.format(count)})
+                    count += 1
+        messages.append({"role": role, "content": content})
+    tracked = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+    variable_names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    rendered, generation = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        return_assistant_tokens_mask=tracked,
+        **{name: value for name, value in zip(variable_names, variables) if value is not None},
+    )
+    rendered, spans = rendered[0], generation[0] if tracked else []
+    bos, eos = variables[:2]
+    names = {IM_START_TOKEN: ("special", IM_START_TOKEN), IM_END_TOKEN: ("special", IM_END_TOKEN)}
+    names[image_token] = ("image", image_token)
+    names.update({token: ("special", name) for token, name in ((bos, "bos"), (eos, "eos")) if token})
+    placeholders = [_PLACEHOLDER.format(n) for n in range(count)]
+    pattern = "|".join(re.escape(p) for p in placeholders + sorted(names, key=len, reverse=True))
+    pieces, position, seen = [], 0, [0] * count
+
+    def template_text(start: int, end: int) -> None:
+        """The template's own text, as answer inside `{% generation %}` spans and plain text outside them."""
+        cuts = sorted({start, end} | {c for span in spans for c in span if start < c < end})
+        for begin, stop in zip(cuts, cuts[1:]):
+            text = rendered[begin:stop]
+            inside = any(a <= begin < b for a, b in spans)
+            pieces.append(("answer", AnswerText.join([(text, True)])) if inside else ("text", text))
+
+    for match in re.finditer(pattern, rendered):
+        template_text(position, match.start())
+        if match.group() in names:
+            pieces.append(names[match.group()])
+        else:
+            number = placeholders.index(match.group())
+            seen[number] += 1
+            pieces.append(("content", number))
+        position = match.end()
+    template_text(position, len(rendered))
+    if any(times != 1 for times in seen):
+        raise ValueError(
+            "the chat template must write each text item of the messages once, unchanged (no trimming or case "
+            f"change); it wrote them {seen} times"
+        )
+    images = sum(kind == "image" for kind, _ in pieces)
+    if images != 1:
+        raise ValueError(
+            f"the chat template writes the image token {image_token!r} {images} times for the conversation's one "
+            "image; it must write it once, where the {'type': 'image'} item is"
+        )
+    return tuple(pieces)
 
 
 GSVAProcessor.register_for_auto_class("AutoProcessor")
