@@ -288,7 +288,8 @@ def evaluate_after_training(model, processor, data_args: DataArguments, output_d
     if accelerator is None or accelerator.is_main_process:
         print(result.log_line, flush=True)
         payload = {"val_dataset": data_args.val_dataset, "mode": data_args.eval_mode, "metrics": result.metrics}
-        write_text_replacing(output_dir / "eval_results.json", strict_json(payload, str(output_dir / "eval_results.json")) + "\n")
+        record = output_dir / "eval_results.json"
+        write_text_replacing(record, strict_json(payload, str(record)) + "\n")
     return result.metrics
 
 

@@ -106,7 +106,7 @@ PY
   COMMON=(--model_name_or_path "$WORK/preset" --dataset_dir "$WORK/data" --dataset refer_seg --sample_rates 1
     --refer_seg_data grefcoco
     --val_dataset "grefcoco|unc|val" --eval_batch_size 4 --max_steps 20 --warmup_steps 5 --per_device_train_batch_size 4
-    --logging_steps 1 --save_steps 20 --bf16 --gradient_checkpointing --report_to none --disable_tqdm true --seed 0)
+    --logging_steps 1 --save_steps 20 --bf16 --activation_checkpointing --report_to none --disable_tqdm true --seed 0)
   [[ $DEVICE == cpu ]] && COMMON+=(--use_cpu true)
   step zero2_run 150 python3 -m torch.distributed.run --nproc_per_node 1 train_hf.py "${COMMON[@]}" --output_dir "$WORK/zero2" \
     --deepspeed configs/deepspeed_zero2.json

@@ -32,7 +32,13 @@ def alternate_spelling(option: str) -> str | None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help with each flag's default, and descriptions and epilogs laid out as written."""
+    """Help with each flag's default (none shown for an unset value or an off switch), and descriptions and epilogs
+    laid out as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -707,9 +707,14 @@ def write_hf_out(dataset_dir, specs: list[str], folder: str | Path) -> None:
         fresh = scratch / "hf"
         tree_to_hf(dataset_dir, specs, fresh)
         names = sorted(str(path.relative_to(fresh)) for path in fresh.rglob("*") if path.is_file())
-        record = {"written_by": GENERATOR, "format": HF_FORMAT, "tree": str(dataset_dir), "specs": list(specs),
-                  "files": names}
-        (fresh / HF_MANIFEST_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record = {
+            "written_by": GENERATOR,
+            "format": HF_FORMAT,
+            "tree": str(dataset_dir),
+            "specs": list(specs),
+            "files": names,
+        }
+        (fresh / HF_MANIFEST_NAME).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         for path in check_hf_out(folder):  # checked again: the folder may have changed during the save
             path.unlink()
         if folder.exists():

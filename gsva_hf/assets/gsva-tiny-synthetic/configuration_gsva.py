@@ -98,11 +98,14 @@ def estimated_parameters(config) -> int:
     head_dim = _size(config, "head_dim") or hidden // heads
     kv_heads = _size(config, "num_key_value_heads") or heads
     experts = max([_size(config, name) for name in _EXPERT_FIELDS] + [1])
-    feed_forward = 3 * hidden * (_size(config, "moe_intermediate_size") or inner) * experts if experts > 1 else 3 * hidden * inner
+    if experts > 1:
+        inner = (_size(config, "moe_intermediate_size") or inner) * experts
+    feed_forward = 3 * hidden * inner
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
     patch = _size(config, "patch_size")
     patches = (_size(config, "image_size") // patch) ** 2 + _size(config, "num_channels") * patch**2 if patch else 0
-    return total + _size(config, "num_hidden_layers") * (attention + feed_forward) + (2 * _size(config, "vocab_size") + patches) * hidden
+    layers = _size(config, "num_hidden_layers") * (attention + feed_forward)
+    return total + layers + (2 * _size(config, "vocab_size") + patches) * hidden
 
 
 def check_config_parameters(config, where: str = "GSVA config") -> None:
