@@ -130,14 +130,51 @@ def write_text_replacing(path, text: str) -> None:
         raise naming_file(error, path) from error
 
 
+def refuse_link(path, flag: str) -> None:
+    """Raise naming `flag` when `path` is a symbolic link: the commands never write or delete through one."""
+    import os
+
+    if os.path.islink(path):
+        raise UsageError(
+            f"{flag} {path} is a symbolic link (to {os.readlink(path)}); nothing is written or deleted through one: "
+            "give the folder itself or a new one"
+        )
+
+
+def check_creatable(path, flag: str) -> None:
+    """Raise naming `flag` unless `path` is a folder or can become one: in it when it exists, else in the nearest
+    folder above it that exists, a file must be creatable. Nothing is left behind."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder; give a folder")
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"{flag} {path}: cannot create files in {existing} ({error.strerror or error}); give a writable folder"
+        ) from error
+
+
 __all__ = [
     "CommandParser",
     "UsageError",
     "USAGE_EXIT",
     "alternate_spelling",
+    "check_creatable",
     "describe",
     "fail",
     "name_the_cpu_for_deepspeed",
+    "refuse_link",
     "naming_file",
     "usage_errors",
     "write_text_replacing",

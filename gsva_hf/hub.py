@@ -14,7 +14,6 @@ decides which targets exist). No transformers pipeline returns GSVA's masks, so 
 """
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .cli import CommandParser, describe, fail, usage_errors
+from .cli import CommandParser, describe, fail, refuse_link, usage_errors
 from .export import CODE_FILES, code_files_differing, save_folder, size_words
 from .loading import BUNDLED_MODEL, DTYPES
 
@@ -389,11 +388,7 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> bool:
     too) may hold the user's own files. The marker must be a regular file (not a link) holding the text gsva-push
     writes, and `out_dir` itself must not be a link, empty or not: nothing is written or deleted through one.
     """
-    if out_dir.is_symlink():
-        raise FileExistsError(
-            f"--out {out_dir}: is a symbolic link (to {os.readlink(out_dir)}); gsva-push never writes or deletes "
-            "through a link: give the folder itself or an empty or new --out folder"
-        )
+    refuse_link(out_dir, "--out")
     if not out_dir.exists():
         return False
     if not out_dir.is_dir():

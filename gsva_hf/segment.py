@@ -13,14 +13,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .cli import CommandParser, UsageError, describe, naming_file, write_text_replacing
+from .cli import CommandParser, check_creatable, describe, naming_file, refuse_link, write_text_replacing
 from .cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from .loading import BUNDLED_MODEL, DTYPES, add_loading_arguments, load_gsva_pinned
 from .overlay import overlay
@@ -111,11 +110,7 @@ class OutputFolder:
     def previous_files(self) -> list[Path]:
         """The files an earlier run here wrote; raises when the folder holds anything else, a symbolic link, or
         a folder where this run writes a file."""
-        if self.root.is_symlink():
-            raise ValueError(
-                f"--out {self.root} is a symbolic link (to {os.readlink(self.root)}); gsva-segment never writes "
-                "through one: give the folder itself or a new one"
-            )
+        refuse_link(self.root, "--out")
         if not self.root.exists():
             return []
         if not self.root.is_dir():
@@ -185,21 +180,6 @@ class OutputFolder:
                 f"--out {self.root}: {SUMMARY} is a symbolic link; gsva-segment never writes through one"
             )
         write_text_replacing(record, json.dumps(self.summary, indent=2, allow_nan=False) + "\n")
-
-
-def check_out_writable(out: Path) -> None:
-    """Raise naming --out unless files can be created there: in OUT when it exists, else in the nearest folder above
-    it that exists (where OUT would be made). Checked before the model loads, so a bad --out costs no model run."""
-    existing = out
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is a file, not a folder; give a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UsageError(f"--out {out}: cannot create files in {existing} ({error.strerror or error}); give a writable folder") from error
 
 
 def _write_new(path: Path, write) -> None:
@@ -322,7 +302,7 @@ def main(argv=None) -> int:
         folders = output_folders(images, args.out, single=not args.image.is_dir())
         out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)}, folders)
         previous = out.previous_files()
-        check_out_writable(args.out)
+        check_creatable(args.out, "--out")
         model, processor = load_gsva_pinned(
             args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
         )

@@ -10,12 +10,11 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .cli import USAGE_EXIT, UsageError
+from .cli import USAGE_EXIT, UsageError, check_creatable, refuse_link
 from .export import REMOTE_CODE_FILES
 
 PROG = "train_hf.py"
@@ -196,25 +195,6 @@ EXPORT_FILES = {
 EXPORT_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
-def check_creatable(path: Path, flag: str) -> None:
-    """Raise naming `flag` unless `path` is a folder or can become one: in it when it exists, else in the nearest
-    folder above it that exists, a file must be creatable. Nothing is left behind."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is a file, not a folder; give a folder")
-    existing = path
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder; give a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise UsageError(
-            f"{flag} {path}: cannot create files in {existing} ({error.strerror or error}); give a writable folder"
-        ) from error
-
-
 def earlier_run(output_dir: Path) -> list[str]:
     """The names in `output_dir` that a training run leaves (checkpoints, its records, its export)."""
     if not output_dir.is_dir():
@@ -256,8 +236,7 @@ def check_export_dir(training_args, same_run: bool) -> None:
     (`same_run`) is replaced, and only when it holds nothing but the files an export writes."""
     flag = "--export_dir" if training_args.export_dir else "--output_dir"
     export_dir = Path(training_args.export_dir or Path(training_args.output_dir) / "final")
-    if export_dir.is_symlink():
-        raise UsageError(f"{flag}: the export folder {export_dir} is a symbolic link; give the folder itself")
+    refuse_link(export_dir, flag)
     check_creatable(export_dir, flag)
     if not export_dir.is_dir() or not any(export_dir.iterdir()):
         return

@@ -242,7 +242,7 @@ def test_push_overwrite_checks_its_marker_and_never_deletes_through_a_link(saved
     link = tmp_path / "link"
     link.symlink_to(layout, target_is_directory=True)
     code, err = exit_status(capsys, hub.main, *argv, link)
-    assert code == 2 and f"--out {link}: is a symbolic link" in err
+    assert code == 2 and f"--out {link} is a symbolic link" in err
     assert (layout / hub.PUSH_MARKER).is_file() and (layout / "model.safetensors").is_file()
 
 

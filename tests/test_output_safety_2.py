@@ -112,7 +112,7 @@ def test_push_refuses_a_linked_out_folder_even_empty(tmp_path, capsys, monkeypat
     link = tmp_path / "link"
     link.symlink_to(target, target_is_directory=True)
     code, err = run(capsys, hub.main, BUNDLED_MODEL, "user/x", "--dry-run", "--out", link)
-    assert code == 2 and f"--out {link}: is a symbolic link (to {target})" in err
+    assert code == 2 and f"--out {link} is a symbolic link (to {target})" in err
     assert not any(target.iterdir())
 
 

@@ -21,7 +21,7 @@ from configuration_gsva import GSVAConfig
 from modeling_gsva import GSVAForCausalLM, build_text_hidden_fcs
 from processing_gsva import IM_END_TOKEN, IM_START_TOKEN, REJ_TOKEN, SEG_TOKEN, GSVAProcessor
 
-from ..cli import write_text_replacing
+from ..cli import refuse_link, write_text_replacing
 from ..export import save_folder, size_words
 from .common import FLOAT_DTYPES, ConversionError, ConversionReport, _Item, _listing, _refuse_problems, _shape
 
@@ -291,11 +291,7 @@ def _prepare_output(output_dir: str | Path, overwrite: bool) -> Path:
     Nothing is written through a symbolic link: the folder itself must not be one, and with --overwrite no entry
     inside it may be one (the savers open their files by name, so a link there would send a file elsewhere)."""
     output_dir = Path(output_dir)
-    if output_dir.is_symlink():
-        raise ConversionError(
-            f"--output {output_dir} is a symbolic link (to {os.readlink(output_dir)}); the conversion never writes "
-            "through one: give the folder itself or a new one"
-        )
+    refuse_link(output_dir, "--output")
     if not output_dir.exists():
         return output_dir
     if not output_dir.is_dir():

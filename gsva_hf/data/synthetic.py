@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..cli import CommandParser
+from ..cli import CommandParser, refuse_link
 
 SPLITS = ("train", "val", "testA", "testB")
 DEFAULT_NUM_IMAGES = {"train": 4000, "val": 250, "testA": 250, "testB": 250}
@@ -657,14 +657,10 @@ def _folder_entries(folder: Path, flag: str) -> list[Path]:
 
 def check_hf_out(folder: str | Path) -> list[Path]:
     """The files an earlier `--hf-out` run wrote in `folder`, which a new run replaces; none for an absent or empty
-    folder. Any other folder is refused (FileExistsError naming it): a link, a file, or one holding a file that no
+    folder. Any other folder is refused naming it (UsageError for a link, FileExistsError otherwise): a link, a file, or one holding a file that no
     `HF_MANIFEST_NAME` of this generator there lists (a user's own DatasetDict above all)."""
     folder = Path(folder)
-    if folder.is_symlink():
-        raise FileExistsError(
-            f"--hf-out {folder} is a symbolic link (to {os.readlink(folder)}); the generator never writes through "
-            "one: give the folder itself or a new one"
-        )
+    refuse_link(folder, "--hf-out")
     if not folder.exists():
         return []
     if not folder.is_dir():
