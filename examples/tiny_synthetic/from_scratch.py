@@ -1,7 +1,6 @@
 """What a tiny GSVA trained from scratch needs and a pretrained GSVA does not: config changes before the draw, the
 language model drawn at another scale, the input embeddings' own learning rate, and a learning curve by minutes."""
 
-import json
 import math
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ import torch
 from transformers import PretrainedConfig, TrainerCallback
 
 from configuration_gsva import GSVAConfig
+from gsva_hf.metrics import strict_json
 from gsva_hf.training import GSVATrainer
 
 
@@ -147,4 +147,4 @@ class TimedEvaluationCallback(TrainerCallback):
         }
         self.curve_path.parent.mkdir(parents=True, exist_ok=True)
         with self.curve_path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(strict_json(entry, str(self.curve_path), indent=None) + "\n")
