@@ -68,7 +68,6 @@ def stage_timers(model) -> tuple[dict, Counter, list]:
     from gsva_hf.data.collator import GSVACollator
     from gsva_hf.data.refer_seg import ReferSegValDataset
     from gsva_hf.metrics import GresAccumulator
-    from modeling_gsva import GSVAForCausalLM
 
     seconds, calls, restore = defaultdict(float), Counter(), []
 
@@ -90,9 +89,10 @@ def stage_timers(model) -> tuple[dict, Counter, list]:
 
     wrap(ReferSegValDataset, "__getitem__", "data: read and decode")
     wrap(GSVACollator, "__call__", "collate: CLIP/SAM pre-processing, tokenising")
-    wrap(GSVAForCausalLM, "get_image_features", "CLIP tower + projector")
+    # The base owns the parts; the head delegates to it, so each call is timed once.
+    wrap(type(model.model), "get_image_features", "CLIP tower + projector")
     wrap(type(model.get_decoder()), "forward", "LLM decoder (all passes)")
-    wrap(GSVAForCausalLM, "get_sam_image_embeddings", "SAM image encoder")
+    wrap(type(model.model), "get_sam_image_embeddings", "SAM image encoder")
     wrap(type(model.sam.mask_decoder), "forward", "SAM mask decoder")
     wrap(processing_gsva, "upscale_mask_logits", "mask post-processing")
     wrap(reference_eval, "full_upsample_postprocess", "mask post-processing")

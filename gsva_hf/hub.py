@@ -603,22 +603,31 @@ BUNDLED_WEIGHTS = ("model.safetensors",)
 
 def refresh_bundled(folder: str | Path = BUNDLED_MODEL) -> list[str]:
     """Rewrite the bundled model's code, config, processor files and card from this checkout, as gsva-push lays
-    them out; the weights file is left untouched (the re-saved tensors are checked to equal it). Returns the
-    names written."""
+    them out. The weights file is left untouched when the re-saved tensors equal it; when it is in an earlier
+    layout (keys that `from_pretrained`'s legacy mapping renames, `current_key`), the tensors are compared through
+    that mapping and, equal, the file is rewritten once in the current layout. Returns the names written."""
     from safetensors.torch import load_file
+
+    from modeling_gsva import current_key
 
     folder = Path(folder)
     with tempfile.TemporaryDirectory(prefix="gsva-bundled-") as scratch:
         fresh = Path(scratch) / "layout"
         layout_repo(folder, fresh, BUNDLED_MODEL_ID, synthetic=True, marker=False)
+        relaid = []
         for weights in BUNDLED_WEIGHTS:
             kept, saved = load_file(folder / weights), load_file(fresh / weights)
-            differ = sorted(k for k in kept.keys() | saved.keys() if k not in kept or k not in saved or not kept[k].equal(saved[k]))
+            renamed = {current_key(k): v for k, v in kept.items()}
+            differ = sorted(
+                k for k in renamed.keys() | saved.keys() if k not in renamed or k not in saved or not renamed[k].equal(saved[k])
+            )
             if differ:
                 raise RuntimeError(f"{folder / weights}: re-saved tensors differ from the bundled ones: {differ[:5]}")
+            if kept.keys() != saved.keys():
+                relaid.append(weights)
         written = []
         for path in sorted(fresh.iterdir()):
-            if path.name not in BUNDLED_WEIGHTS:
+            if path.name not in BUNDLED_WEIGHTS or path.name in relaid:
                 shutil.copyfile(path, folder / path.name)
                 written.append(path.name)
     return written

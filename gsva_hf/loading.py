@@ -20,8 +20,11 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
 # The model shipped with the package: every command's default --model, and what `refresh-bundled` rewrites.
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "gsva-tiny-synthetic"
-# Modules kept in full precision when the LLM is quantized: the mask path and what feeds it.
-KEEP_UNQUANTIZED = ["sam", "vision_tower", "multi_modal_projector", "text_hidden_fcs", "lm_head"]
+# Modules kept in full precision when the LLM is quantized: the mask path and what feeds it. transformers matches
+# these from the start of a module's path, so the base's parts are named `model.*`; the 0.1 layout's names stay for a
+# 0.1 folder loaded through its own code.
+KEEP_PARTS = ["sam", "vision_tower", "multi_modal_projector", "text_hidden_fcs"]
+KEEP_UNQUANTIZED = [f"model.{part}" for part in KEEP_PARTS] + ["lm_head", *KEEP_PARTS, "language_model.lm_head"]
 
 
 class IncompleteCheckpointError(ValueError):
@@ -212,9 +215,10 @@ def read_config_file(path: str | Path):
 def check_weights_match_config(folder: str | Path, config) -> None:
     """Refuse (IncompleteCheckpointError) a folder whose safetensors headers do not hold exactly the tensors, with
     the shapes, that `config` builds (the model is built on the meta device, which allocates nothing); run before loading, so a config
-    claiming more than the weights hold never allocates. Folders without safetensors weights are left to
-    `check_loading_info`."""
-    from modeling_gsva import GSVAForCausalLM
+    claiming more than the weights hold never allocates. Header names in the 0.1 layout are compared through
+    the legacy key mapping `from_pretrained` applies (`current_key`); messages name the file's keys. Folders
+    without safetensors weights are left to `check_loading_info`."""
+    from modeling_gsva import GSVAForCausalLM, current_key
 
     folder = Path(folder)
     files = safetensors_files(folder)
@@ -223,7 +227,7 @@ def check_weights_match_config(folder: str | Path, config) -> None:
     saved: dict[str, tuple[tuple[int, ...], Path]] = {}
     for file in files:
         for name, (_, shape) in read_safetensors_header(file).items():
-            saved[name] = (shape, file)
+            saved[current_key(name)] = (shape, name)
     with torch.device("meta"):
         model = GSVAForCausalLM(config)
     # Tied tensors (e.g. SAM's shared positional embedding) are saved under one of their names.
@@ -233,9 +237,11 @@ def check_weights_match_config(folder: str | Path, config) -> None:
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
     info = {
         "missing_keys": [names[0] for names in groups.values() if not any(n in saved for n in names)],
-        "unexpected_keys": [name for name in saved if name not in shapes],
+        "unexpected_keys": [saved[name][1] for name in saved if name not in shapes],
         "mismatched_keys": [
-            (name, saved[name][0], shapes[name]) for name in saved if name in shapes and saved[name][0] != shapes[name]
+            (saved[name][1], saved[name][0], shapes[name])
+            for name in saved
+            if name in shapes and saved[name][0] != shapes[name]
         ],
     }
     check_loading_info(str(folder), info)

@@ -343,8 +343,23 @@ def _parse_fingerprint(entry: str) -> tuple[str, list[float]]:
     return shape, [float(v) for v in values.split()]
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def current_tensor_name(name: str) -> str:
+    """A tensor name recorded by an earlier layout (0.1: one class, `language_model` a causal LM), peft's prefix
+    kept, in the current layout (`modeling_gsva.current_key`)."""
+    from modeling_gsva import current_key
+
+    if name.startswith(PEFT_PREFIX):
+        return PEFT_PREFIX + current_key(name[len(PEFT_PREFIX) :])
+    return current_key(name)
+
+
 def fingerprint_differences(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
-    """The frozen tensors on which two `frozen_fingerprint`s disagree, each with why."""
+    """The frozen tensors on which two `frozen_fingerprint`s disagree, each with why; names recorded in the 0.1
+    layout are compared under their current names (`current_tensor_name`)."""
+    recorded = {current_tensor_name(name): entry for name, entry in recorded.items()}
     differ = []
     for name, entry in recorded.items():
         if name not in current:

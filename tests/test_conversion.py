@@ -366,8 +366,8 @@ def test_missing_tensor_is_named_and_can_be_allowed(world, tmp_path):
         convert_release(release, world.base_7b, tmp_path / "o1", decoder_heads=DECODER_HEADS, lora_r=LORA_R)
     message = str(error.value)
     assert "2 tensors of the GSVA model are missing" in message
-    assert f"language_model.model.layers.1.mlp.down_proj.weight [{WIDTH}, {FFN}]" in message
-    assert "sam.mask_decoder.iou_token.weight [1, 16]" in message
+    assert f"model.language_model.layers.1.mlp.down_proj.weight [{WIDTH}, {FFN}]" in message
+    assert "model.sam.mask_decoder.iou_token.weight [1, 16]" in message
 
     report = convert_release(
         release, world.base_7b, tmp_path / "o2", decoder_heads=DECODER_HEADS, lora_r=LORA_R,
@@ -375,9 +375,9 @@ def test_missing_tensor_is_named_and_can_be_allowed(world, tmp_path):
     )
     model = GSVAForCausalLM.from_pretrained(tmp_path / "o2")
     base = torch.load(world.base_7b / "pytorch_model.bin", weights_only=True)
-    torch.testing.assert_close(model.language_model.model.layers[1].mlp.down_proj.weight, base["model.layers.1.mlp.down_proj.weight"])
-    assert report.filled == [f"language_model.model.layers.1.mlp.down_proj.weight <- {world.base_7b}:model.layers.1.mlp.down_proj.weight"]
-    assert report.fresh == ["sam.mask_decoder.iou_token.weight"]
+    torch.testing.assert_close(model.language_model.layers[1].mlp.down_proj.weight, base["model.layers.1.mlp.down_proj.weight"])
+    assert report.filled == [f"model.language_model.layers.1.mlp.down_proj.weight <- {world.base_7b}:model.layers.1.mlp.down_proj.weight"]
+    assert report.fresh == ["model.sam.mask_decoder.iou_token.weight"]
     assert torch.isfinite(model.sam.mask_decoder.iou_token.weight).all()
 
 
@@ -408,7 +408,7 @@ def test_extra_tensors_are_named_and_can_be_allowed(world, tmp_path):
     assert "2 checkpoint tensors map to nothing" in message
     assert (
         f"{release}:{PEFT}model.layers.0.self_attn.extra.weight "
-        "(would be language_model.model.layers.0.self_attn.extra.weight, which the GSVA model does not have)"
+        "(would be model.language_model.layers.0.self_attn.extra.weight, which the GSVA model does not have)"
     ) in message
     assert f"{release}:{PEFT}model.vision_tower.unknown.weight" in message
     report = convert_release(release, world.base_7b, tmp_path / "o2", decoder_heads=DECODER_HEADS, lora_r=LORA_R, allow_unexpected=["*extra*", "*unknown*"])
@@ -484,7 +484,7 @@ def test_llava_v1_and_sam_pth_bases(world, tmp_path):
     report = convert_bases(world.base_7b, world.sam_pth, out, decoder_heads=DECODER_HEADS)
     assert any("rotary_emb.inv_freq" in d for d in report.dropped)
     assert any("text_model" in d for d in report.dropped)
-    assert sorted(report.fresh) == sorted(f"text_hidden_fcs.0.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
+    assert sorted(report.fresh) == sorted(f"model.text_hidden_fcs.0.{k}" for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
     n = world.n_7b
     assert report.added_rows == {"[SEG]": n, "[REJ]": n + 1}
 
@@ -534,7 +534,7 @@ def test_transformers_llava_and_sam_folders(world, tmp_path):
     assert report.added_rows == {"[SEG]": n, "[REJ]": n + 1, "<im_start>": n + 2, "<im_end>": n + 3}
     model = GSVAForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert model.config.projector_type == "mlp2x_gelu"
-    assert model.language_model.lm_head.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32
     assert model.config.text_config.vocab_size == 64
 
     ids = torch.tensor([[1, 3, 4, 5, 6, 7]])
@@ -544,11 +544,11 @@ def test_transformers_llava_and_sam_folders(world, tmp_path):
     torch.testing.assert_close(ours[..., :n], theirs[..., :n], atol=0.05, rtol=0.05)
     ours_state, theirs_state = model.state_dict(), llava.state_dict()
     for key in ("multi_modal_projector.linear_2.weight", "vision_tower.encoder.layers.1.mlp.fc1.weight"):
-        torch.testing.assert_close(ours_state[key], theirs_state["model." + key].to(torch.bfloat16).float())
+        torch.testing.assert_close(ours_state["model." + key], theirs_state["model." + key].to(torch.bfloat16).float())
     for key, value in sam.state_dict().items():
-        torch.testing.assert_close(ours_state["sam." + key], value.to(torch.bfloat16).float())
+        torch.testing.assert_close(ours_state["model.sam." + key], value.to(torch.bfloat16).float())
     mean = theirs_state["lm_head.weight"][:n].float().mean(0).to(torch.bfloat16).float()
-    torch.testing.assert_close(model.language_model.lm_head.weight[n + 1].detach(), mean)
+    torch.testing.assert_close(model.lm_head.weight[n + 1].detach(), mean)
 
 
 def test_base_vocabulary_mismatch_fails(world, tmp_path):
@@ -712,7 +712,7 @@ def test_wrong_dtype_and_impossible_shapes_are_named(world, tmp_path, capsys):
     release = write_release(world, state, "gsva-int.bin")
     err = convert_cli(world, release, tmp_path / "o1", capsys)
     assert f"{release}:{key} holds int64" in err and "a floating-point tensor" in err
-    assert "language_model.model.layers.0.mlp.up_proj.weight" in err
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in err
 
     state = world.gsva.release()
     iou = PEFT + "model.visual_model.mask_decoder.iou_token.weight"
@@ -733,8 +733,8 @@ def test_non_finite_weights_are_named(world, tmp_path, capsys):
     release = write_release(world, state, "gsva-nan.bin")
     err = convert_cli(world, release, tmp_path / "o", capsys)
     assert "2 tensors hold NaN or infinite values" in err
-    assert f"language_model.model.norm.weight ({release}:{nan_key}): 1 NaN, 0 inf of {WIDTH}" in err
-    assert f"text_hidden_fcs.0.2.bias ({release}:{inf_key}): 0 NaN, 2 inf" in err
+    assert f"model.language_model.norm.weight ({release}:{nan_key}): 1 NaN, 0 inf of {WIDTH}" in err
+    assert f"model.text_hidden_fcs.0.2.bias ({release}:{inf_key}): 0 NaN, 2 inf" in err
     assert "--allow-non-finite" in err
     report = convert_release(release, world.base_7b, tmp_path / "o2", lora_r=LORA_R, decoder_heads=DECODER_HEADS, allow_non_finite=True)
     assert any("NaN or infinite" in note for note in report.notes)

@@ -186,16 +186,16 @@ def test_backward_step_changes_exactly_the_trainable_parameters(tiny_model, tiny
 
     assert changed <= with_grad <= trainable
     for required in (
-        "text_hidden_fcs.0.0.weight",
-        "text_hidden_fcs.0.2.weight",
-        "language_model.lm_head.weight",
-        "language_model.model.embed_tokens.weight",
-        "sam.mask_decoder.transformer.layers.0.self_attn.q_proj.weight",
-        "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight",
+        "model.text_hidden_fcs.0.0.weight",
+        "model.text_hidden_fcs.0.2.weight",
+        "lm_head.weight",
+        "model.language_model.embed_tokens.weight",
+        "model.sam.mask_decoder.transformer.layers.0.self_attn.q_proj.weight",
+        "model.sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight",
     ):
         assert required in changed
-    assert not any(n.startswith(("vision_tower.", "multi_modal_projector.", "sam.vision_encoder.")) for n in changed)
-    assert not any(n.startswith("sam.prompt_encoder.") or ".layers." in n and "language_model" in n for n in changed)
+    assert not any(n.startswith(("model.vision_tower.", "model.multi_modal_projector.", "model.sam.vision_encoder.")) for n in changed)
+    assert not any(n.startswith("model.sam.prompt_encoder.") or ".layers." in n and "language_model" in n for n in changed)
 
 
 def test_mask_loss_gradients_reach_the_llm_but_not_the_frozen_sam_encoder(tiny_model, tiny_processor):
@@ -205,9 +205,9 @@ def test_mask_loss_gradients_reach_the_llm_but_not_the_frozen_sam_encoder(tiny_m
     out = tiny_model(**batch, gt_masks=gt)
     (out.mask_bce_loss + out.mask_dice_loss).backward()
     grads = {n: p.grad for n, p in tiny_model.named_parameters()}
-    assert grads["language_model.model.layers.1.self_attn.q_proj.weight"].abs().sum() > 0
-    assert grads["multi_modal_projector.linear_1.weight"].abs().sum() > 0
-    assert all(g is None for n, g in grads.items() if n.startswith("sam.vision_encoder."))
+    assert grads["model.language_model.layers.1.self_attn.q_proj.weight"].abs().sum() > 0
+    assert grads["model.multi_modal_projector.linear_1.weight"].abs().sum() > 0
+    assert all(g is None for n, g in grads.items() if n.startswith("model.sam.vision_encoder."))
     # A trainable encoder (requires_grad) is run with gradients, and they reach it.
     tiny_model.sam.vision_encoder.requires_grad_(True)
     out = tiny_model(**batch, gt_masks=gt)
@@ -424,7 +424,7 @@ def test_mask_path_starts_with_pytorch_default_init_and_loading_keeps_weights(ti
         bound = 1 / linear.in_features**0.5  # PyTorch's kaiming_uniform(a=sqrt(5)) bound
         assert linear.weight.abs().max() <= bound and linear.weight.std() > 0.8 * bound / 3**0.5
     assert abs(float(model.sam.shared_image_embedding.positional_embedding.detach().std()) - 1.0) < 0.2
-    assert abs(float(model.language_model.model.layers[0].mlp.up_proj.weight.detach().std()) - tiny_config.text_config.initializer_range) < 0.005
+    assert abs(float(model.language_model.layers[0].mlp.up_proj.weight.detach().std()) - tiny_config.text_config.initializer_range) < 0.005
     model.save_pretrained(tmp_path)
     loaded = GSVAForCausalLM.from_pretrained(tmp_path)
     for (name, saved), (_, restored) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -433,7 +433,7 @@ def test_mask_path_starts_with_pytorch_default_init_and_loading_keeps_weights(ti
     # A tensor the checkpoint lacks is drawn with GSVA's init; every loaded one stays as saved.
     from safetensors.torch import load_file, save_file
 
-    missing = "sam.mask_decoder.iou_prediction_head.proj_in.weight"
+    missing = "model.sam.mask_decoder.iou_prediction_head.proj_in.weight"
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors[missing]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})

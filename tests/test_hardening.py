@@ -20,7 +20,7 @@ from gsva_hf import segment as command
 from gsva_hf.loading import IncompleteCheckpointError, NonFiniteError
 from tests.conftest import exit_status
 
-DROPPED = "sam.mask_decoder.iou_token.weight"
+DROPPED = "model.sam.mask_decoder.iou_token.weight"
 
 
 def rewrite_weights(folder, change):

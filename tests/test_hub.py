@@ -42,7 +42,7 @@ FRESH = ISOLATE + textwrap.dedent(
     torch.set_num_threads(1)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
     assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAConfig"
-    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAForCausalLM"
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAModel"
     assert type(AutoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAProcessor"
     for snippet in snippets:
         print("=== snippet ===", flush=True)

@@ -196,7 +196,7 @@ def test_config_disagreeing_with_the_weights_is_refused_before_allocating(model_
 
     edit_config(model_copy, lambda c: {**c, "text_config": {**c["text_config"], "num_hidden_layers": 900}})
     monkeypatch.setattr(GSVAForCausalLM, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("loaded")))
-    with pytest.raises(IncompleteCheckpointError, match=r"missing \(would be drawn at random\): language_model\.model\.layers"):
+    with pytest.raises(IncompleteCheckpointError, match=r"missing \(would be drawn at random\): model\.language_model\.layers"):
         load_gsva(model_copy)
 
 

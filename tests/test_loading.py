@@ -34,7 +34,7 @@ def test_complete_folder_loads_with_the_saved_tensors(folder, tiny_model):
 
 
 def test_missing_unexpected_and_mismatched_tensors_are_refused(folder):
-    key = "sam.mask_decoder.iou_token.weight"
+    key = "model.sam.mask_decoder.iou_token.weight"
     rewrite_weights(folder, lambda t: t.pop(key))
     with pytest.raises(IncompleteCheckpointError, match=rf"{folder}: .*missing \(would be drawn at random\): {key}"):
         load_gsva(folder)
@@ -45,11 +45,11 @@ def test_missing_unexpected_and_mismatched_tensors_are_refused(folder):
 
     def wrong_shape(tensors):
         tensors.pop("extra.weight")
-        width = tensors["text_hidden_fcs.0.0.bias"].shape[0]
-        tensors["text_hidden_fcs.0.0.bias"] = torch.zeros(width + 1)
+        width = tensors["model.text_hidden_fcs.0.0.bias"].shape[0]
+        tensors["model.text_hidden_fcs.0.0.bias"] = torch.zeros(width + 1)
 
     rewrite_weights(folder, wrong_shape)
-    with pytest.raises(IncompleteCheckpointError, match=r"shape mismatches: text_hidden_fcs.0.0.bias \(checkpoint \[\d+\], model \[\d+\]\)"):
+    with pytest.raises(IncompleteCheckpointError, match=r"shape mismatches: model.text_hidden_fcs.0.0.bias \(checkpoint \[\d+\], model \[\d+\]\)"):
         load_gsva(folder)
 
 

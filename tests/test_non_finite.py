@@ -72,7 +72,7 @@ def with_nan(model, names: list[str]):
     return model
 
 
-LM_HEAD = "language_model.lm_head.weight"
+LM_HEAD = "lm_head.weight"
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -107,7 +107,7 @@ def test_training_stops_at_a_non_finite_gradient_norm_naming_the_parameter(synth
 def test_export_refuses_a_model_with_non_finite_tensors_naming_them(tiny_model, tiny_processor, tmp_path):
     from gsva_hf.training import export_model
 
-    bad = [LM_HEAD, "text_hidden_fcs.0.0.weight"]
+    bad = [LM_HEAD, "model.text_hidden_fcs.0.0.weight"]
     with pytest.raises(ValueError, match=r"2 of \d+ tensors hold NaN or infinite values") as caught:
         export_model(with_nan(tiny_model, bad), tiny_processor, tmp_path / "final")
     assert all(name in str(caught.value) for name in bad) and named_non_finite(caught.value)

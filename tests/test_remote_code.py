@@ -21,7 +21,7 @@ LOADER = ISOLATE + textwrap.dedent(
     folder = sys.argv[1]
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAForCausalLM"
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAModel"
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert type(processor).__name__ == "GSVAProcessor" and type(config).__name__ == "GSVAConfig"
     inputs = torch.load(folder + "/inputs.pt", weights_only=False)
@@ -82,7 +82,9 @@ def test_large_presets_have_the_original_shapes_and_ids():
         model = GSVAForCausalLM(GSVAConfig.from_pretrained(REPO / "configs" / "gsva-7b"))
     counts = {}
     for name, parameter in model.named_parameters():
-        counts[name.split(".")[0]] = counts.get(name.split(".")[0], 0) + parameter.numel()
+        # The language model with its head, as 0.1's `language_model` held both; else the base's part.
+        part = "language_model" if name.startswith(("model.language_model.", "lm_head.")) else name.split(".")[1]
+        counts[part] = counts.get(part, 0) + parameter.numel()
     # LLaMA-7B with 32005 rows, CLIP ViT-L/14 vision (~303M), SAM ViT-H (~641M), text_hidden_fcs 4096^2+4096*256.
     assert counts["language_model"] == 6_738_415_616 + 5 * 2 * 4096
     assert 3.0e8 < counts["vision_tower"] < 3.05e8
@@ -97,7 +99,7 @@ BUNDLED_LOADER = ISOLATE + textwrap.dedent(
     from transformers import AutoConfig, AutoModel, AutoProcessor
     folder = sys.argv[1]
     assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAConfig"
-    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAForCausalLM"
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAModel"
     assert type(AutoProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "GSVAProcessor"
     print("=== snippet ===", flush=True)
     runpy.run_path(sys.argv[3], run_name="__main__")

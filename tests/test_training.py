@@ -37,7 +37,7 @@ def expected_lora_count(model, rank: int) -> int:
     """r*(in+out) per LLM q/v projection, counted on the plain model."""
     total = 0
     for name, module in model.named_modules():
-        if name.startswith("language_model.") and name.rsplit(".", 1)[-1] in ("q_proj", "v_proj"):
+        if name.startswith("model.language_model.") and name.rsplit(".", 1)[-1] in ("q_proj", "v_proj"):
             total += rank * (module.in_features + module.out_features)
     return total
 
@@ -45,7 +45,7 @@ def expected_lora_count(model, rank: int) -> int:
 def test_lora_recipe_trains_exactly_the_intended_parameters(tiny_model):
     llm_layers = tiny_model.config.text_config.num_hidden_layers
     full = {
-        "lm_head": tiny_model.language_model.lm_head.weight.numel(),
+        "lm_head": tiny_model.lm_head.weight.numel(),
         "embed_tokens": tiny_model.get_input_embeddings().weight.numel(),
         "mask_decoder": sum(p.numel() for p in tiny_model.sam.mask_decoder.parameters()),
         "text_hidden_fcs": sum(p.numel() for p in tiny_model.text_hidden_fcs.parameters()),
@@ -68,11 +68,11 @@ def test_lora_zero_and_full_llm_switches(tiny_config):
 
     frozen_llm = prepare_for_training(GSVAForCausalLM(tiny_config), lora_r=0)
     names = trainable_parameter_names(frozen_llm)
-    assert not any(".layers." in n and n.startswith("language_model") for n in names)
-    assert "text_hidden_fcs.0.0.weight" in names and "language_model.lm_head.weight" in names
+    assert not any(".layers." in n and n.startswith("model.language_model") for n in names)
+    assert "model.text_hidden_fcs.0.0.weight" in names and "lm_head.weight" in names
     full_llm = prepare_for_training(GSVAForCausalLM(tiny_config), lora_r=-1, train_sam_encoder=True)
     names = trainable_parameter_names(full_llm)
-    assert "language_model.model.layers.0.mlp.up_proj.weight" in names and any(n.startswith("sam.vision_encoder.") for n in names)
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in names and any(n.startswith("model.sam.vision_encoder.") for n in names)
     assert lora_target_regex("q_proj, v_proj") == r".*language_model\..*\.(q_proj|v_proj)"
 
 

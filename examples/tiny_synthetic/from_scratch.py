@@ -61,7 +61,8 @@ def draw_language_model(
     check_init_std(std, flag)
     parts = [modules] if isinstance(modules, str) else list(modules)
     modules = tuple(name.strip() for part in parts for name in part.split(",") if name.strip())
-    named = list(model.language_model.named_modules())
+    # The decoder's layers and embeddings, then the head's `lm_head` (the order the draws have always taken).
+    named = [*model.language_model.named_modules(), ("lm_head", model.get_output_embeddings())]
     unmatched = [end for end in modules if not any(name.endswith(end) for name, _ in named)]
     if unmatched:
         raise ValueError(f"{flag.replace('std', 'modules')}: no language-model layer ends with {unmatched}")

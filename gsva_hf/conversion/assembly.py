@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from configuration_gsva import GSVAConfig
-from modeling_gsva import GSVAForCausalLM, build_text_hidden_fcs
+from modeling_gsva import GSVAForCausalLM, build_text_hidden_fcs, current_key
 from processing_gsva import IM_END_TOKEN, IM_START_TOKEN, REJ_TOKEN, SEG_TOKEN, GSVAProcessor
 
 from ..cli import refuse_link, write_text_replacing
@@ -94,6 +94,22 @@ def _allowed(key: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
+# The readers name GSVA tensors in the 0.1 layout (`language_model.model.*`, `sam.*`, ...); `_check` renames them
+# with `current_key`, the legacy mapping `from_pretrained` applies. These prefixes undo it for pattern matching.
+_LAYOUT_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."), ("model.", ""))
+
+
+def _allowed_gsva(key: str, patterns: Sequence[str]) -> bool:
+    """Whether a GSVA key matches `patterns` under its current name or its 0.1 name (`--allow-missing
+    'language_model.model.layers.1.*'` and `'model.language_model.layers.1.*'` alike)."""
+    if _allowed(key, patterns):
+        return True
+    for prefix, legacy in _LAYOUT_PREFIXES:
+        if key.startswith(prefix):
+            return _allowed(legacy + key[len(prefix) :], patterns)
+    return False
+
+
 def _fresh_item(model: GSVAForCausalLM, key: str, seed: int) -> _Item:
     """A freshly initialised tensor for `key`, as the nearest transformers model owning it initialises it."""
     from transformers import PreTrainedModel
@@ -151,8 +167,11 @@ def _check(
     """Every model tensor provided and every source tensor used, or one error listing all that is not.
 
     `allow_unexpected` patterns match source keys (as stored, or as GSVA keys), `allow_missing` GSVA keys;
-    allowed missing tensors come from `fallback` (base checkpoints) when it has them, else a fresh init.
+    allowed missing tensors come from `fallback` (base checkpoints) when it has them, else a fresh init. The
+    readers' keys (0.1 layout) are renamed to the model's with `current_key` here; messages name the model's.
     """
+    targets = {current_key(key): item for key, item in targets.items()}
+    fallback = {current_key(key): item for key, item in fallback.items()}
     plan, unexpected, mismatched, wrong_dtype = {}, [], [], []
     floating = {k for k, v in list(model.named_parameters()) + list(model.named_buffers()) if v.is_floating_point()}
     for item in unmapped:
@@ -162,7 +181,7 @@ def _check(
             unexpected.append(item.origin)
     for key, item in targets.items():
         if key not in expected:
-            if _allowed(item.key, allow_unexpected) or _allowed(key, allow_unexpected):
+            if _allowed(item.key, allow_unexpected) or _allowed_gsva(key, allow_unexpected):
                 report.dropped.append(f"{item.origin} (allowed unexpected)")
             else:
                 unexpected.append(f"{item.origin} (would be {key}, which the GSVA model does not have)")
@@ -180,7 +199,7 @@ def _check(
     for key, shape in expected.items():
         if key in targets:
             continue
-        if not _allowed(key, allow_missing):
+        if not _allowed_gsva(key, allow_missing):
             missing.append(f"{key} {_shape(shape)}")
         elif key in fallback and fallback[key].shape == shape:
             plan[key] = fallback[key]

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from modeling_gsva import GSVAForCausalLM
+from modeling_gsva import GSVAForCausalLM, current_key
 
 from .assembly import (
     _apply_rows,
@@ -96,7 +96,7 @@ def convert_bases(
     )
     fresh = _text_hidden_fcs_items(config.text_config.hidden_size, out_dim, seed)
     targets.update(fresh)
-    report.fresh += list(fresh)
+    report.fresh += [current_key(key) for key in fresh]
     expected = _expected_shapes(model)
     plan = _check(targets, unmapped, expected, allow_missing, allow_unexpected, {}, model, seed, report)
     _materialise(model, plan, dtype, report, allow_non_finite)

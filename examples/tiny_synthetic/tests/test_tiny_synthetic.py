@@ -117,8 +117,8 @@ def test_only_the_vision_side_trains_and_the_loss_falls(tiny_model, tiny_process
     scores = kinds[target] if target in kinds else kinds["image"] | kinds["patches"]
     assert all(set(r) == {"step", "seconds", "loss", *scores} and all(0 <= r[k] <= 1 for k in scores) for r in rows)
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
-    assert changed <= {name for name in before if name.startswith(("vision_tower.", "multi_modal_projector."))}
-    assert {"vision_tower.embeddings.patch_embedding.weight", "multi_modal_projector.linear_1.weight"} <= changed
+    assert changed <= {name for name in before if name.startswith(("model.vision_tower.", "model.multi_modal_projector."))}
+    assert {"model.vision_tower.embeddings.patch_embedding.weight", "model.multi_modal_projector.linear_1.weight"} <= changed
     assert not any(p.requires_grad for p in tiny_model.parameters()), "requires_grad flags were not restored"
     assert not tiny_model.vision_tower.training, "the tower's eval mode was not restored"
 
@@ -239,7 +239,7 @@ def test_config_overrides_reach_nested_configs(synthetic, tmp_path):
     run = build_tiny_run(run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--config_overrides", overrides))
     model = run.trainer.model
     assert len(model.sam.mask_decoder.transformer.layers) == 1 and len(model.vision_tower.encoder.layers) == 3
-    assert model.language_model.model.layers[0].self_attn.q_proj.bias is not None
+    assert model.language_model.layers[0].self_attn.q_proj.bias is not None
 
 
 def test_embedding_init_std_draws_only_the_input_embeddings(synthetic, tmp_path):
@@ -267,7 +267,7 @@ def test_lm_init_std_redraws_only_the_named_language_model_layers(synthetic, tmp
     drawn = dict(build("--lm_init_std", "0.5", "--lm_init_modules", "q_proj,o_proj").named_parameters())
     changed = {name for name in plain if not torch.equal(plain[name], drawn[name])}
     layers = build().config.text_config.num_hidden_layers
-    assert changed == {f"language_model.model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "o_proj")}
+    assert changed == {f"model.language_model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "o_proj")}
     assert torch.cat([drawn[name].flatten() for name in changed]).std().item() == pytest.approx(0.5, rel=0.05)
     with pytest.raises(ValueError, match=r"--lm_init_modules: no language-model layer ends with \['qkv'\]"):
         build("--lm_init_std", "0.5", "--lm_init_modules", "qkv")
@@ -301,8 +301,8 @@ def test_probe_redraws_only_the_language_model_at_the_asked_scale(tiny_model):
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     draw_language_model(tiny_model, 0.5, generator=torch.Generator().manual_seed(1), flag="--lm-init-std")
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
-    drawn = {f"language_model.{n}.weight" for n, m in tiny_model.language_model.named_modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}  # fmt: skip
+    drawn = {f"model.language_model.{n}.weight" for n, m in tiny_model.language_model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))} | {"lm_head.weight"}  # fmt: skip
     assert changed == drawn
     weights = torch.cat([dict(tiny_model.named_parameters())[name].flatten() for name in drawn])
     assert weights.std().item() == pytest.approx(0.5, rel=0.02)
@@ -315,7 +315,7 @@ def test_probe_redraw_limited_to_named_layers(tiny_model):
     draw_language_model(tiny_model, 0.5, ("q_proj", "k_proj"))
     changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
     layers = tiny_model.config.text_config.num_hidden_layers
-    assert changed == {f"language_model.model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "k_proj")}
+    assert changed == {f"model.language_model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "k_proj")}
     with pytest.raises(ValueError, match=r"--lm_init_modules: no language-model layer ends with \['qproj'\]"):
         draw_language_model(tiny_model, 0.5, ("qproj",))
 
@@ -347,11 +347,11 @@ def test_the_embedded_default_config_trains_what_it_says(synthetic, tmp_path):
     run = build_tiny_run(args)
     model = run.trainer.model
     assert json.loads((tmp_path / "run" / "vision_pretraining.json").read_text())["target"] == "both"
-    q_proj = model.language_model.model.layers[0].self_attn.q_proj.weight
+    q_proj = model.language_model.layers[0].self_attn.q_proj.weight
     assert q_proj.std().item() == pytest.approx(0.088, rel=0.05)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("vision_tower", "multi_modal_projector"))}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("model.vision_tower", "model.multi_modal_projector"))}
     assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
-    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("language_model"))
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.language_model"))
     rates = {group["lr"] for group in run.trainer.create_optimizer().param_groups}
     assert rates == {1e-3, 3e-4}
     before_sam = {n: p.detach().clone() for n, p in model.named_parameters() if is_mask_head(n)}

@@ -4,10 +4,14 @@ LLaVA (CLIP vision tower, projector, causal LM) reads the image and the question
 per present target and `[REJ]` per absent one. The last-layer hidden state at the position just before each
 `[SEG]` goes through `text_hidden_fcs` and becomes one sparse prompt of SAM's mask decoder.
 
+As in transformers' llava: `GSVAModel` (the base: the vision-language backbone and the mask decoder) and
+`GSVAForCausalLM` (alias `GSVAForConditionalGeneration`; the head: `lm_head`, losses, generation, target mode).
+
 Shipped with a Hub repository for ``trust_remote_code``: imports only torch, transformers and its sibling files.
 """
 
 import copy
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, can_return_tuple
 
 try:
@@ -30,10 +35,19 @@ except ImportError:
 IGNORE_INDEX = -100
 AUTO_MAP = {
     "AutoConfig": "configuration_gsva.GSVAConfig",
-    "AutoModel": "modeling_gsva.GSVAForCausalLM",
+    "AutoModel": "modeling_gsva.GSVAModel",
     "AutoModelForCausalLM": "modeling_gsva.GSVAForCausalLM",
     "AutoModelForImageTextToText": "modeling_gsva.GSVAForCausalLM",
     "AutoProcessor": "processing_gsva.GSVAProcessor",
+}
+# The 0.1 layout (one class; `language_model` a causal LM with its head) -> base `model` + `lm_head`.
+LEGACY_KEY_MAPPING = {
+    r"^language_model\.model\.": "model.language_model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+    r"^vision_tower\.": "model.vision_tower.",
+    r"^multi_modal_projector\.": "model.multi_modal_projector.",
+    r"^sam\.": "model.sam.",
+    r"^text_hidden_fcs\.": "model.text_hidden_fcs.",
 }
 PIPELINE_FILE = "pipeline_gsva.py"
 CUSTOM_PIPELINES = {
@@ -206,7 +220,7 @@ def mask_dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class GSVAPreTrainedModel(PreTrainedModel):
     config: GSVAConfig
     config_class = GSVAConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -214,65 +228,87 @@ class GSVAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Renames from the 0.1 layout (one class, `language_model` a causal LM) to this class's keys; `from_pretrained`
+    # applies them when the caller passes no `key_mapping`, so folders saved by 0.1 load strictly.
+    _legacy_key_mapping: dict[str, str] = {}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, with `_legacy_key_mapping` as `key_mapping` when none is given; the renames are
+        forgotten after loading, so `save_pretrained` writes the current layout."""
+        legacy = "key_mapping" not in kwargs and bool(cls._legacy_key_mapping)
+        if legacy:
+            kwargs["key_mapping"] = dict(cls._legacy_key_mapping)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        conversions = getattr(model, "_weight_conversions", None)
+        if legacy and conversions:
+            model._weight_conversions = [
+                c for c in conversions if not set(getattr(c, "source_patterns", ())) & set(cls._legacy_key_mapping)
+            ]
+        return loaded
 
 
-class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
-    """LLaVA + SAM with `[SEG]`/`[REJ]` tokens; see the module docstring."""
+def current_key(key: str, mapping: dict[str, str] | None = None) -> str:
+    """A checkpoint key in the layout `mapping` (default: the head's legacy mapping) renames it to; the same
+    rules `from_pretrained` applies, for code that reads safetensors headers or builds state dicts."""
+    for pattern, replacement in (LEGACY_KEY_MAPPING if mapping is None else mapping).items():
+        renamed, count = re.subn(pattern, replacement, key, count=1)
+        if count:
+            return renamed
+    return key
 
-    # The Trainer must not pass `num_items_in_batch`: GSVA's CE is a mean over the batch's answer tokens.
-    accepts_loss_kwargs = False
 
-    def __init__(self, config: GSVAConfig):
+def apply_init(module: nn.Module, init_fn, is_custom_code: bool) -> None:
+    """transformers' `smart_apply` for one part: children first, each sub-model with its own init function."""
+    for child in module.children():
+        apply_init(child, child._initialize_weights if isinstance(child, PreTrainedModel) else init_fn, is_custom_code)
+    init_fn(module, is_custom_code)
+
+
+@dataclass
+class GSVAModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    Output of `GSVAModel.forward`, the vision-language backbone: the decoder's `last_hidden_state`
+    `(batch_size, sequence_length, hidden_size)`, its `cache` (with `use_cache`), and `hidden_states` /
+    `attentions` when asked for.
+    """
+
+
+class GSVAModel(GSVAPreTrainedModel):
+    """GSVA's base: two parts behind small interfaces.
+
+    - The vision-language backbone (CLIP `vision_tower` + `multi_modal_projector` + the decoder `language_model`,
+      LLaVA v1): `embed_inputs(input_ids, pixel_values)` puts visual tokens in place of the image tokens, `forward`
+      returns the decoder's last hidden states (and cache).
+    - The mask decoder (SAM `sam` + `text_hidden_fcs`): `get_sam_image_embeddings(sam_pixel_values)` encodes the
+      image once, `masks_from_hidden_states(slot_states, sam_image_embeddings, decode)` turns `[SEG]` states into
+      low-resolution mask logits and IoU scores.
+    """
+
+    _legacy_key_mapping = {r"^language_model\.model\.": "language_model."}
+
+    def __init__(self, config: GSVAConfig, after_language_model=None):
+        """`after_language_model(language_model)`: called once the decoder is built (the head builds and
+        initialises `lm_head` there, so a seed draws the weights the 0.1 layout drew, where the head was part of
+        the language model and initialised with it)."""
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = GSVAMultiModalProjector(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        if after_language_model is not None:
+            after_language_model(self.language_model)
         self.sam = AutoModel.from_config(config.sam_config)
         self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
         self.post_init()
 
-    @torch.no_grad()
-    @init.guard_torch_init_functions()
-    def initialize_weights(self):
-        """transformers' initialisation (each sub-model's own `_init_weights`), then SAM and `text_hidden_fcs` as in
-        GSVA: PyTorch's default layer init (segment-anything's modules, Fourier features with std 1) instead of
-        transformers' normal(0.02), which trains the mask path of a from-scratch model much more slowly. The guarded
-        init functions leave loaded weights alone, so only tensors a checkpoint lacks are drawn."""
-        super().initialize_weights()
-        for module in list(self.sam.modules()) + list(self.text_hidden_fcs.modules()):
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
-                module.reset_parameters()
-        init.normal_(self.sam.shared_image_embedding.positional_embedding, 0.0, 1.0)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write an `auto_map` for every Auto class that loads GSVA and, next to the code, the pipeline file with
-        its `custom_pipelines` entry, so `pipeline(model=folder, trust_remote_code=True)` needs no task."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        pipeline_source = Path(__file__).with_name(PIPELINE_FILE)
-        if pipeline_source.is_file():
-            self.config.custom_pipelines = CUSTOM_PIPELINES
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if pipeline_source.is_file():
-            shutil.copyfile(pipeline_source, Path(save_directory) / PIPELINE_FILE)
-        return result
-
-    # ----------------------------------------------------------------- embeddings (needed by resize, peft, generate)
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module):
         self.language_model.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module):
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self) -> nn.Module:
-        return self.language_model.base_model
-
-    # ----------------------------------------------------------------- vision
+    # ----------------------------------------------------------------- backbone
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP hidden states at `vision_feature_layer` (CLS dropped for "default"), projected to the LM width."""
         outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
@@ -307,17 +343,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             )
         return embeddings.masked_scatter(image_mask.unsqueeze(-1), features)
 
-    # ----------------------------------------------------------------- [SEG] -> masks
-    def target_slots(self, input_ids: torch.LongTensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per row, the positions of `[SEG]`/`[REJ]` tokens in text order and whether each is `[SEG]`."""
-        slots = []
-        for row in input_ids:
-            positions = torch.nonzero(
-                (row == self.config.seg_token_id) | (row == self.config.rej_token_id), as_tuple=False
-            ).flatten()
-            slots.append((positions, row[positions] == self.config.seg_token_id))
-        return slots
-
+    # ----------------------------------------------------------------- mask decoder
     def masks_from_hidden_states(
         self, slot_hidden_states: torch.Tensor, sam_image_embeddings: torch.Tensor, decode: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,6 +384,184 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         masks = masks.masked_scatter(decode[..., None, None], low_res[:, 0, 0].float())
         iou = iou.masked_scatter(decode, scores[:, 0, 0].float())
         return masks, iou
+
+
+    # ----------------------------------------------------------------- backbone forward
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> GSVAModelOutputWithPast:
+        r"""
+        The backbone: `input_ids` with each image expanded to `config.num_image_tokens` image tokens (or
+        `inputs_embeds` from `embed_inputs`) and `pixel_values` (CLIP input, one image per row with image tokens) in,
+        the decoder's last hidden states out. The processor's sizes are accepted and ignored.
+        """
+        drop_processor_sizes(kwargs)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        return GSVAModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache if use_cache is not False else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
+    """GSVA's head (llava's `LlavaForConditionalGeneration` shape): `model` (a `GSVAModel`) plus `lm_head`, GSVA's
+    losses, `generate` with masks, target mode and the `[REJ]` rule; see the module docstring."""
+
+    # The Trainer must not pass `num_items_in_batch`: GSVA's CE is a mean over the batch's answer tokens.
+    accepts_loss_kwargs = False
+    _legacy_key_mapping = LEGACY_KEY_MAPPING
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: GSVAConfig):
+        super().__init__(config)
+        built = []
+        self.model = GSVAModel(config, lambda language_model: built.append(self._new_lm_head(language_model)))
+        self.lm_head = built[0]
+        self.post_init()
+
+    def _new_lm_head(self, language_model: nn.Module) -> nn.Linear:
+        """`lm_head`, initialised at once with the language model's own init (as its causal-LM class would)."""
+        text = self.config.text_config
+        lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        with torch.no_grad(), init.guard_torch_init_functions():
+            apply_init(lm_head, language_model._initialize_weights, self.is_custom_code())
+        return lm_head
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        """`lm_head` is tied to the input embeddings when the text config says so (as the 0.1 layout's causal LM
+        was); GSVA's own `tie_word_embeddings` stays False."""
+        tied = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+        if getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+            tied.update(self._tied_weights_keys)
+        return tied
+
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        """transformers' initialisation (each sub-model's own `_init_weights`; `lm_head` the language model's), in
+        the 0.1 layout's order (vision tower, projector, language model with its head, SAM, `text_hidden_fcs`) so a
+        seed draws the same weights; then SAM and `text_hidden_fcs` as in GSVA: PyTorch's default layer init
+        (segment-anything's modules, Fourier features with std 1) instead of transformers' normal(0.02), which trains
+        the mask path of a from-scratch model much more slowly. The guarded init functions leave loaded weights
+        alone, so only tensors a checkpoint lacks are drawn."""
+        base, custom = self.model, self.is_custom_code()
+        for part, init_fn in (
+            (base.vision_tower, base.vision_tower._initialize_weights),
+            (base.multi_modal_projector, base._initialize_weights),
+            (base.language_model, base.language_model._initialize_weights),
+            (self.lm_head, base.language_model._initialize_weights),
+            (base.sam, base.sam._initialize_weights),
+            (base.text_hidden_fcs, base._initialize_weights),
+        ):
+            apply_init(part, init_fn, custom)
+        base._initialize_weights(base, custom)
+        self._initialize_weights(self, custom)
+        for module in list(base.sam.modules()) + list(base.text_hidden_fcs.modules()):
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
+                module.reset_parameters()
+        init.normal_(base.sam.shared_image_embedding.positional_embedding, 0.0, 1.0)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write an `auto_map` for every Auto class that loads GSVA and, next to the code, the pipeline file with
+        its `custom_pipelines` entry, so `pipeline(model=folder, trust_remote_code=True)` needs no task."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        pipeline_source = Path(__file__).with_name(PIPELINE_FILE)
+        if pipeline_source.is_file():
+            self.config.custom_pipelines = CUSTOM_PIPELINES
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if pipeline_source.is_file():
+            shutil.copyfile(pipeline_source, Path(save_directory) / PIPELINE_FILE)
+        return result
+
+    # ----------------------------------------------------------------- the base's parts (as llava's head)
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> nn.Module:
+        return self.model.multi_modal_projector
+
+    @property
+    def sam(self) -> nn.Module:
+        return self.model.sam
+
+    @property
+    def text_hidden_fcs(self) -> nn.ModuleList:
+        return self.model.text_hidden_fcs
+
+    # ----------------------------------------------------------------- embeddings (needed by resize, peft, generate)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    # ----------------------------------------------------------------- the base's interfaces, for callers of the head
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def get_sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_sam_image_embeddings(sam_pixel_values)
+
+    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        return self.model.embed_inputs(input_ids, pixel_values)
+
+    def masks_from_hidden_states(
+        self, slot_hidden_states: torch.Tensor, sam_image_embeddings: torch.Tensor, decode: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.masks_from_hidden_states(slot_hidden_states, sam_image_embeddings, decode)
+
+    # ----------------------------------------------------------------- [SEG] slots
+    def target_slots(self, input_ids: torch.LongTensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row, the positions of `[SEG]`/`[REJ]` tokens in text order and whether each is `[SEG]`."""
+        slots = []
+        for row in input_ids:
+            positions = torch.nonzero(
+                (row == self.config.seg_token_id) | (row == self.config.rej_token_id), as_tuple=False
+            ).flatten()
+            slots.append((positions, row[positions] == self.config.seg_token_id))
+        return slots
 
     def gather_slot_states(
         self, last_hidden_state: torch.Tensor, input_ids: torch.LongTensor
@@ -445,20 +649,17 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         The processor's `original_sizes` / `reshaped_input_sizes` are accepted and ignored (see `drop_processor_sizes`).
         """
         drop_processor_sizes(kwargs)
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         wants_masks = sam_pixel_values is not None or sam_image_embeddings is not None
-        decoder_outputs = self.get_decoder()(
-            inputs_embeds=inputs_embeds,
+        decoder_outputs = self.model(
+            input_ids=input_ids,
             attention_mask=attention_mask,
+            pixel_values=pixel_values,
             position_ids=position_ids,
             cache=cache,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            return_dict=True,
             **kwargs,
         )
         last_hidden_state = decoder_outputs.last_hidden_state
@@ -492,7 +693,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             mask_bce_loss=bce,
             mask_dice_loss=dice,
             logits=logits,
-            cache=decoder_outputs.cache if use_cache is not False else None,
+            cache=decoder_outputs.cache,
             hidden_states=decoder_outputs.hidden_states,
             attentions=decoder_outputs.attentions,
             pred_masks=pred_masks,
@@ -757,6 +958,21 @@ def drop_processor_sizes(kwargs: dict) -> None:
         kwargs.pop(name, None)
 
 
+GSVAForConditionalGeneration = GSVAForCausalLM
+
+GSVAModel.register_for_auto_class("AutoModel")
 GSVAForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["GSVAForCausalLM", "GSVAPreTrainedModel", "GSVAOutput", "GSVAGenerateOutput", "GSVATargetsOutput"]
+__all__ = [
+    "GSVAForCausalLM",
+    "GSVAForConditionalGeneration",
+    "GSVAModel",
+    "GSVAPreTrainedModel",
+    "GSVAModelOutputWithPast",
+    "GSVAOutput",
+    "GSVAGenerateOutput",
+    "GSVATargetsOutput",
+    "LEGACY_KEY_MAPPING",
+    "current_key",
+]
+
