@@ -23,8 +23,8 @@ from examples.tiny_synthetic.vision_pretraining import (
 )
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents, write_synthetic_grefcoco
 from tests.conftest import REPO
-from tests.test_synthetic import scene, tree  # noqa: F401, F811  (fixtures)
-from tests.test_training import check_learning_rate_groups, run_args
+from tests.data.test_synthetic import scene, tree  # noqa: F401, F811  (fixtures)
+from tests.training.test_training import check_learning_rate_groups, run_args
 
 EXAMPLE = REPO / "examples" / "tiny_synthetic"
 

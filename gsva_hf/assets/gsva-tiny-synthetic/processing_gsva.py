@@ -259,10 +259,16 @@ def _check_size(size: tuple[int, int], name: str) -> None:
             f"image {name!r} is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the limit of "
             f"{MAX_IMAGE_MEGAPIXELS} megapixels; downscale it first"
         )
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    _check_aspect_ratio(size, f"image {name!r}", "the limit", MAX_ASPECT_RATIO, "SAM's resize would leave its short side 0 pixels")
+
+
+def _check_aspect_ratio(size: tuple[int, int], what: str, whose: str, limit: int, why: str) -> None:
+    """The one aspect-ratio rule: refuse an image whose long side exceeds `limit` times its short side."""
+    width, height = size
+    if max(width, height) > limit * min(width, height):
         raise ValueError(
-            f"image {name!r} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
-            f"beyond the limit of {MAX_ASPECT_RATIO}:1 (SAM's resize would leave its short side 0 pixels); crop it first"
+            f"{what} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
+            f"beyond {whose} of {limit}:1 ({why}); crop it first"
         )
 
 
@@ -335,7 +341,10 @@ class GSVAProcessor(ProcessorMixin):
         """Load from a folder or Hub repo. The sub-processors are built-in classes, so a saved folder's `auto_map`
         (written for AutoProcessor) must not trigger a remote-code prompt when this class is used directly."""
         kwargs.setdefault("trust_remote_code", False)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # How this load found its files (offline or not) says nothing about the tokenizer: never save it with it.
+        processor.tokenizer.init_kwargs.pop("local_files_only", None)
+        return processor
 
     # ------------------------------------------------------------------ special tokens
     @staticmethod
@@ -733,14 +742,9 @@ class GSVAProcessor(ProcessorMixin):
         longest = (getattr(self.sam_image_processor, "size", None) or {}).get("longest_edge")
         if not longest:
             return
+        why = f"SAM resizes the long side to {longest} pixels and the short side would become 0"
         for index, image in enumerate(images):
-            width, height = image.size
-            if max(width, height) > 2 * longest * min(width, height):
-                raise ValueError(
-                    f"image {index} is {width}x{height}, an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
-                    f"beyond this model's limit of {2 * longest}:1 (SAM resizes the long side to {longest} pixels and "
-                    "the short side would become 0); crop it first"
-                )
+            _check_aspect_ratio(image.size, f"image {index}", "this model's limit", 2 * longest, why)
 
     # ------------------------------------------------------------------ outputs
     def decode_answer(self, token_ids) -> str:

@@ -1,9 +1,4 @@
-"""The user paths: generate(**processor(...)), target mode, the post-processor and the pipeline."""
-
-import os
-import subprocess
-import sys
-import textwrap
+"""The user paths through the model: generate(**processor(...)) and target mode."""
 
 import numpy as np
 import pytest
@@ -11,10 +6,12 @@ import torch
 from PIL import Image
 
 from gsva_hf.teacher_forced import score_teacher_forced
-from processing_gsva import clean_sentence, eval_answer, mask_to_rle
+from processing_gsva import clean_sentence, eval_answer
 from tests.conftest import REPO
 
 BUNDLED = REPO / "gsva_hf" / "assets" / "gsva-tiny-synthetic"
+
+
 def images_of(*sizes, seed=7):
     """Random images, the same for the same call whatever ran before."""
     rng = np.random.default_rng(seed)
@@ -224,18 +221,6 @@ def test_question_mode_reports_the_models_phrases_and_what_it_could_not_match(ti
     assert any("max_new_tokens" in warning for result in results for warning in result.warnings)
 
 
-def test_post_processor_rle_round_trips_through_pycocotools():
-    from pycocotools import mask as mask_utils
-
-    mask = torch.from_numpy(np.random.default_rng(0).random((13, 17)) > 0.6)
-    mask[0, 0] = True
-    rle = mask_to_rle(mask)
-    decoded = mask_utils.decode(mask_utils.frPyObjects(rle, *rle["size"]))
-    assert np.array_equal(decoded.astype(bool), mask.numpy())
-    empty = mask_to_rle(torch.zeros(4, 5, dtype=torch.bool))
-    assert empty == {"size": [4, 5], "counts": [20]}
-
-
 def test_generate_and_segment_on_the_bundled_model():
     from modeling_gsva import GSVAForCausalLM
     from processing_gsva import GSVAProcessor
@@ -253,54 +238,6 @@ def test_generate_and_segment_on_the_bundled_model():
     targets = model.segment(processor, image, targets=asked)[0].targets
     assert [t.phrase for t in targets] == asked
     assert not targets[0].rejected and targets[0].mask.any()
-
-
-PIPELINE = textwrap.dedent(
-    """
-    import importlib.util, json, sys
-    repo = sys.argv[2]
-    sys.path = [p for p in sys.path if p not in ("", ".", repo)]
-    sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    for name in ("modeling_gsva", "configuration_gsva", "processing_gsva", "pipeline_gsva", "gsva_hf"):
-        assert importlib.util.find_spec(name) is None, name + " is importable"
-    import numpy as np, torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForImageTextToText, pipeline
-    assert type(AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True)).__name__ == "GSVAForCausalLM"
-    pipe = pipeline(model=sys.argv[1], trust_remote_code=True)
-    image = np.asarray(np.load(sys.argv[1] + "/image.npy"))
-    one = pipe(image, targets=["the red circle", "a dog", "the sky"])
-    two = pipe([image, image], text="What is the red circle in this image?", max_new_tokens=6)
-    out = {
-        "task": pipe.task,
-        "one": [[d["label"], d["rejected"], d["score"], d["mask"].mode, d["mask"].size, int(np.asarray(d["mask"]).sum() // 255)] for d in one],
-        "two": [len(r) for r in two],
-    }
-    print(json.dumps(out))
-    """
-)
-
-
-@pytest.mark.slow
-def test_pipeline_from_a_saved_folder_in_a_fresh_process(tiny_model, tiny_processor, tmp_path):
-    import json
-
-    folder = tmp_path / "model"
-    tiny_model.save_pretrained(folder)
-    tiny_processor.save_pretrained(folder)
-    image = images_of((20, 30))[0]
-    np.save(folder / "image.npy", image)
-    expected = tiny_model.segment(tiny_processor, image, targets=["the red circle", "a dog", "the sky"])[0]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", PIPELINE, str(folder), str(REPO)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["task"] == "gsva-segmentation" and out["two"] == [len(r.targets) for r in tiny_model.segment(tiny_processor, [image, image], text="What is the red circle in this image?", max_new_tokens=6)]
-    for (label, rejected, score, mode, size, area), target in zip(out["one"], expected.targets, strict=True):
-        assert (label, rejected, mode, size) == (target.phrase, target.rejected, "L", [30, 20])
-        assert score == pytest.approx(target.score, abs=1e-5) and area == int(target.mask.sum())
 
 
 def test_misused_inputs_and_outputs_are_refused_with_what_to_do(tiny_model, tiny_processor):
@@ -346,12 +283,3 @@ def test_generation_config_and_own_suppressed_tokens_are_honoured(tiny_model, ti
     image_id = tiny_model.config.image_token_id
     ids = tiny_model.generate(**batch, max_new_tokens=4, suppress_tokens=[5], sequence_bias={(image_id,): 1e4})
     assert image_id not in ids[0, batch["input_ids"].shape[1] :].tolist()
-
-
-def test_pipeline_warns_when_an_answer_is_cut(tiny_model, tiny_processor):
-    from pipeline_gsva import GSVASegmentationPipeline
-
-    pipe = GSVASegmentationPipeline(model=tiny_model, processor=tiny_processor, device="cpu")
-    with pytest.warns(UserWarning, match="cut at max_new_tokens"):
-        pipe(images_of((20, 30))[0], text="what is the red circle?", max_new_tokens=2)
-    assert [d["label"] for d in pipe(images_of((20, 30))[0], targets=["a", "b"])] == ["a", "b"]

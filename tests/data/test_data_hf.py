@@ -201,7 +201,7 @@ def test_train_hf_and_eval_hf_read_the_datasets_form(converted, tmp_path):
 def test_refcoco_family_and_every_segmentation_kind_convert(tmp_path):
     """The fixture tree of test_data_refer (polygons, compressed and uncompressed RLEs, dropped short polygons,
     a refcocog Python-2 pickle) converts to samples equal to the tree's, split by split."""
-    from tests.test_data_refer import write_tree
+    from tests.data.test_data_refer import write_tree
 
     write_tree(tmp_path / "tree")
     for specs in (["refcoco|unc|val", "refcoco|unc|testB"], ["refcocog|umd|test"], ["grefcoco|unc|val"]):

@@ -1,7 +1,6 @@
-"""Generation with [SEG]/[REJ], teacher-forced scoring, odd images, and the segment command."""
+"""Generation with [SEG]/[REJ], teacher-forced scoring, odd images."""
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -141,31 +140,3 @@ def test_bad_inputs_give_clear_errors(tiny_model, tiny_processor, tmp_path):
 def test_answer_phrases_for_every_answer_style(tiny_processor, style):
     answer = multi_target_answer(["the red circle", "a big dog"], [False, True], style=style)
     assert tiny_processor.answer_phrases(answer) == ["the red circle", "a big dog"]
-
-
-def test_segment_command_writes_masks_overlay_and_json(tiny_model, tiny_processor, tmp_path):
-    from pycocotools import mask as mask_utils
-
-    from gsva_hf import segment as command
-
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir)
-    tiny_processor.save_pretrained(model_dir)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name, size in (("a.png", (30, 40)), ("b.jpg", (25, 20))):
-        Image.fromarray(RNG.integers(0, 255, size + (3,), dtype=np.uint8)).save(folder / name)
-    code = command.main([str(folder), "--targets", "the red circle; the cat", "--model", str(model_dir), "--out", str(tmp_path / "out")])
-    assert code == 0
-    for stem, size in (("a.png", (30, 40)), ("b.jpg", (25, 20))):
-        record = json.loads((tmp_path / "out" / stem / "result.json").read_text())
-        assert record["asked"] == [t["asked"] for t in record["targets"]] == ["the red circle", "the cat"]
-        with Image.open(tmp_path / "out" / stem / "overlay.png") as shown:
-            assert shown.width >= size[1]
-        for target in record["targets"]:
-            decoded = mask_utils.decode({"size": target["rle"]["size"], "counts": target["rle"]["counts"].encode()})
-            assert decoded.shape == size and int(decoded.sum()) == target["area"]
-            if not target["rejected"]:
-                with Image.open(tmp_path / "out" / stem / target["mask_png"]) as mask_file:
-                    png = np.asarray(mask_file) > 0
-                assert np.array_equal(png, decoded.astype(bool))

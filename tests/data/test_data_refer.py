@@ -28,6 +28,7 @@ from gsva_hf.data.safe_pickle import UnsafePickleError, load_plain, loads_plain
 from gsva_hf.data.sample import Sample
 from processing_gsva import MULTI_TARGET_ANSWER_STYLES, eval_answer, eval_question
 from tests._coco_fixtures import uncompressed_rle
+from tests.conftest import REPO
 
 COCO_DIR = ("images", "mscoco", "images", "train2014")
 CLEF_DIR = ("images", "saiapr_tc-12")
@@ -656,7 +657,7 @@ def test_polygon_bombs_fail_fast_under_a_memory_cap(fresh_tree):
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(fresh_tree)], capture_output=True, text=True, timeout=60,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "refused:" in result.stdout and "annotation 301" in result.stdout and "lies outside" in result.stdout

@@ -3,14 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from gsva_hf.cpu_memory import apply_malloc_choice, glibc
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 # A two-layer Llama forward over a batch of 4 x 150 tokens, 20 times: with glibc's defaults the activations it frees
 # go back to the OS between calls and fault in again on the next one.

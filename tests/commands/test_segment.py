@@ -1,14 +1,11 @@
-"""gsva-segment as a user runs it: loading policy, bad images, output folders, undecided targets, the overlay;
+"""gsva-segment as a user runs it: masks, overlay and JSON, bad images, output folders, undecided targets, the overlay;
 the image loader's grey levels and limits; eval_hf's checks before evaluating; checkpoints on a full disk."""
 
 import errno
 import io
 import json
-import os
 import re
 import struct
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -19,9 +16,10 @@ from PIL import Image
 from gsva_hf import overlay as drawing
 from gsva_hf import segment as command
 from processing_gsva import SegmentationResult, SegmentedTarget, load_image
-from tests.conftest import REPO, exit_status
+from tests.conftest import exit_status
 
 PHRASES = "the red circle; the cat"
+RNG = np.random.default_rng(1)
 
 
 @pytest.fixture()
@@ -39,39 +37,6 @@ def run(capsys, *argv):
     code = command.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.err
-
-
-# ------------------------------------------------------------------------------------------ loading policy
-def test_folder_code_runs_only_with_trust_remote_code(model_dir, tmp_path, capsys, monkeypatch):
-    marker = tmp_path / "code_ran"
-    with (model_dir / "modeling_gsva.py").open("a") as handle:
-        handle.write(f"\n__import__('pathlib').Path({str(marker)!r}).write_text('ran')\n")
-    image = noise_image(tmp_path / "a.png")
-    code, err = run(capsys, image, "--targets", PHRASES, "--model", model_dir, "--out", tmp_path / "out")
-    assert code == 0 and not marker.exists()
-    assert "modeling_gsva.py" in err and "installed" in err and "--trust-remote-code" in err
-
-    import transformers.dynamic_module_utils as dynamic
-
-    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
-    command.load_gsva_pinned(model_dir, trust_remote_code=True)
-    assert marker.read_text() == "ran"  # the flag does run the folder's code
-    with pytest.raises(ValueError, match="--revision"):
-        command.load_gsva_pinned("someone/gsva", trust_remote_code=True)
-
-
-@pytest.mark.slow
-def test_the_commands_load_the_processor_without_notes():
-    """Whatever transformers says about its image-processor backends (versions differ), a command's processor load
-    prints nothing a user would have to read."""
-    script = "import sys; import gsva_hf.segment; from processing_gsva import GSVAProcessor; GSVAProcessor.from_pretrained(sys.argv[1])"
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(REPO / "configs" / "gsva-tiny")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
 
 
 def test_help_shows_every_default_in_one_flag_style(capsys):
@@ -378,16 +343,6 @@ def test_disk_full_while_saving_leaves_no_checkpoint_and_says_so(tmp_path, monke
     assert (tmp_path / "run" / "checkpoint-7" / "trainer_state.json").is_file()
 
 
-def test_eval_takes_the_loading_flags_in_its_flag_style(tmp_path):
-    import eval_hf
-
-    base = ["--model", str(tmp_path), "--dataset_dir", str(tmp_path)]
-    assert eval_hf.parse_args(base).trust_remote_code is False
-    for spelling in ("--trust_remote_code", "--trust-remote-code"):
-        args = eval_hf.parse_args(base + [spelling, "--revision", "abc123"])
-        assert args.trust_remote_code is True and args.revision == "abc123"
-
-
 def test_phrases_and_devices_that_cannot_work_are_usage_errors(model_dir, tmp_path, capsys):
     image = noise_image(tmp_path / "one.png")
     for extra, said in (
@@ -398,3 +353,31 @@ def test_phrases_and_devices_that_cannot_work_are_usage_errors(model_dir, tmp_pa
             command.main([str(image), *extra, "--model", str(model_dir), "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_segment_command_writes_masks_overlay_and_json(tiny_model, tiny_processor, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from gsva_hf import segment as command
+
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_processor.save_pretrained(model_dir)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, size in (("a.png", (30, 40)), ("b.jpg", (25, 20))):
+        Image.fromarray(RNG.integers(0, 255, size + (3,), dtype=np.uint8)).save(folder / name)
+    code = command.main([str(folder), "--targets", "the red circle; the cat", "--model", str(model_dir), "--out", str(tmp_path / "out")])
+    assert code == 0
+    for stem, size in (("a.png", (30, 40)), ("b.jpg", (25, 20))):
+        record = json.loads((tmp_path / "out" / stem / "result.json").read_text())
+        assert record["asked"] == [t["asked"] for t in record["targets"]] == ["the red circle", "the cat"]
+        with Image.open(tmp_path / "out" / stem / "overlay.png") as shown:
+            assert shown.width >= size[1]
+        for target in record["targets"]:
+            decoded = mask_utils.decode({"size": target["rle"]["size"], "counts": target["rle"]["counts"].encode()})
+            assert decoded.shape == size and int(decoded.sum()) == target["area"]
+            if not target["rejected"]:
+                with Image.open(tmp_path / "out" / stem / target["mask_png"]) as mask_file:
+                    png = np.asarray(mask_file) > 0
+                assert np.array_equal(png, decoded.astype(bool))

@@ -98,7 +98,7 @@ def test_a_config_only_preset_is_drawn_on_the_asked_device():
 
 def test_merged_export_equals_unmerged_model(tiny_model, tiny_processor, tmp_path):
     from modeling_gsva import GSVAForCausalLM
-    from tests.test_core import two_image_batch
+    from tests.model.test_model import two_image_batch
 
     peft_model = prepare_for_training(tiny_model, lora_r=4, lora_alpha=16, lora_dropout=0.0)
     torch.manual_seed(1)
