@@ -28,10 +28,10 @@ from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from configuration_gsva import GSVAConfig
-from gsva_hf.cli import UsageError, describe, name_the_cpu_for_deepspeed, usage_errors, write_text_replacing
+from gsva_hf.cli import describe, name_the_cpu_for_deepspeed, usage_errors, write_text_replacing
 from gsva_hf.cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from gsva_hf.data.collator import GSVACollator
-from gsva_hf.loading import NonFiniteError, check_finite_weights, check_gsva_folder, check_loading_info
+from gsva_hf.loading import NonFiniteError, check_gsva_folder, from_pretrained_strictly
 from gsva_hf.training import (
     BaseModelRecord,
     GSVATrainer,
@@ -59,6 +59,8 @@ from modeling_gsva import GSVAForCausalLM
 from processing_gsva import GSVAProcessor
 
 logger = logging.getLogger("train_hf")
+
+
 def flag(default, help: str, **kwargs):
     return field(default=default, metadata={"help": help, **kwargs})
 
@@ -122,13 +124,10 @@ class GSVATrainingArguments(TrainingArguments):
         choices=list(MALLOC_CHOICES),
     )
     mask_head_learning_rate: float | None = flag(None, "learning rate of SAM and text_hidden_fcs (None: learning_rate)")
-    dataloader_pin_memory: bool = flag(True, "pin batches in memory (only where an accelerator takes them)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.dataloader_pin_memory and not (torch.cuda.is_available() or getattr(torch, "xpu", None) and torch.xpu.is_available()):
-            # Pinning needs an accelerator; without one torch warns on every DataLoader.
-            self.dataloader_pin_memory = False
+    # Pinning needs an accelerator; without one torch warns on every DataLoader, so it is on only where one is.
+    dataloader_pin_memory: bool = flag(
+        torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()), "pin batches in memory"
+    )
 
 
 PROJECT_DATACLASSES = (ModelArguments, DataArguments, GSVATrainingArguments)
@@ -156,7 +155,10 @@ def parse_arguments(argv=None, extra=()) -> tuple:
 
 
 def setup(training_args: GSVATrainingArguments) -> None:
-    """Logging, line-buffered stdout (progress reaches a log file as it happens), threads and the seed."""
+    """Every run's first step: the output and export folders checked (an earlier run is resumed or refused,
+    `check_output_dir`), then logging, line-buffered stdout (progress reaches a log file as it happens), threads
+    and the seed."""
+    check_output_dir(training_args)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
@@ -184,12 +186,9 @@ def load_model(model_args: ModelArguments, training_args: GSVATrainingArguments,
     # As strict as load_gsva: config and weight headers checked before building, and no tensor drawn at random.
     check_gsva_folder(path)
     if folder_has_weights(path):
-        model, info = GSVAForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=model_args.attn_implementation, output_loading_info=True,
-            ignore_mismatched_sizes=True,
-        )  # fmt: skip
-        check_loading_info(source, info)
-        check_finite_weights(model, source)
+        model = from_pretrained_strictly(
+            GSVAForCausalLM, path, source, dtype=dtype, attn_implementation=model_args.attn_implementation
+        )
         for key, value in weights.items():
             setattr(model.config, key, value)
     else:
@@ -266,7 +265,6 @@ def assemble_run(
 def build_run(argv=None) -> TrainingRun:
     model_args, data_args, training_args = parse_arguments(argv)
     with usage_errors(PROG, training_args.debug_errors):
-        check_output_dir(training_args)
         setup(training_args)
         check_own_learning_rates(training_args, {"mask_head_learning_rate": training_args.mask_head_learning_rate})
         train_dataset = check_data(data_args, training_args, build_train_dataset)
@@ -317,8 +315,6 @@ def train_and_finish(run: TrainingRun) -> dict:
     checkpoints record that base (`BaseModelRecord`)."""
     checkpoint = run.training_args.resume_from_checkpoint
     with usage_errors(PROG, getattr(run.training_args, "debug_errors", False)):
-        if run.training_args.export_only and not checkpoint:
-            raise UsageError("--export_only needs --resume_from_checkpoint CHECKPOINT_DIR")
         base = BaseModelRecord.of(run.trainer.model, run.model_args.model_name_or_path)
         if isinstance(checkpoint, (str, Path)):
             check_checkpoint_base(checkpoint, check_checkpoint_complete(checkpoint), base)

@@ -508,7 +508,7 @@ def layout_repo(
     from modeling_gsva import GSVAForCausalLM
     from processing_gsva import GSVAProcessor
 
-    from .loading import check_finite_weights, check_gsva_folder, check_loading_info
+    from .loading import check_gsva_folder, from_pretrained_strictly
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
@@ -555,12 +555,10 @@ def layout_repo(
 
     # As strict as load_gsva: a tensor the folder lacks would be pushed as a random draw.
     check_gsva_folder(model_dir)
-    model, info = GSVAForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True
-    )
-    check_loading_info(f"MODEL_DIR {model_dir}", info)
-    model = model.eval()
-    check_finite_weights(model, f"MODEL_DIR {model_dir}" + (f" as {dtype}" if dtype != "auto" else ""))
+    model = from_pretrained_strictly(
+        GSVAForCausalLM, model_dir, f"MODEL_DIR {model_dir}", dtype=DTYPES[dtype],
+        finite_source=f"MODEL_DIR {model_dir}" + (f" as {dtype}" if dtype != "auto" else ""),
+    )  # fmt: skip
     processor = GSVAProcessor.from_pretrained(model_dir)
     processor.check_config(model.config)
     if clear:

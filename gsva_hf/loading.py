@@ -263,6 +263,17 @@ def _dtype(dtype):
     return DTYPES[dtype]
 
 
+def from_pretrained_strictly(model_class, path, source: str, finite_source: str | None = None, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` refusing what a checkpoint does not give exactly as saved
+    (missing, unexpected or mis-shaped tensors: `check_loading_info`) and non-finite weights
+    (`check_finite_weights`, naming `finite_source` or `source`): the one strict load of every loader."""
+    # Mismatched shapes come back in the loading info (instead of transformers' unnamed RuntimeError) to be named.
+    model, info = model_class.from_pretrained(str(path), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    check_loading_info(source, info)
+    check_finite_weights(model, finite_source or source)
+    return model.eval()
+
+
 def load_gsva(
     model_dir: str | Path,
     dtype: str | torch.dtype = "fp32",
@@ -343,15 +354,9 @@ def _load_gsva(model_dir, dtype, device, load_in, trust_remote_code, revision):
             load_in_4bit=load_in == "4bit", load_in_8bit=load_in == "8bit", llm_int8_skip_modules=KEEP_UNQUANTIZED
         )
         kwargs["device_map"] = device
-    # Mismatched shapes come back in the loading info (instead of transformers' unnamed RuntimeError) to be named.
-    model, info = model_class.from_pretrained(
-        str(model_dir), output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
-    check_loading_info(source, info)
-    model = model.eval()
+    model = from_pretrained_strictly(model_class, model_dir, source, **kwargs)
     if load_in is None:
         model = model.to(device)
-    check_finite_weights(model, source)
     processor = processor_class.from_pretrained(str(model_dir), revision=revision, trust_remote_code=trust_remote_code)
     processor.check_config(model.config)
     return model, processor
@@ -397,6 +402,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_DropPilFallbackN
 
 __all__ = [
     "BUNDLED_MODEL",
+    "from_pretrained_strictly",
     "DTYPES",
     "IncompleteCheckpointError",
     "NonFiniteError",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import CommandParser, check_creatable, describe, naming_file, refuse_link, write_text_replacing
+from .cli import CommandParser, check_creatable, describe, naming_file, refuse_link, usage_errors, write_text_replacing
 from .cpu_memory import MALLOC_CHOICES, apply_malloc_choice
 from .loading import BUNDLED_MODEL, DTYPES, add_loading_arguments, load_gsva_pinned
 from .overlay import overlay
@@ -296,26 +296,23 @@ def main(argv=None) -> int:
     if not math.isfinite(args.threshold):
         parser.error(f"--threshold must be a finite number, got {args.threshold}")
     apply_malloc_choice(args.cpu_malloc, args.device)
-    try:
-        query = parse_query(args.text) if args.targets is None else parse_query(args.targets, allow_question=False)
-        images, skipped = collect_images(args.image)
-        folders = output_folders(images, args.out, single=not args.image.is_dir())
-        out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)}, folders)
-        previous = out.previous_files()
-        check_creatable(args.out, "--out")
-        model, processor = load_gsva_pinned(
-            args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
-        )
-        if "targets" in query:  # phrases target mode cannot write (only full stops) are a usage error, before any image
-            processor.targets_conversation(query["targets"])
-    except (OSError, ValueError) as error:
-        if args.debug:
-            raise
-        parser.error(describe(error))
-    except (ImportError, RuntimeError, AssertionError) as error:
-        if args.debug:
-            raise
-        parser.error(f"cannot load the model with --device {args.device} --load-in {args.load_in}: {error}")
+    with usage_errors(parser.prog, args.debug):
+        try:
+            query = parse_query(args.text) if args.targets is None else parse_query(args.targets, allow_question=False)
+            images, skipped = collect_images(args.image)
+            folders = output_folders(images, args.out, single=not args.image.is_dir())
+            out = OutputFolder(args.out, {"model": str(args.model), **describe_query(query)}, folders)
+            previous = out.previous_files()
+            check_creatable(args.out, "--out")
+            model, processor = load_gsva_pinned(
+                args.model, args.dtype, args.device, args.load_in, args.trust_remote_code, args.revision
+            )
+            if "targets" in query:  # phrases target mode cannot write (only full stops) are a usage error, before any image
+                processor.targets_conversation(query["targets"])
+        except (ImportError, RuntimeError, AssertionError) as error:
+            if args.debug:
+                raise
+            parser.error(f"cannot load the model with --device {args.device} --load-in {args.load_in}: {error}")
     out.remove(previous)
     unrecorded = []  # summary.json writes that failed (a full disk): said once, and the exit status is 1
 

@@ -276,6 +276,18 @@ class GSVATrainer(Trainer):
         super().log(logs, start_time)
 
 
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-N` folders of `output_dir` whose save finished (they hold the Trainer's last file), oldest first."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    found = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.name.split("-", 1)[1].isdigit() and (p / TRAINER_STATE_NAME).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def check_checkpoint_complete(folder) -> dict:
     """The Trainer writes `trainer_state.json` last, so a checkpoint folder without it is a save that was cut short
     (a killed process); resuming from it would load half a state. Returns that file's JSON object, refusing one
@@ -286,12 +298,8 @@ def check_checkpoint_complete(folder) -> dict:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--resume_from_checkpoint {folder}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
-        parent = os.path.dirname(os.path.abspath(folder))
-        complete = sorted(
-            (name for name in os.listdir(parent) if os.path.isfile(os.path.join(parent, name, TRAINER_STATE_NAME))),
-            key=lambda name: int(name.rsplit("-", 1)[-1]) if name.rsplit("-", 1)[-1].isdigit() else -1,
-        )
-        hint = f"; the latest complete one is {os.path.join(parent, complete[-1])}" if complete else ""
+        complete = complete_checkpoints(Path(folder).absolute().parent)
+        hint = f"; the latest complete one is {complete[-1]}" if complete else ""
         raise ValueError(
             f"--resume_from_checkpoint {folder}: the checkpoint is incomplete (no {TRAINER_STATE_NAME}, which the "
             f"Trainer writes last: its save was interrupted); remove it{hint}"

@@ -16,6 +16,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .cli import USAGE_EXIT, UsageError, check_creatable, refuse_link
 from .export import REMOTE_CODE_FILES
+from .training import complete_checkpoints
 
 PROG = "train_hf.py"
 SYNTHETIC_HINT = (
@@ -169,18 +170,6 @@ def check_numbers(*arguments) -> None:
             f"--max_steps {values['max_steps']} and --num_train_epochs {values.get('num_train_epochs')}: give --max_steps "
             "above 0 (or --num_train_epochs above 0)"
         )
-
-
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """`checkpoint-N` folders of `output_dir` whose save finished (they hold the Trainer's last file), oldest first."""
-    from transformers.trainer import TRAINER_STATE_NAME
-
-    found = [
-        p
-        for p in output_dir.glob("checkpoint-*")
-        if p.name.split("-", 1)[1].isdigit() and (p / TRAINER_STATE_NAME).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
 # What a training run leaves in its output folder; any of them there means the folder holds an earlier run.

@@ -29,6 +29,7 @@ from examples.tiny_synthetic.from_scratch import (  # noqa: E402
     draw_input_embeddings,
     draw_language_model,
 )
+from gsva_hf.cli import usage_errors  # noqa: E402
 from gsva_hf.data.synthetic import check_negative_kinds  # noqa: E402
 from gsva_hf.training import folder_has_weights  # noqa: E402
 from train_hf import flag  # noqa: E402
@@ -205,7 +206,8 @@ def add_learning_curve(run: train_hf.TrainingRun, tiny: TinyArguments, start_sec
 
 def build_tiny_run(argv=None) -> train_hf.TrainingRun:
     model_args, data_args, training_args, tiny = train_hf.parse_arguments(argv, extra=(TinyArguments,))
-    train_hf.setup(training_args)
+    with usage_errors("train_tiny.py", training_args.debug_errors):
+        train_hf.setup(training_args)
     with training_args.main_process_first(desc="synthetic data"):
         ensure_synthetic_data(tiny, data_args.dataset_dir)
     check_tiny_options(model_args, training_args, tiny)
