@@ -50,6 +50,7 @@ setup(
             "gsva-segment=gsva_hf.segment:main",
             "gsva-convert-to-hf=gsva_hf.convert_gsva_to_hf:main",
             "gsva-push=gsva_hf.hub:main",
+            "gsva-compose=gsva_hf.compose:main",
         ],
     },
 )

@@ -45,7 +45,7 @@ def score_teacher_forced(
     reshaped_input_sizes: torch.Tensor,
     reeval: bool = True,
     mask_confirmed_rejections: bool = True,
-    **unused,
+    **image_inputs,
 ) -> TeacherForcedOutput:
     """GSVA's evaluation forward over ground-truth conversations (`**processor(images, conversations)` without
     `labels`; the sizes bring the masks to each image's original size, as `processor.post_process_masks` does).
@@ -57,8 +57,10 @@ def score_teacher_forced(
     One pass up to the last slot gives the decisions (LM head at the slots only) and every state before its first
     `[REJ]`; the rows with a masked slot after their first `[REJ]` rerun from the earliest such `[REJ]` on, on the
     first pass's KV cache of the shared prefix; SAM encodes only images with a masked slot and its mask decoder runs
-    once for all of them.
+    once for all of them. A composed VLM (`image_inputs`: its processor's other image inputs) runs whole passes
+    through its own forward instead: the first, and with reruns one more with every `[REJ]` read as `[SEG]`.
     """
+    composed = model.model.is_composed
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     slots = model.target_slots(input_ids)
@@ -67,8 +69,14 @@ def score_teacher_forced(
     }
     may_redo = any(int(slots[row][0][-1]) > position for row, position in first_rej.items())
     end = max((int(positions[-1]) for positions, _ in slots if positions.numel()), default=1)
-    embeddings = model.embed_inputs(input_ids, pixel_values)[:, :end]
-    first_states, cache = decode_sharing_prefix(model, embeddings, input_ids, attention_mask, use_cache=may_redo)
+    # The per-token image flags are recomputed for each pass (`image_token_types`).
+    image_inputs = {name: value for name, value in image_inputs.items() if not name.endswith("token_type_ids")}
+    image_inputs = {"pixel_values": pixel_values, **image_inputs} if composed else {}
+    if composed:
+        first_states, cache = composed_states(model, input_ids, attention_mask, image_inputs), None
+    else:
+        embeddings = model.embed_inputs(input_ids, pixel_values)[:, :end]
+        first_states, cache = decode_sharing_prefix(model, embeddings, input_ids, attention_mask, use_cache=may_redo)
     slot_states, slot_is_seg, slot_mask = model.gather_slot_states(first_states, input_ids)
     counts = slot_mask.sum(1).tolist()
     gt_is_seg = [slot_is_seg[row, :n] for row, n in enumerate(counts)]
@@ -85,7 +93,11 @@ def score_teacher_forced(
     redo = [row for row, position in first_rej.items() if bool(masked[row][slots[row][0] > position].any())]
     if redo:
         start = min(first_rej[row] for row in redo)
-        rerun = rerun_from(model, start, cache, embeddings, input_ids, attention_mask, redo)
+        if composed:
+            all_seg = input_ids.masked_fill(input_ids == model.config.rej_token_id, model.config.seg_token_id)
+            rerun = composed_states(model, all_seg, attention_mask, image_inputs)[redo, start:]
+        else:
+            rerun = rerun_from(model, start, cache, embeddings, input_ids, attention_mask, redo)
         for k, row in enumerate(redo):
             before = slots[row][0].to(rerun.device) - 1
             late = torch.nonzero(before >= start).flatten()
@@ -101,14 +113,30 @@ def score_teacher_forced(
         for k, row in enumerate(rows):
             decode[k, : counts[row]] = masked[row].to(decode.device)
         low_res, _ = model.masks_from_hidden_states(slot_states[index.to(slot_states.device)], sam_embeddings, decode)
-        pad_size = model.config.sam_config.vision_config.image_size
-        computed = upscale_slot_masks(low_res, decode, original_sizes[index].tolist(), reshaped_input_sizes[index].tolist(), pad_size)
+        side, square = model.config.mask_input_size, model.config.square_mask_input
+        computed = upscale_slot_masks(
+            low_res, decode, original_sizes[index].tolist(), reshaped_input_sizes[index].tolist(), side, square
+        )
         for row, part in zip(rows, computed):
             masks[row] = part
     if not all(bool(keep.all()) for keep in masked):
         fill = 0.0 if not reeval else torch.finfo(torch.float32).min
         masks = [_scatter(values, keep, fill) for values, keep in zip(masks, masked)]
     return TeacherForcedOutput(rejected=rejected, pred_masks=masks, slot_is_seg=gt_is_seg)
+
+
+def composed_states(model, input_ids, attention_mask, image_inputs: dict) -> torch.Tensor:
+    """Last-layer states `[B, L, d]` of one pass of a composed VLM over padded rows, at the positions its own
+    prefill computes (`model.model.position_ids`)."""
+    base = model.model
+    return base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=base.position_ids(input_ids, attention_mask, **image_inputs),
+        use_cache=False,
+        **image_inputs,
+        **base.image_token_types(input_ids),
+    ).last_hidden_state
 
 
 def _scatter(values: torch.Tensor, keep: torch.Tensor, fill: float) -> torch.Tensor:
@@ -170,4 +198,4 @@ def rerun_from(model, start: int, cache, embeddings, input_ids, attention_mask, 
     return rerun.last_hidden_state
 
 
-__all__ = ["TeacherForcedOutput", "decode_sharing_prefix", "rerun_from", "score_teacher_forced"]
+__all__ = ["TeacherForcedOutput", "composed_states", "decode_sharing_prefix", "rerun_from", "score_teacher_forced"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -27,10 +27,10 @@ from transformers.utils import ModelOutput, can_return_tuple
 
 try:
     from .configuration_gsva import GSVAConfig
-    from .processing_gsva import sam_reshaped_size, upscale_slot_masks
+    from .processing_gsva import mask_input_size, upscale_slot_masks
 except ImportError:
     from configuration_gsva import GSVAConfig
-    from processing_gsva import sam_reshaped_size, upscale_slot_masks
+    from processing_gsva import mask_input_size, upscale_slot_masks
 
 IGNORE_INDEX = -100
 AUTO_MAP = {
@@ -61,6 +61,10 @@ CUSTOM_PIPELINES = {
 DICE_SCALE = 1000.0
 # Processor outputs for its own post-processing, never read by the model.
 PROCESSOR_ONLY_INPUTS = ("original_sizes", "reshaped_input_sizes")
+# A composed VLM's image inputs from its processor (each family takes some): they go with the span that holds the
+# image. Its per-token image flags (`mm_token_type_ids`, `token_type_ids`) are recomputed for each span fed.
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+TOKEN_TYPE_INPUTS = ("mm_token_type_ids", "token_type_ids")
 DICE_EPS = 1e-6
 
 
@@ -259,6 +263,11 @@ def current_key(key: str, mapping: dict[str, str] | None = None) -> str:
     return key
 
 
+def map_embeddings(fn, embeddings):
+    """`fn` applied to a mask decoder's image embeddings: one tensor (SAM) or a tuple of them (SAM-HQ, SAM 2)."""
+    return fn(embeddings) if torch.is_tensor(embeddings) else tuple(fn(e) for e in embeddings)
+
+
 def apply_init(module: nn.Module, init_fn, is_custom_code: bool) -> None:
     """transformers' `smart_apply` for one part: children first, each sub-model with its own init function."""
     for child in module.children():
@@ -278,35 +287,73 @@ class GSVAModelOutputWithPast(BaseModelOutputWithPast):
 class GSVAModel(GSVAPreTrainedModel):
     """GSVA's base: two parts behind small interfaces.
 
-    - The vision-language backbone (CLIP `vision_tower` + `multi_modal_projector` + the decoder `language_model`,
-      LLaVA v1): `embed_inputs(input_ids, pixel_values)` puts visual tokens in place of the image tokens, `forward`
-      returns the decoder's last hidden states (and cache).
-    - The mask decoder (SAM `sam` + `text_hidden_fcs`): `get_sam_image_embeddings(sam_pixel_values)` encodes the
-      image once, `masks_from_hidden_states(slot_states, sam_image_embeddings, decode)` turns `[SEG]` states into
-      low-resolution mask logits and IoU scores.
+    - The vision-language backbone: LLaVA v1's layout (CLIP `vision_tower` + `multi_modal_projector` + the decoder
+      `language_model`; `embed_inputs(input_ids, pixel_values)` puts visual tokens in place of the image tokens), or
+      `vlm`, any transformers `AutoModelForImageTextToText` model used as it is (its LM head included, so its
+      weight tying and generation stay its own). `forward` returns the decoder's last hidden states (and cache).
+    - The mask decoder (SAM, SAM-HQ, SAM 2 or EdgeTAM `sam` + `text_hidden_fcs`): `get_sam_image_embeddings(
+      sam_pixel_values)` encodes the image once, `masks_from_hidden_states(slot_states, sam_image_embeddings,
+      decode)` turns `[SEG]` states into low-resolution mask logits and IoU scores.
     """
 
     _legacy_key_mapping = {r"^language_model\.model\.": "language_model."}
 
     def __init__(self, config: GSVAConfig, after_language_model=None):
-        """`after_language_model(language_model)`: called once the decoder is built (the head builds and
+        """`after_language_model(language_model)`: called once LLaVA v1's decoder is built (the head builds and
         initialises `lm_head` there, so a seed draws the weights the 0.1 layout drew, where the head was part of
         the language model and initialised with it)."""
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
-        self.multi_modal_projector = GSVAMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
-        if after_language_model is not None:
-            after_language_model(self.language_model)
+        if config.vlm_config is None:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
+            self.multi_modal_projector = GSVAMultiModalProjector(config)
+            self.language_model = AutoModel.from_config(config.text_config)
+            if after_language_model is not None:
+                after_language_model(self.language_model)
+        else:
+            self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
         self.sam = AutoModel.from_config(config.sam_config)
-        self.text_hidden_fcs = build_text_hidden_fcs(config.text_config.hidden_size, config.out_dim)
+        self.text_hidden_fcs = build_text_hidden_fcs(config.get_text_config().hidden_size, config.out_dim)
         self.post_init()
 
+    @property
+    def is_composed(self) -> bool:
+        """Whether the backbone is a transformers VLM (`vlm`) rather than LLaVA v1's layout."""
+        return self.config.vlm_config is not None
+
     def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
+        return self.vlm.get_input_embeddings() if self.is_composed else self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module):
-        self.language_model.set_input_embeddings(value)
+        if self.is_composed:
+            self.vlm.set_input_embeddings(value)
+        else:
+            self.language_model.set_input_embeddings(value)
+
+    def position_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, **image_inputs) -> torch.Tensor:
+        """Positions of every token of `input_ids` (pads anywhere, masked by `attention_mask`), as the backbone's
+        own prefill computes them: 1-D count of real tokens before each, or Qwen-style 3-D M-RoPE positions from
+        the image grid. Callers feeding a chunk on a KV cache pass the whole sequence so far and keep its tail."""
+        attention_mask = attention_mask.to(input_ids.device)
+        if self.is_composed and hasattr(self.vlm.model, "get_rope_index"):
+            positions, _ = self.vlm.model.get_rope_index(
+                input_ids=input_ids,
+                mm_token_type_ids=(input_ids == self.config.image_token_id).int(),
+                image_grid_thw=image_inputs.get("image_grid_thw"),
+                attention_mask=attention_mask,
+            )
+            return positions
+        return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+    def image_token_types(self, input_ids: torch.LongTensor) -> dict:
+        """The per-token image flags a composed VLM needs beside `input_ids` (Qwen's `mm_token_type_ids`, Gemma 3's
+        `token_type_ids`), computed from the image token, so any span of a sequence can be fed on its own."""
+        if not self.is_composed:
+            return {}
+        import inspect
+
+        accepted = inspect.signature(self.vlm.model.forward).parameters
+        flags = (input_ids == self.config.image_token_id).long()
+        return {name: flags for name in ("mm_token_type_ids", "token_type_ids") if name in accepted}
 
     # ----------------------------------------------------------------- backbone
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -317,14 +364,26 @@ class GSVAModel(GSVAPreTrainedModel):
             features = features[:, 1:]
         return self.multi_modal_projector(features)
 
-    def get_sam_image_embeddings(self, sam_pixel_values: torch.Tensor) -> torch.Tensor:
-        """SAM image-encoder embeddings `[B, 256, 64, 64]`; under `no_grad` unless the encoder is trained."""
+    def get_sam_image_embeddings(self, sam_pixel_values: torch.Tensor):
+        """The mask decoder's image encoder output; under `no_grad` unless the encoder is trained.
+
+        SAM: the image embedding `[B, C, h, w]`. SAM-HQ: (embedding, first global-attention block's output).
+        SAM 2 / EdgeTAM: (lowest-resolution FPN level, the two high-resolution levels), before the mask decoder's
+        own `conv_s0`/`conv_s1` and `no_memory_embedding`, which `masks_from_hidden_states` applies so they train.
+        Every tensor has the batch first: rows can be selected or repeated alike (`map_embeddings`).
+        """
         encoder = self.sam.vision_encoder
         pixel_values = sam_pixel_values.to(encoder.dtype)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
-            return encoder(pixel_values).last_hidden_state
-        with torch.no_grad():
-            return encoder(pixel_values).last_hidden_state
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(trained):
+            outputs = encoder(pixel_values, return_dict=True)
+        kind = self.config.sam_config.model_type
+        if kind == "sam":
+            return outputs.last_hidden_state
+        if kind == "sam_hq":
+            return outputs.last_hidden_state, outputs.intermediate_embeddings[0]
+        levels = list(outputs.fpn_hidden_states)
+        return (levels[-1], *levels[:-1])
 
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with each image placeholder run replaced by that row's visual tokens."""
@@ -359,27 +418,38 @@ class GSVAModel(GSVAPreTrainedModel):
         dtype = mask_decoder.iou_token.weight.dtype
         decode = decode.to(slot_hidden_states.device)
         batch, count = decode.shape
+        first = sam_image_embeddings if torch.is_tensor(sam_image_embeddings) else sam_image_embeddings[0]
         # SAM's mask decoder upscales its image embedding 4x.
-        side = tuple(4 * size for size in sam_image_embeddings.shape[-2:])
-        masks = torch.zeros((batch, count, *side), dtype=torch.float32, device=sam_image_embeddings.device)
-        iou = torch.zeros((batch, count), dtype=torch.float32, device=sam_image_embeddings.device)
+        side = tuple(4 * size for size in first.shape[-2:])
+        masks = torch.zeros((batch, count, *side), dtype=torch.float32, device=first.device)
+        iou = torch.zeros((batch, count), dtype=torch.float32, device=first.device)
         total = int(decode.sum())
         if total == 0:
             return masks, iou
         states = slot_hidden_states[decode]
         prompts = self.text_hidden_fcs[0](states.to(next(self.text_hidden_fcs.parameters()).dtype)).to(dtype)
         # Slot t of the call sees its own row's image embedding.
-        owner = torch.nonzero(decode)[:, 0].to(sam_image_embeddings.device)
-        image_embeddings = sam_image_embeddings.to(dtype).index_select(0, owner)
+        owner = torch.nonzero(decode)[:, 0].to(first.device)
+        selected = map_embeddings(lambda e: e.to(dtype).index_select(0, owner), sam_image_embeddings)
+        image_embeddings = selected if torch.is_tensor(selected) else selected[0]
         positional = self.sam.get_image_wide_positional_embeddings().to(dtype).expand(total, -1, -1, -1)
         no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
+        extra = {}
+        kind = self.config.sam_config.model_type
+        if kind == "sam_hq":
+            extra = {"hq_token_only": False, "intermediate_embeddings": [selected[1]]}
+        elif kind != "sam":
+            # SAM 2's `get_image_features` steps that belong to the mask decoder (trained with it).
+            image_embeddings = image_embeddings + self.sam.no_memory_embedding.to(dtype).reshape(1, -1, 1, 1)
+            extra = {"high_resolution_features": [mask_decoder.conv_s0(selected[1]), mask_decoder.conv_s1(selected[2])]}
         low_res, scores = mask_decoder(
             image_embeddings=image_embeddings,
             image_positional_embeddings=positional,
             sparse_prompt_embeddings=prompts[:, None, None, :],
             dense_prompt_embeddings=no_mask.expand_as(image_embeddings),
             multimask_output=False,
-        )
+            **extra,
+        )[:2]
         decode = decode.to(masks.device)
         masks = masks.masked_scatter(decode[..., None, None], low_res[:, 0, 0].float())
         iou = iou.masked_scatter(decode, scores[:, 0, 0].float())
@@ -407,6 +477,26 @@ class GSVAModel(GSVAPreTrainedModel):
         the decoder's last hidden states out. The processor's sizes are accepted and ignored.
         """
         drop_processor_sizes(kwargs)
+        if self.is_composed:
+            outputs = self.vlm.model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+                return_dict=True,
+                **kwargs,
+            )
+            return GSVAModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state,
+                cache=outputs.cache if use_cache is not False else None,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
@@ -443,8 +533,13 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         super().__init__(config)
         built = []
         self.model = GSVAModel(config, lambda language_model: built.append(self._new_lm_head(language_model)))
-        self.lm_head = built[0]
+        # A composed VLM keeps its own LM head (`model.vlm`); LLaVA v1's is the head's, as in llava.
+        self.lm_head = built[0] if built else None
         self.post_init()
+
+    @property
+    def is_composed(self) -> bool:
+        return self.model.is_composed
 
     def _new_lm_head(self, language_model: nn.Module) -> nn.Linear:
         """`lm_head`, initialised at once with the language model's own init (as its causal-LM class would)."""
@@ -458,7 +553,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """`lm_head` is tied to the input embeddings when the text config says so (as the 0.1 layout's causal LM
         was); GSVA's own `tie_word_embeddings` stays False."""
         tied = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
-        if getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+        if not self.is_composed and getattr(self.config.get_text_config(), "tie_word_embeddings", False):
             tied.update(self._tied_weights_keys)
         return tied
 
@@ -472,14 +567,16 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         the mask path of a from-scratch model much more slowly. The guarded init functions leave loaded weights
         alone, so only tensors a checkpoint lacks are drawn."""
         base, custom = self.model, self.is_custom_code()
-        for part, init_fn in (
-            (base.vision_tower, base.vision_tower._initialize_weights),
-            (base.multi_modal_projector, base._initialize_weights),
-            (base.language_model, base.language_model._initialize_weights),
-            (self.lm_head, base.language_model._initialize_weights),
-            (base.sam, base.sam._initialize_weights),
-            (base.text_hidden_fcs, base._initialize_weights),
-        ):
+        if self.is_composed:
+            parts = [(base.vlm, base.vlm._initialize_weights)]
+        else:
+            parts = [
+                (base.vision_tower, base.vision_tower._initialize_weights),
+                (base.multi_modal_projector, base._initialize_weights),
+                (base.language_model, base.language_model._initialize_weights),
+                (self.lm_head, base.language_model._initialize_weights),
+            ]
+        for part, init_fn in parts + [(base.sam, base.sam._initialize_weights), (base.text_hidden_fcs, base._initialize_weights)]:
             apply_init(part, init_fn, custom)
         base._initialize_weights(base, custom)
         self._initialize_weights(self, custom)
@@ -487,6 +584,9 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
                 module.reset_parameters()
         init.normal_(base.sam.shared_image_embedding.positional_embedding, 0.0, 1.0)
+        if self.is_composed:
+            # The VLM's own tying (Gemma 3, InternVL) after its parts are drawn.
+            base.vlm.tie_weights()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write an `auto_map` for every Auto class that loads GSVA and, next to the code, the pipeline file with
@@ -503,15 +603,15 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------- the base's parts (as llava's head)
     @property
     def language_model(self) -> nn.Module:
-        return self.model.language_model
+        return self.model.vlm.get_decoder() if self.is_composed else self.model.language_model
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.vision_tower
+        return self.model.vlm.get_encoder(modality="image") if self.is_composed else self.model.vision_tower
 
     @property
-    def multi_modal_projector(self) -> nn.Module:
-        return self.model.multi_modal_projector
+    def multi_modal_projector(self) -> nn.Module | None:
+        return None if self.is_composed else self.model.multi_modal_projector
 
     @property
     def sam(self) -> nn.Module:
@@ -529,13 +629,16 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
+        return self.model.vlm.get_output_embeddings() if self.is_composed else self.lm_head
 
     def set_output_embeddings(self, value: nn.Module):
-        self.lm_head = value
+        if self.is_composed:
+            self.model.vlm.set_output_embeddings(value)
+        else:
+            self.lm_head = value
 
     def get_decoder(self) -> nn.Module:
-        return self.model.language_model
+        return self.language_model
 
     # ----------------------------------------------------------------- the base's interfaces, for callers of the head
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -604,10 +707,10 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                     f"row {row}: the answer has {counts[row]} [SEG]/[REJ] slots but gt_masks[{row}] has shape "
                     f"{tuple(gt.shape)}; give one mask per slot at the original image size, [num_slots, H, W]"
                 )
-        side = self.config.sam_config.vision_config.image_size
+        side, square = self.config.mask_input_size, self.config.square_mask_input
         sizes = [tuple(gt.shape[1:]) for gt in gt_masks]
         seg_masks = upscale_slot_masks(
-            pred_masks, slot_is_seg, sizes, [sam_reshaped_size(size, side) for size in sizes], side
+            pred_masks, slot_is_seg, sizes, [mask_input_size(size, side, square) for size in sizes], side, square
         )
         bce = dice = pred_masks.new_zeros(())
         for row, (seg, gt) in enumerate(zip(seg_masks, gt_masks)):
@@ -728,6 +831,9 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
     def shared_prompt_length(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor) -> int:
         """How many leading positions hold the same real, non-image token in every row (GSVA's system prompt);
         0 when fewer than two do, as a one-token prompt is not worth a pass of its own."""
+        if self.is_composed:
+            # A composed VLM's prefix runs through its own forward (family positions and image handling).
+            return 0
         common = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
         common &= input_ids[0] != self.config.image_token_id
         shared = int(common.int().cumprod(0).sum())
@@ -745,6 +851,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         """Image and image-boundary tokens are never generated: they join whatever `suppress_tokens` the call or its
         generation config already holds (set on a copy of a given config, so transformers sees no conflict)."""
         special = [self.config.image_token_id, self.config.im_start_token_id, self.config.im_end_token_id]
+        special = [token for token in special if token is not None]
         config = kwargs.get("generation_config")
         if config is not None:
             config = copy.deepcopy(config)
@@ -803,6 +910,9 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             sam_pixel_values is not None or sam_image_embeddings is not None
         )
         if not wants_masks:
+            if self.is_composed:
+                kwargs.setdefault("generation_config", self.generation_config)
+                return self.model.vlm.generate(input_ids, **kwargs)
             return super().generate(input_ids, **kwargs)
         if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) != 1:
             raise ValueError("masks from generate need num_beams=1 (greedy or sampling)")
@@ -810,24 +920,44 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out = super().generate(input_ids, **{**kwargs, "use_cache": True})
-        sequences, prompt_length = out.sequences, input_ids.shape[1]
+        prompt_length = input_ids.shape[1]
         attention_mask = attention_mask.repeat_interleave(copies, dim=0)
-
-        # One pass over the answer on top of the cache of the prompt gives the last-layer state at every answer
-        # position, exactly as decoding saw it.
-        cache = out.cache
-        cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))
-        feed = sequences[:, prompt_length - 1 : -1]
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones((sequences.shape[0], feed.shape[1] - 1))], dim=1)
-        positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)[:, prompt_length - 1 :]
-        states = self.get_decoder()(
-            inputs_embeds=self.embed_inputs(feed, None),
-            attention_mask=full_mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-        ).last_hidden_state
+        if self.is_composed:
+            if copies != 1:
+                raise ValueError(
+                    "masks from generate on a composed VLM need num_return_sequences=1; call generate once per "
+                    "sample instead"
+                )
+            out = self.model.vlm.generate(input_ids, **{"generation_config": self.generation_config, **kwargs, "use_cache": True})
+            sequences = out.sequences
+            # One pass over prompt and answer through the VLM's own forward (its positions and image handling).
+            full_mask = torch.cat([attention_mask, attention_mask.new_ones(sequences[:, prompt_length:].shape)], 1)
+            image_inputs = {name: kwargs[name] for name in IMAGE_INPUTS if kwargs.get(name) is not None}
+            states = self.model(
+                input_ids=sequences,
+                attention_mask=full_mask,
+                position_ids=self.model.position_ids(sequences, full_mask, **image_inputs),
+                use_cache=False,
+                **image_inputs,
+                **self.model.image_token_types(sequences),
+            ).last_hidden_state[:, prompt_length - 1 :]
+        else:
+            out = super().generate(input_ids, **{**kwargs, "use_cache": True})
+            sequences = out.sequences
+            # One pass over the answer on top of the cache of the prompt gives the last-layer state at every answer
+            # position, exactly as decoding saw it.
+            cache = out.cache
+            cache.crop(-(cache.get_seq_length() - (prompt_length - 1)))
+            feed = sequences[:, prompt_length - 1 : -1]
+            full_mask = torch.cat([attention_mask, attention_mask.new_ones((sequences.shape[0], feed.shape[1] - 1))], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 0)[:, prompt_length - 1 :]
+            states = self.get_decoder()(
+                inputs_embeds=self.embed_inputs(feed, None),
+                attention_mask=full_mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
         out.cache = None
 
         # `states[:, j]` belongs to `sequences[:, prompt_length - 1 + j]`; tokens after a row's end are padding.
@@ -850,7 +980,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
 
         if sam_image_embeddings is None:
             sam_image_embeddings = self.get_sam_image_embeddings(sam_pixel_values)
-        embeddings = sam_image_embeddings.repeat_interleave(copies, dim=0)
+        embeddings = map_embeddings(lambda e: e.repeat_interleave(copies, dim=0), sam_image_embeddings)
         slots = self._slot_outputs(slot_states, slot_is_seg, slot_mask, slot_logits, embeddings)
         return GSVAGenerateOutput(**dict(out.items()), **slots, answer_ids=answer_ids, finished=finished)
 
@@ -874,6 +1004,11 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         asked phrase gets exactly one decision, in order.
         """
         drop_processor_sizes(processor_sizes)
+        image_inputs = {"pixel_values": pixel_values}
+        if self.is_composed:
+            image_inputs.update({name: processor_sizes.pop(name) for name in IMAGE_INPUTS[1:] if name in processor_sizes})
+            for name in TOKEN_TYPE_INPUTS:
+                processor_sizes.pop(name, None)
         if processor_sizes:
             raise TypeError(f"decide_targets got unexpected arguments: {sorted(processor_sizes)}")
         if sam_pixel_values is None and sam_image_embeddings is None:
@@ -900,6 +1035,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         bounds = [[shared, *positions.tolist()] for positions in slots]
         seen = torch.full((len(rows),), shared, dtype=torch.long, device=input_ids.device)
         full_mask = input_ids.new_ones((len(rows), shared))
+        full_ids = input_ids.new_zeros((len(rows), shared))
         slot_states = [[] for _ in rows]
         slot_logits = [[] for _ in rows]
         for step in range(count):
@@ -914,15 +1050,28 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 # Left-aligned padding inside the chunk: every row's deciding state is the last position.
                 ids[row, width - len(chunk) :] = chunk
                 mask[row, width - len(chunk) :] = 1
-            positions = (seen[:, None] + mask.cumsum(-1) - 1).clamp_min(0)
             full_mask = torch.cat([full_mask, mask], dim=1)
-            output = self.get_decoder()(
-                inputs_embeds=self.embed_inputs(ids, pixel_values if step == 0 else None),
-                attention_mask=full_mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-            )
+            if self.is_composed:
+                # Through the VLM's own forward: the image with the first chunk, positions of the whole sequence so
+                # far (M-RoPE included) cut to the chunk.
+                full_ids = torch.cat([full_ids, ids], dim=1)
+                first = {**image_inputs, **self.model.image_token_types(ids)} if step == 0 else {}
+                output = self.model(
+                    input_ids=ids,
+                    attention_mask=full_mask,
+                    position_ids=self.model.position_ids(full_ids, full_mask, **image_inputs)[..., -width:],
+                    cache=cache,
+                    use_cache=True,
+                    **first,
+                )
+            else:
+                output = self.get_decoder()(
+                    inputs_embeds=self.embed_inputs(ids, pixel_values if step == 0 else None),
+                    attention_mask=full_mask,
+                    position_ids=(seen[:, None] + mask.cumsum(-1) - 1).clamp_min(0),
+                    cache=cache,
+                    use_cache=True,
+                )
             cache, seen = output.cache, seen + mask.sum(-1)
             last = output.last_hidden_state[:, -1]
             logits = self.get_output_embeddings()(last)

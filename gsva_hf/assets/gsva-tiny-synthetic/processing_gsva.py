@@ -298,6 +298,56 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Composed VLMs: how each family's processor writes an image into the text
+# --------------------------------------------------------------------------------------------------------------
+# Per VLM family (its `model_type`): the token its chat template writes for an image ("marker"), the rule that
+# expands it per image, and the per-token image flags its forward reads. The expansion is text with special tokens
+# in it, tokenized together with the template's neighbouring text, as the family's own processor does.
+VLM_FAMILIES = {
+    "qwen2_vl": {"marker": "<|image_pad|>", "expand": "grid", "token_types": "mm_token_type_ids"},
+    "qwen2_5_vl": {"marker": "<|image_pad|>", "expand": "grid", "token_types": "mm_token_type_ids"},
+    "qwen3_vl": {"marker": "<|image_pad|>", "expand": "grid", "token_types": "mm_token_type_ids"},
+    "llava": {"marker": "<image>", "expand": "fixed"},
+    "gemma3": {"marker": "<start_of_image>", "expand": "gemma3", "token_types": "token_type_ids"},
+    "idefics3": {"marker": "<image>", "expand": "tiles"},
+    "smolvlm": {"marker": "<image>", "expand": "tiles"},
+}
+
+
+def image_expansion(family: str, image_token: str, image_inputs: dict, index: int, image_seq_length, processor) -> str:
+    """The text (special tokens included) that image `index` becomes in a `family` prompt, from its image
+    processor's outputs: Qwen's patch grid merged `merge_size`², a fixed count (LLaVA), Gemma 3's block between its
+    image boundary tokens, or Idefics3/SmolVLM's tiles (one block per crop, a line per row, then the global image)."""
+    rule = VLM_FAMILIES[family]["expand"]
+    if rule == "grid":
+        merge = int(getattr(processor, "merge_size", 2))
+        return image_token * (int(image_inputs["image_grid_thw"][index].prod()) // merge**2)
+    if rule == "fixed":
+        return image_token * int(image_seq_length)
+    if rule == "gemma3":
+        return f"\n\n<start_of_image>{image_token * int(image_seq_length)}<end_of_image>\n\n"
+    # Per sample, a list over its images (one here).
+    rows, cols = (_first(image_inputs[name][index]) for name in ("rows", "cols"))
+    block = image_token * int(image_seq_length)
+    global_image = f"<fake_token_around_image><global-img>{block}<fake_token_around_image>"
+    if rows == 0 and cols == 0:
+        return global_image
+    tiles = "".join(
+        "".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{block}" for c in range(cols)) + "\n"
+        for r in range(rows)
+    )
+    return f"{tiles}\n{global_image}"
+
+
+def _first(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+# Image-processor outputs that describe the expansion, not model inputs (the families' own processors drop them too).
+EXPANSION_ONLY_OUTPUTS = ("rows", "cols", "num_crops")
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Processor
 # --------------------------------------------------------------------------------------------------------------
 class GSVAProcessor(ProcessorMixin):
@@ -310,6 +360,11 @@ class GSVAProcessor(ProcessorMixin):
     image_token (`str`, defaults to `"<image>"`): vocabulary token repeated `num_image_tokens` times per image.
     num_image_tokens (`int`, defaults to 256): visual tokens per image (CLIP patches without CLS).
     use_im_start_end (`bool`, defaults to True): wrap the image in `<im_start>`/`<im_end>` as GSVA does.
+    backbone (`str`, optional): for a composed GSVA, the VLM's model type (a key of `VLM_FAMILIES`); the image
+        processor, tokenizer and chat template are then the VLM's own and each image is expanded by its family's
+        rule. None: LLaVA v1's layout, as GSVA released it.
+    image_seq_length (`int`, optional): tokens per image (LLaVA-1.5, Gemma 3) or per crop (Idefics3, SmolVLM) of
+        a composed VLM.
     """
 
     def __init__(
@@ -322,8 +377,21 @@ class GSVAProcessor(ProcessorMixin):
         num_image_tokens: int = 256,
         use_im_start_end: bool = True,
         chat_template=None,
+        backbone: str | None = None,
+        image_seq_length: int | None = None,
         **kwargs,
     ):
+        if backbone is not None:
+            if backbone not in VLM_FAMILIES:
+                raise ValueError(
+                    f"backbone {backbone!r} is not a VLM family GSVAProcessor knows how to prompt; known: "
+                    f"{', '.join(sorted(VLM_FAMILIES))}"
+                )
+            if chat_template is None:
+                raise ValueError(f"a composed GSVAProcessor needs the VLM's chat template (backbone {backbone!r})")
+            use_im_start_end = False
+        self.backbone = backbone
+        self.image_seq_length = None if image_seq_length is None else int(image_seq_length)
         if chat_template is None:
             # A folder saved before chat templates has none: the format named by `conv_template` gives the same ids.
             chat_template = gsva_chat_template(conv_template, image_token, use_im_start_end)
@@ -378,13 +446,10 @@ class GSVAProcessor(ProcessorMixin):
     def _check_special_tokens(self) -> dict[str, int]:
         """Each GSVA token must be in the vocabulary and encode to exactly one id (LISA's Llama-2 `[SEG]` bug)."""
         ids = {}
-        for name, token in (
-            ("seg_token_id", SEG_TOKEN),
-            ("rej_token_id", REJ_TOKEN),
-            ("im_start_token_id", IM_START_TOKEN),
-            ("im_end_token_id", IM_END_TOKEN),
-            ("image_token_id", self.image_token),
-        ):
+        named = [("seg_token_id", SEG_TOKEN), ("rej_token_id", REJ_TOKEN)]
+        if self.backbone is None:
+            named += [("im_start_token_id", IM_START_TOKEN), ("im_end_token_id", IM_END_TOKEN)]
+        for name, token in named + [("image_token_id", self.image_token)]:
             encoded = self.tokenizer.encode(token, add_special_tokens=False)
             if len(encoded) != 1 or token not in self.tokenizer.get_vocab():
                 raise ValueError(
@@ -404,16 +469,23 @@ class GSVAProcessor(ProcessorMixin):
 
     def check_config(self, config: GSVAConfig) -> None:
         """Raise if the model config's token ids or image-token count disagree with this processor."""
+        if (config.backbone_type == "llava_v1") != (self.backbone is None) or (
+            self.backbone is not None and self.backbone != config.backbone_type
+        ):
+            raise ValueError(
+                f"the model's backbone is {config.backbone_type!r} but this processor prompts "
+                f"{self.backbone or 'llava_v1'!r}; load the processor saved with the model"
+            )
         wrong = {name: (getattr(config, name), value) for name, value in self.token_ids.items() if getattr(config, name) != value}
         if wrong:
             detail = ", ".join(f"{n}: config {c} vs tokenizer {t}" for n, (c, t) in wrong.items())
             raise ValueError(f"model config and tokenizer disagree on token ids ({detail})")
-        if config.num_image_tokens != self.num_image_tokens:
+        if self.backbone is None and config.num_image_tokens != self.num_image_tokens:
             raise ValueError(
                 f"model makes {config.num_image_tokens} visual tokens per image but the processor inserts "
                 f"{self.num_image_tokens} image tokens"
             )
-        vocab = config.text_config.vocab_size
+        vocab = config.get_text_config().vocab_size
         if len(self.tokenizer) > vocab:
             raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary has {vocab} rows")
 
@@ -470,8 +542,17 @@ class GSVAProcessor(ProcessorMixin):
         template = self._chat_template(chat_template)
         tokenizer = self.tokenizer
         variables = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token, tokenizer.pad_token)
-        skeleton = _template_pieces(template, structure, bool(add_generation_prompt), variables, self.image_token)
+        marker, markers = self.image_token, ()
+        if self.backbone is not None:
+            marker, markers = VLM_FAMILIES[self.backbone]["marker"], self._special_token_texts()
+        skeleton = _template_pieces(template, structure, bool(add_generation_prompt), variables, marker, markers)
         return [values[value] if kind == "content" else (kind, value) for kind, value in skeleton]
+
+    def _special_token_texts(self) -> tuple[str, ...]:
+        """Every special token of a composed VLM's tokenizer (`<|im_start|>`, `<start_of_turn>`, ...): the template's
+        own text is split on them, so each becomes its one id and never meets typed text."""
+        texts = {token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special}
+        return tuple(sorted(texts - {SEG_TOKEN, REJ_TOKEN}))
 
     def _chat_template(self, chat_template: str | None = None) -> str:
         """The template to render: `chat_template` (a template, or the name of one of this processor's), else this
@@ -497,10 +578,12 @@ class GSVAProcessor(ProcessorMixin):
             return self.render_messages(conversation, add_generation_prompt, chat_template)
         return self.render(conversation)
 
-    def _plan_conversation(self, pieces: list[tuple[str, str]]) -> list[tuple]:
+    def _plan_conversation(self, pieces: list[tuple[str, str]], image_text: str | None = None) -> list[tuple]:
         """A conversation's pieces as a list of steps: ("text", chunk, answer character spans) for the text between
-        special tokens, ("token", id, label) and ("eos",), whose label depends on whether an answer precedes it.
-        The tokenizer's bos opens it (as the tokenizer would add it), unless the template writes one first."""
+        special tokens, ("token", id, label) and ("eos", id), whose label depends on whether an answer precedes it.
+        The tokenizer's bos opens it (as the tokenizer would add it), unless the template writes one first.
+        A composed VLM's image is `image_text` (`image_expansion`): its text joins the template's neighbouring text,
+        its special tokens are tokens; the special token that closes an answer (the turn's end) is trained on."""
         bos = self.tokenizer.bos_token_id
         opened = bool(pieces) and pieces[0] == ("special", "bos")
         plan: list[tuple] = [] if bos is None or opened else [("token", bos, IGNORE_INDEX)]
@@ -512,7 +595,11 @@ class GSVAProcessor(ProcessorMixin):
                 plan.append(("text", chunk, spans))
             chunk, spans = "", []
 
+        composed = self.backbone is not None
+        special_texts = self._special_token_texts() if composed else ()
+        after_answer = False
         for kind, value in pieces:
+            closes_answer, after_answer = after_answer, kind == "answer"
             if kind == "text":
                 chunk += value
             elif kind == "answer":
@@ -526,10 +613,21 @@ class GSVAProcessor(ProcessorMixin):
                         chunk += part
             else:
                 flush()
-                if kind == "image":
+                if kind == "image" and composed:
+                    if image_text is None:
+                        raise ValueError("a composed VLM's conversation needs its image to be encoded")
+                    for part in _split_on(image_text, special_texts):
+                        if part in special_texts:
+                            flush()
+                            plan.append(("token", self.tokenizer.convert_tokens_to_ids(part), IGNORE_INDEX))
+                        else:
+                            chunk += part
+                elif kind == "image":
                     plan += [("token", self.token_ids["image_token_id"], IGNORE_INDEX)] * self.num_image_tokens
                 elif value == "eos":
-                    plan.append(("eos",))
+                    plan.append(("eos", self.tokenizer.eos_token_id))
+                elif composed and closes_answer:
+                    plan.append(("eos", self.tokenizer.convert_tokens_to_ids(value)))
                 elif value == "bos":
                     plan.append(("token", bos, IGNORE_INDEX))
                 else:
@@ -538,7 +636,11 @@ class GSVAProcessor(ProcessorMixin):
         return plan
 
     def encode_conversations(
-        self, conversations: list, add_generation_prompt: bool | None = None, chat_template: str | None = None
+        self,
+        conversations: list,
+        add_generation_prompt: bool | None = None,
+        chat_template: str | None = None,
+        image_texts: list[str] | None = None,
     ) -> list[tuple[list[int], list[int]]]:
         """Token ids and labels (answers and their end-of-turn token only) for each conversation, given as
         `(question, answer)` rounds or as chat messages (`render_messages`).
@@ -547,9 +649,10 @@ class GSVAProcessor(ProcessorMixin):
         chunks of all conversations in one tokenizer call; `[SEG]`/`[REJ]` in answers become their tokens, while
         questions never produce special tokens.
         """
+        image_texts = image_texts or [None] * len(conversations)
         plans = [
-            self._plan_conversation(self._conversation_pieces(conversation, add_generation_prompt, chat_template))
-            for conversation in conversations
+            self._plan_conversation(self._conversation_pieces(conversation, add_generation_prompt, chat_template), text)
+            for conversation, text in zip(conversations, image_texts)
         ]
         texts = [step[1] for plan in plans for step in plan if step[0] == "text"]
         encodings = iter([])
@@ -558,7 +661,6 @@ class GSVAProcessor(ProcessorMixin):
                 texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
             )
             encodings = iter(zip(batch["input_ids"], batch["offset_mapping"]))
-        eos = self.tokenizer.eos_token_id
         encoded = []
         for plan in plans:
             ids: list[int] = []
@@ -574,8 +676,8 @@ class GSVAProcessor(ProcessorMixin):
                     ids.append(step[1])
                     labels.append(step[2])
                 else:
-                    ids.append(eos)
-                    labels.append(eos if _previous_is_answer(labels) else IGNORE_INDEX)
+                    ids.append(step[1])
+                    labels.append(step[1] if _previous_is_answer(labels) else IGNORE_INDEX)
             encoded.append((ids, labels))
         return encoded
 
@@ -711,7 +813,10 @@ class GSVAProcessor(ProcessorMixin):
         pil_images = [load_image(image) for image in image_list]
         self._check_aspect_ratios(pil_images)
 
-        encoded = self.encode_conversations(conversations)
+        image_texts, image_inputs = None, None
+        if self.backbone is not None:
+            image_inputs, image_texts = self._composed_images(pil_images)
+        encoded = self.encode_conversations(conversations, image_texts=image_texts)
         with_labels = all(_ends_with_answer(conversation) for conversation in conversations)
         if padding_side is None:
             padding_side = "right" if with_labels else "left"
@@ -720,8 +825,9 @@ class GSVAProcessor(ProcessorMixin):
         limit = max_length if max_length is not None else getattr(self.tokenizer, "model_max_length", None)
         for row, (ids, _) in enumerate(encoded):
             if limit is not None and limit < 10**9 and len(ids) > limit:
+                images = ids.count(self.token_ids["image_token_id"])
                 raise ValueError(
-                    f"conversation {row} is {len(ids)} tokens long (with {self.num_image_tokens} image tokens), "
+                    f"conversation {row} is {len(ids)} tokens long (with {images} image tokens), "
                     f"more than the limit of {limit}; shorten the text or raise max_length"
                 )
         input_ids, attention_mask, labels = self._pad_rows(encoded, padding_side)
@@ -729,12 +835,34 @@ class GSVAProcessor(ProcessorMixin):
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
         if with_labels and targets is None:
             data["labels"] = labels
-        data["pixel_values"] = self.image_processor(pil_images, return_tensors="pt")["pixel_values"]
+        if image_inputs is None:
+            data["pixel_values"] = self.image_processor(pil_images, return_tensors="pt")["pixel_values"]
+        else:
+            data.update(image_inputs)
+            token_types = VLM_FAMILIES[self.backbone].get("token_types")
+            if token_types:
+                data[token_types] = (input_ids == self.token_ids["image_token_id"]).long()
         sam = self.sam_image_processor(pil_images, return_tensors="pt")
         data["sam_pixel_values"] = sam["pixel_values"]
-        data["original_sizes"] = torch.as_tensor(sam["original_sizes"], dtype=torch.long)
-        data["reshaped_input_sizes"] = torch.as_tensor(sam["reshaped_input_sizes"], dtype=torch.long)
+        side, square = self.mask_input()
+        sizes = [(image.height, image.width) for image in pil_images]
+        data["original_sizes"] = torch.as_tensor(sizes, dtype=torch.long)
+        data["reshaped_input_sizes"] = torch.as_tensor([mask_input_size(size, side, square) for size in sizes], dtype=torch.long)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _composed_images(self, images: list[Image.Image]) -> tuple[dict, list[str]]:
+        """A composed VLM's image inputs (its image processor's outputs the model reads) and, per image, the text its
+        placeholder becomes (`image_expansion`)."""
+        tiles = VLM_FAMILIES[self.backbone]["expand"] == "tiles"
+        extra = {"return_row_col_info": True} if tiles else {}
+        # Tile families batch images per sample: one sample, one image each.
+        outputs = self.image_processor([[image] for image in images] if tiles else images, return_tensors="pt", **extra)
+        texts = [
+            image_expansion(self.backbone, self.image_token, outputs, index, self.image_seq_length, self.image_processor)
+            for index in range(len(images))
+        ]
+        inputs = {name: value for name, value in outputs.items() if name not in EXPANSION_ONLY_OUTPUTS}
+        return inputs, texts
 
     def _check_aspect_ratios(self, images: list[Image.Image]) -> None:
         """SAM resizes the long side to its `longest_edge`; beyond 2 * longest_edge : 1 the short side would round
@@ -811,8 +939,22 @@ class GSVAProcessor(ProcessorMixin):
         return phrases
 
     def sam_longest_edge(self) -> int:
-        """The long side SAM's image processor resizes images to (its `size["longest_edge"]`)."""
-        return int(self.sam_image_processor.size["longest_edge"])
+        """The long side the mask decoder's image processor resizes images to (SAM's `size["longest_edge"]`, the
+        square's side for SAM 2)."""
+        return self.mask_input()[0]
+
+    def mask_input(self) -> tuple[int, bool]:
+        """(side, square) of the mask decoder's input: SAM's processor resizes the longest side to `side` and pads
+        (`size["longest_edge"]`); SAM 2's resizes the whole image to a `side` square (`size["height"]`)."""
+        size = self.sam_image_processor.size
+        if size.get("longest_edge"):
+            return int(size["longest_edge"]), False
+        if size.get("height") and size.get("height") == size.get("width"):
+            return int(size["height"]), True
+        raise ValueError(
+            f"the mask decoder's image processor has size {dict(size)}; expected {{'longest_edge': n}} (SAM) or a "
+            "square {'height': n, 'width': n} (SAM 2)"
+        )
 
     def post_process_masks(
         self, masks: torch.Tensor, original_sizes, reshaped_input_sizes, slot_mask: torch.Tensor | None = None
@@ -833,8 +975,10 @@ class GSVAProcessor(ProcessorMixin):
                 f"{len(original_sizes)} original_sizes and {len(reshaped_input_sizes)} reshaped_input_sizes; "
                 "give one per image"
             )
-        pad_size = int(self.sam_image_processor.pad_size["height"])
-        return upscale_slot_masks(masks, slot_mask, _size_list(original_sizes), _size_list(reshaped_input_sizes), pad_size)
+        side, square = self.mask_input()
+        return upscale_slot_masks(
+            masks, slot_mask, _size_list(original_sizes), _size_list(reshaped_input_sizes), side, square
+        )
 
     def post_process_instance_segmentation(
         self,
@@ -875,8 +1019,8 @@ class GSVAProcessor(ProcessorMixin):
             raise ValueError("target-mode outputs need `targets`, the phrases asked per image")
         if from_targets and len(targets) != rows:
             raise ValueError(f"got {len(targets)} target lists for {rows} images")
-        longest = self.sam_longest_edge()
-        reshaped = [sam_reshaped_size(size, longest) for size in sizes]
+        side, square = self.mask_input()
+        reshaped = [mask_input_size(size, side, square) for size in sizes]
         seg_logits = self.post_process_masks(outputs["pred_masks"], sizes, reshaped, slot_mask=outputs["slot_is_seg"])
         results = []
         for row in range(rows):
@@ -933,9 +1077,16 @@ def sam_reshaped_size(size, longest_edge: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def upscale_mask_logits(low_res: torch.Tensor, input_size, output_size, pad_size: int) -> torch.Tensor:
+def mask_input_size(size, side: int, square: bool) -> tuple[int, int]:
+    """The (height, width) the mask decoder's image processor resizes an image of `size` to: a `side` square (SAM 2,
+    EdgeTAM) or SAM's longest side `side` (`sam_reshaped_size`)."""
+    return (int(side), int(side)) if square else sam_reshaped_size(size, side)
+
+
+def upscale_mask_logits(low_res: torch.Tensor, input_size, output_size, pad_size: int, square: bool = False) -> torch.Tensor:
     """SAM's mask post-processing: upsample `[n, h, w]` to the padded input, crop the resized image (`input_size`),
-    resize to `output_size`; float32.
+    resize to `output_size`; float32. `square` (SAM 2's rule, whose input is the whole image resized to a square):
+    one bilinear resize of the low-resolution logits to `output_size`.
 
     Only the low-resolution rows and columns that the crop keeps are upsampled. With an integer ratio r,
     bilinear upsampling (align_corners=False) reads output pixel i from input position (i + 0.5) / r - 0.5
@@ -943,6 +1094,9 @@ def upscale_mask_logits(low_res: torch.Tensor, input_size, output_size, pad_size
     """
     height, width = int(input_size[0]), int(input_size[1])
     logits = low_res[:, None].float()
+    if square:
+        output = tuple(int(v) for v in output_size)
+        return F.interpolate(logits, output, mode="bilinear", align_corners=False)[:, 0]
     ratio = pad_size // logits.shape[-1]
     if ratio * logits.shape[-1] == pad_size and logits.shape[-2] == logits.shape[-1]:
         # Output row i < height interpolates input rows floor((i + 0.5) / r - 0.5) and the next: < ceil(h / r) + 1.
@@ -958,7 +1112,7 @@ def upscale_mask_logits(low_res: torch.Tensor, input_size, output_size, pad_size
 
 
 def upscale_slot_masks(
-    masks: torch.Tensor, keep: torch.Tensor, output_sizes, input_sizes, pad_size: int
+    masks: torch.Tensor, keep: torch.Tensor, output_sizes, input_sizes, pad_size: int, square: bool = False
 ) -> list[torch.Tensor]:
     """`upscale_mask_logits` for the slots `keep` `[B, S]` of `masks` `[B, S, h, w]`: per row `[k_i, H_i, W_i]`.
 
@@ -973,7 +1127,7 @@ def upscale_slot_masks(
         if selected.shape[0] == 0:
             upsampled = masks.new_zeros((0, *key[2:]), dtype=torch.float32)
         else:
-            upsampled = upscale_mask_logits(selected, key[:2], key[2:], pad_size)
+            upsampled = upscale_mask_logits(selected, key[:2], key[2:], pad_size, square)
         for row, part in zip(members, upsampled.split([counts[row] for row in members])):
             out[row] = part
     return out
@@ -1052,6 +1206,14 @@ def _strip_template_words(text: str) -> str:
     return phrase.strip(" ,.:")
 
 
+def _split_on(text: str, tokens: tuple[str, ...]) -> list[str]:
+    """`text` cut before and after each occurrence of `tokens` (longest first), empty parts dropped."""
+    if not tokens:
+        return [text] if text else []
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")"
+    return [part for part in re.split(pattern, text) if part]
+
+
 def _previous_is_answer(labels: list[int]) -> bool:
     return bool(labels) and labels[-1] != IGNORE_INDEX
 
@@ -1124,12 +1286,15 @@ _PLACEHOLDER = " \ue000{}aZ\ue001 "
 
 
 @lru_cache(maxsize=256)
-def _template_pieces(template: str, structure: tuple, add_generation_prompt: bool, variables: tuple, image_token: str):
+def _template_pieces(
+    template: str, structure: tuple, add_generation_prompt: bool, variables: tuple, image_token: str, markers: tuple = ()
+):
     """What `template` writes for a conversation of this structure, as pieces with ("content", n) in place of the
     n-th text item. Depends on no text, so one rendering serves every conversation of a batch.
 
     variables: the tokenizer's bos, eos, unk and pad tokens (`bos_token`... in the template); bos, eos,
-    `<im_start>`, `<im_end>` and `image_token` are the markers the template's own text is split on."""
+    `<im_start>`, `<im_end>`, `image_token` and `markers` (a composed VLM's special tokens) are the markers the
+    template's own text is split on."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     messages, count = [], 0
@@ -1157,6 +1322,7 @@ def _template_pieces(template: str, structure: tuple, add_generation_prompt: boo
     rendered, spans = rendered[0], generation[0] if tracked else []
     bos, eos = variables[:2]
     names = {IM_START_TOKEN: ("special", IM_START_TOKEN), IM_END_TOKEN: ("special", IM_END_TOKEN)}
+    names.update({marker: ("special", marker) for marker in markers})
     names[image_token] = ("image", image_token)
     names.update({token: ("special", name) for token, name in ((bos, "bos"), (eos, "eos")) if token})
     placeholders = [_PLACEHOLDER.format(n) for n in range(count)]
