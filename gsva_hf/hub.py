@@ -232,6 +232,8 @@ def usage_snippet(repo_id: str, targets: list[str], with_example: bool, syntheti
 
 
 def model_details(config: dict, parameters: int, dtype: str, training_data: str = "not stated") -> str:
+    if config.get("vlm_config"):
+        return composed_details(config, parameters, dtype, training_data)
     text, vision = config.get("text_config", {}), config.get("vision_config", {})
     sam_vision = config.get("sam_config", {}).get("vision_config", {})
     rows = [
@@ -254,6 +256,21 @@ def model_details(config: dict, parameters: int, dtype: str, training_data: str 
             f"SAM, image encoder {sam_vision.get('num_hidden_layers', '?')} layers / hidden "
             f"{sam_vision.get('hidden_size', '?')}, {sam_vision.get('image_size', '?')} px",
         ),
+        ("`[SEG]` / `[REJ]` ids", f"{config.get('seg_token_id', '?')} / {config.get('rej_token_id', '?')}"),
+    ]
+    return "\n".join(["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
+
+
+def composed_details(config: dict, parameters: int, dtype: str, training_data: str) -> str:
+    """The card's table for GSVA composed on a transformers VLM (`gsva-compose`): the two parts' own types."""
+    vlm, sam = config["vlm_config"], config.get("sam_config", {})
+    text = vlm.get("text_config", {})
+    rows = [
+        ("Parameters", f"{parameters:,} ({size_words(parameters)})"),
+        ("Training data", training_data),
+        ("Weights dtype", dtype),
+        ("Vision-language model", f"{vlm.get('model_type', '?')} (transformers), language model {text.get('num_hidden_layers', '?')} layers, hidden {text.get('hidden_size', '?')}, vocabulary {text.get('vocab_size', '?')}"),
+        ("Mask decoder", f"{sam.get('model_type', '?')} (transformers), prompt width {config.get('out_dim', '?')}"),
         ("`[SEG]` / `[REJ]` ids", f"{config.get('seg_token_id', '?')} / {config.get('rej_token_id', '?')}"),
     ]
     return "\n".join(["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])

@@ -234,6 +234,9 @@ def check_weights_match_config(folder: str | Path, config) -> None:
     groups: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(tensor), []).append(name)
+    if model.is_composed:
+        _check_composed_sizes(folder, saved, model, groups)
+        return
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict(keep_vars=True).items()}
     info = {
         "missing_keys": [names[0] for names in groups.values() if not any(n in saved for n in names)],
@@ -245,6 +248,22 @@ def check_weights_match_config(folder: str | Path, config) -> None:
         ],
     }
     check_loading_info(str(folder), info)
+
+
+def _check_composed_sizes(folder: Path, saved: dict, model, groups: dict) -> None:
+    """A composed VLM's checkpoint names follow its family's own saved layout (transformers converts them on
+    loading), so before loading only the sizes are compared: as many tensors and elements as the config builds.
+    Names are then checked by `check_loading_info` on what `from_pretrained` reports."""
+    state = model.state_dict(keep_vars=True)
+    expected = sorted(tuple(state[names[0]].shape) for names in groups.values())
+    found = sorted(shape for shape, _ in saved.values())
+    if expected != found:
+        count = lambda shapes: sum(int(torch.Size(shape).numel()) for shape in shapes)  # noqa: E731
+        raise IncompleteCheckpointError(
+            f"{folder}: the checkpoint does not match the GSVA model its config.json builds: it holds {len(found)} "
+            f"tensors ({count(found):,} values) where the config builds {len(expected)} ({count(expected):,}); "
+            "re-compose the folder (gsva-compose) or fix config.json"
+        )
 
 
 def check_gsva_folder(folder: str | Path) -> None:

@@ -24,21 +24,25 @@ from .export import give_umask_mode
 from .loading import NonFiniteError, check_finite_weights
 
 FULLY_TRAINED = ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")
+# Module names per flag; a composed VLM names its vision tower `visual` (Qwen-VL, projector inside) or
+# `vision_model` (Idefics3, SmolVLM) and its projector `connector` (Idefics3, SmolVLM).
 OPTIONAL_MODULES = {
-    "train_vision_tower": "vision_tower",
-    "train_projector": "multi_modal_projector",
-    "train_sam_encoder": "vision_encoder",
-    "train_prompt_encoder": "prompt_encoder",
+    "train_vision_tower": ("vision_tower", "visual", "vision_model"),
+    "train_projector": ("multi_modal_projector", "connector"),
+    "train_sam_encoder": ("vision_encoder",),
+    "train_prompt_encoder": ("prompt_encoder",),
 }
 
 
 def lora_target_regex(target_modules: list[str] | str) -> str:
-    """Regex selecting only the LLM's projections: a plain list would also hit CLIP's and SAM's q/v_proj."""
+    """Regex selecting only the LLM's projections: a plain list would also hit CLIP's and SAM's q/v_proj (and a
+    composed VLM's vision tower). The LLM is `language_model` (LLaVA, Qwen-VL, Gemma 3) or `text_model` (Idefics3,
+    SmolVLM)."""
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     names = [n.strip() for part in names for n in part.split(",") if n.strip()]
     if not names:
         raise ValueError("lora_target_modules is empty; give module names such as q_proj,v_proj")
-    return r".*language_model\..*\.(" + "|".join(re.escape(n) for n in names) + r")"
+    return r".*(language_model|text_model)\..*\.(" + "|".join(re.escape(n) for n in names) + r")"
 
 
 def prepare_for_training(
@@ -63,7 +67,7 @@ def prepare_for_training(
         "train_sam_encoder": train_sam_encoder,
         "train_prompt_encoder": train_prompt_encoder,
     }
-    full_modules = list(FULLY_TRAINED) + [OPTIONAL_MODULES[f] for f, on in flags.items() if on]
+    full_modules = list(FULLY_TRAINED) + [name for f, on in flags.items() if on for name in OPTIONAL_MODULES[f]]
     model.requires_grad_(False)
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -82,7 +86,7 @@ def prepare_for_training(
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
             return get_peft_model(model, config)
     if lora_r < 0:
-        full_modules.append("language_model")
+        full_modules += ["language_model", "text_model"]
     for name, parameter in model.named_parameters():
         if any(f".{module}." in f".{name}" for module in full_modules):
             parameter.requires_grad_(True)

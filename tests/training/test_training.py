@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,11 @@ def test_lora_zero_and_full_llm_switches(tiny_config):
     full_llm = prepare_for_training(GSVAForCausalLM(tiny_config), lora_r=-1, train_sam_encoder=True)
     names = trainable_parameter_names(full_llm)
     assert "model.language_model.layers.0.mlp.up_proj.weight" in names and any(n.startswith("model.sam.vision_encoder.") for n in names)
-    assert lora_target_regex("q_proj, v_proj") == r".*language_model\..*\.(q_proj|v_proj)"
+    pattern = re.compile(lora_target_regex("q_proj, v_proj"))
+    assert pattern.fullmatch("base_model.model.model.language_model.layers.0.self_attn.q_proj")
+    assert pattern.fullmatch("model.vlm.model.text_model.layers.1.self_attn.v_proj")
+    assert not pattern.fullmatch("model.vlm.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+    assert not pattern.fullmatch("model.language_model.layers.0.self_attn.k_proj")
 
 
 def test_a_config_only_preset_is_drawn_on_the_asked_device():

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -241,6 +241,12 @@ class GSVAPreTrainedModel(PreTrainedModel):
         """transformers' loader, with `_legacy_key_mapping` as `key_mapping` when none is given; the renames are
         forgotten after loading, so `save_pretrained` writes the current layout."""
         legacy = "key_mapping" not in kwargs and bool(cls._legacy_key_mapping)
+        if legacy and args and not isinstance(kwargs.get("config"), PreTrainedConfig):
+            # Only LLaVA v1's layout had a 0.1 release; a composed VLM's checkpoint keeps its own key conversions.
+            hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
+            kwargs["config"] = cls.config_class.from_pretrained(args[0], **hub)
+        if legacy and getattr(kwargs.get("config"), "vlm_config", None) is not None:
+            legacy = False
         if legacy:
             kwargs["key_mapping"] = dict(cls._legacy_key_mapping)
         loaded = super().from_pretrained(*args, **kwargs)
@@ -477,32 +483,7 @@ class GSVAModel(GSVAPreTrainedModel):
         the decoder's last hidden states out. The processor's sizes are accepted and ignored.
         """
         drop_processor_sizes(kwargs)
-        if self.is_composed:
-            outputs = self.vlm.model(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-                return_dict=True,
-                **kwargs,
-            )
-            return GSVAModelOutputWithPast(
-                last_hidden_state=outputs.last_hidden_state,
-                cache=outputs.cache if use_cache is not False else None,
-                hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions,
-            )
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
+        common = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -512,6 +493,14 @@ class GSVAModel(GSVAPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+        if self.is_composed:
+            outputs = self.vlm.model(input_ids=input_ids, inputs_embeds=inputs_embeds, pixel_values=pixel_values, **common)
+        else:
+            if inputs_embeds is None:
+                if input_ids is None:
+                    raise ValueError("forward needs input_ids or inputs_embeds")
+                inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            outputs = self.language_model(inputs_embeds=inputs_embeds, **common)
         return GSVAModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             cache=outputs.cache if use_cache is not False else None,

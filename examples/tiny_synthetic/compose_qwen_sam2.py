@@ -1,0 +1,71 @@
+"""The tiny Qwen2.5-VL + SAM 2 GSVA of the learning curve in BENCHMARKS.md, from random weights.
+
+  python examples/tiny_synthetic/compose_qwen_sam2.py outputs/qwen-sam2-tiny
+
+Sizes follow the bundled LLaVA-v1 model where the families allow (language model 2 layers of width 128 with 16 heads,
+a 2-block vision tower, the mask decoder at 128 px with 64-wide prompts); the tokenizer is the synthetic task's, with
+Qwen's special tokens. The two parts are saved as Hub-like folders and composed with `gsva-compose`'s function.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2VLImageProcessorPil
+
+from gsva_hf.compose import compose_gsva
+from gsva_hf.tiny_parts import _sam2_image_processor_dict, tiny_mask_decoder_config, tiny_tokenizer
+
+WIDTH, HEADS = 128, 16
+
+
+def qwen_config(tokenizer):
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+    )}  # fmt: skip
+    text = dict(
+        hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=WIDTH, patch_size=14,
+                  window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    return AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision, **ids)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", help="folder of the composed GSVA")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    parts = Path(args.output).with_name(Path(args.output).name + "-parts")
+    tokenizer = tiny_tokenizer("qwen2_5_vl")
+    torch.manual_seed(args.seed)
+    vlm = AutoModelForImageTextToText.from_config(qwen_config(tokenizer))
+    vlm.generation_config.eos_token_id = tokenizer.eos_token_id
+    vlm.generation_config.pad_token_id = tokenizer.pad_token_id
+    vlm.save_pretrained(parts / "vlm")
+    tokenizer.save_pretrained(parts / "vlm")
+    # 128 px images become a 10x10 patch grid, 25 image tokens after the 2x2 merge.
+    Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 140 * 140}, patch_size=14).save_pretrained(parts / "vlm")
+    sam_config = tiny_mask_decoder_config("sam2")
+    sam_config.prompt_encoder_config.image_size = 128
+    sam_config.prompt_encoder_config.hidden_size = 64
+    sam_config.mask_decoder_config.hidden_size = 64
+    sam_config.vision_config.fpn_hidden_size = 64
+    sam_config.vision_config.backbone_config.image_size = [128, 128]
+    sam_config.vision_config.backbone_feature_sizes = [[32, 32], [16, 16], [8, 8]]
+    sam = AutoModel.from_config(sam_config)
+    sam.save_pretrained(parts / "sam2")
+    settings = _sam2_image_processor_dict()
+    settings.update(size={"height": 128, "width": 128}, mask_size={"height": 32, "width": 32})
+    (parts / "sam2" / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n")
+    compose_gsva(str(parts / "vlm"), str(parts / "sam2"), args.output, seed=args.seed, overwrite=True)
+    print(f"wrote {args.output} (parts in {parts})")
+
+
+if __name__ == "__main__":
+    main()
