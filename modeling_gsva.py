@@ -900,8 +900,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         )
         if not wants_masks:
             if self.is_composed:
-                kwargs.setdefault("generation_config", self.generation_config)
-                return self.model.vlm.generate(input_ids, **kwargs)
+                return self._vlm_generate(input_ids, kwargs)
             return super().generate(input_ids, **kwargs)
         if (kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1) != 1:
             raise ValueError("masks from generate need num_beams=1 (greedy or sampling)")
@@ -917,7 +916,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                     "masks from generate on a composed VLM need num_return_sequences=1; call generate once per "
                     "sample instead"
                 )
-            out = self.model.vlm.generate(input_ids, **{"generation_config": self.generation_config, **kwargs, "use_cache": True})
+            out = self._vlm_generate(input_ids, {**kwargs, "use_cache": True})
             sequences = out.sequences
             # One pass over prompt and answer through the VLM's own forward (its positions and image handling).
             full_mask = torch.cat([attention_mask, attention_mask.new_ones(sequences[:, prompt_length:].shape)], 1)
@@ -973,6 +972,34 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         slots = self._slot_outputs(slot_states, slot_is_seg, slot_mask, slot_logits, embeddings)
         return GSVAGenerateOutput(**dict(out.items()), **slots, answer_ids=answer_ids, finished=finished)
 
+    def _vlm_generate(self, input_ids: torch.LongTensor, kwargs: dict):
+        """The composed VLM's own `generate` (its input preparation and positions) with GSVA's generation config."""
+        if kwargs.get("generation_config") is None:
+            self.model.vlm.generation_config = self.generation_config
+        return self.model.vlm.generate(input_ids, **kwargs)
+
+    def _has_sliding_window(self) -> bool:
+        """Whether a composed VLM has sliding-window attention layers (Gemma 3), which count padding inside a
+        sequence as tokens of the window."""
+        text = self.config.get_text_config()
+        return self.is_composed and "sliding_attention" in (getattr(text, "layer_types", None) or ())
+
+    def _decide_rows_apart(self, input_ids, attention_mask, image_inputs: dict, sam_pixel_values, sam_image_embeddings):
+        """`decide_targets` one row at a time, merged as one batch's output (for sliding-window VLMs, where target
+        mode's padding inside chunks would shift a padded row's window)."""
+        rows = []
+        for row in range(input_ids.shape[0]):
+            keep = attention_mask[row].bool()
+            single = split_image_inputs(image_inputs, row)
+            sam = {"sam_pixel_values": sam_pixel_values[row : row + 1]} if sam_image_embeddings is None else {
+                "sam_image_embeddings": map_embeddings(lambda e: e[row : row + 1], sam_image_embeddings)
+            }
+            rows.append(self.decide_targets(input_ids[row : row + 1, keep], attention_mask[row : row + 1, keep], **single, **sam))
+        merged = {"sequences": [seq for out in rows for seq in out.sequences]}
+        for name, fill in (("slot_is_seg", False), ("slot_mask", False), ("slot_scores", 0.0), ("pred_masks", 0.0), ("iou_scores", 0.0)):
+            merged[name] = pad_slots([out[name][0, : int(out.slot_mask.sum())] for out in rows], fill=fill)[0]
+        return GSVATargetsOutput(**merged)
+
     @torch.no_grad()
     def decide_targets(
         self,
@@ -1000,6 +1027,8 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
                 processor_sizes.pop(name, None)
         if processor_sizes:
             raise TypeError(f"decide_targets got unexpected arguments: {sorted(processor_sizes)}")
+        if input_ids.shape[0] > 1 and self._has_sliding_window():
+            return self._decide_rows_apart(input_ids, attention_mask, image_inputs, sam_pixel_values, sam_image_embeddings)
         if sam_pixel_values is None and sam_image_embeddings is None:
             raise ValueError("decide_targets needs sam_pixel_values (or sam_image_embeddings) from GSVAProcessor")
         slot_ids = self._slot_ids(input_ids.device)
@@ -1087,6 +1116,23 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
         except ImportError:
             from pipeline_gsva import segment
         return segment(self, processor, images, **kwargs)
+
+
+def split_image_inputs(image_inputs: dict, row: int) -> dict:
+    """Row `row`'s part of a composed VLM's image inputs: its `pixel_values` (Qwen's flattened patches by its grid,
+    else the row) and the row of every other input."""
+    single = {}
+    grid = image_inputs.get("image_grid_thw")
+    for name, value in image_inputs.items():
+        if value is None:
+            continue
+        if name == "pixel_values" and grid is not None:
+            counts = grid.prod(-1).tolist()
+            start = sum(counts[:row])
+            single[name] = value[start : start + counts[row]]
+        else:
+            single[name] = value[row : row + 1]
+    return single
 
 
 def drop_processor_sizes(kwargs: dict) -> None:

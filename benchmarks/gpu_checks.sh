@@ -7,7 +7,8 @@
 #   memory, the 4-bit LLM's memory when bitsandbytes imports, and free generation on a dynamic cache, a static one
 #   and a static one with torch.compile (last: it gets what is left of BUDGET).
 # CHECKS=train: the training checks (bench_train, ZeRO-2 against the plain Trainer, export, segment, DeepSpeed
-#   tests). CHECKS=all: both (over 8 minutes: raise BUDGET).
+#   tests). CHECKS=pairs (under 4 minutes): the composed pair presets (benchmarks/bench_pairs.py). CHECKS=all: all
+#   three (over 8 minutes: raise BUDGET).
 # Wheels in .whl/ (transformers, peft, deepspeed and their missing needs) are installed first when present, for a
 # machine that cannot reach a package index. Each step has its own time limit and a failing step does not stop the
 # next, and a step is cut short or skipped to keep the whole run inside BUDGET seconds; every line goes to
@@ -130,11 +131,27 @@ PY
   step deepspeed_tests 60 python3 -m pytest -q -x tests/test_training.py -k deepspeed -p no:cacheprovider
 }
 
+pair_checks() {
+  # Each pair preset of gsva_hf/pair_presets.py at its real size with random weights, built on the device in bf16:
+  # target mode per image and full-LM AdamW steps (GSVA's freezing), time and peak memory (BENCHMARKS.md section 8).
+  # One process per preset; GSVA-7B with activation checkpointing (bf16 weights + grads + AdamW states ~55 GB).
+  # EdgeTAM's row reports itself skipped where timm does not import. --tiny: the same presets shrunk, on the CPU.
+  local scale=real name extra
+  (( TINY )) && scale=tiny
+  for name in qwen2.5-vl-3b+sam2.1-hiera-l qwen3-vl-4b+sam2.1-hiera-b+ smolvlm2-2.2b+edgetam gsva-7b; do
+    extra=()
+    [[ $name == gsva-7b ]] && extra=(--checkpointing)
+    step "pairs_$name" "$(( TINY ? 40 : 60 ))" python3 benchmarks/bench_pairs.py --preset "$name" --scale "$scale" \
+      --device "$DEVICE" --dtype bfloat16 --batch 4 --steps 3 "${extra[@]}" --json "$OUT/bench_pairs_$name.json"
+  done
+}
+
 case $CHECKS in
   eval) eval_checks ;;
   train) train_checks ;;
-  all) eval_checks; train_checks ;;
-  *) echo "CHECKS must be eval, train or all, got $CHECKS"; exit 2 ;;
+  pairs) pair_checks ;;
+  all) eval_checks; train_checks; pair_checks ;;
+  *) echo "CHECKS must be eval, train, pairs or all, got $CHECKS"; exit 2 ;;
 esac
 rm -rf "$WORK"
 echo "=== total $(( $(date +%s) - T0 ))s"

@@ -152,6 +152,8 @@ def compose_gsva(
     torch_dtype = DTYPES[dtype]
     vlm_model = AutoModelForImageTextToText.from_pretrained(vlm, dtype=torch_dtype)
     sam_model = AutoModel.from_pretrained(mask_decoder, dtype=torch_dtype)
+    # The new rows are drawn around the mean of the old ones; the seed makes a composition reproducible.
+    torch.manual_seed(seed)
     if len(tokenizer) > vlm_model.get_input_embeddings().num_embeddings:
         vlm_model.resize_token_embeddings(len(tokenizer))
     if sam_config.model_type in ("sam2", "edgetam"):

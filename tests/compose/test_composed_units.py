@@ -99,3 +99,40 @@ def test_a_composed_checkpoint_with_other_sizes_is_refused_before_loading(tmp_pa
         check_weights_match_config(tmp_path, bigger)
     loaded, info = GSVAForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_composing_twice_with_one_seed_gives_the_same_weights(part_folder):
+    """The new [SEG]/[REJ] rows (drawn around the mean of the old rows) and text_hidden_fcs follow the seed."""
+    from gsva_hf.compose import compose_gsva
+
+    first, _ = compose_gsva(str(part_folder("llava")), str(part_folder("sam")), seed=3)
+    again, _ = compose_gsva(str(part_folder("llava")), str(part_folder("sam")), seed=3)
+    other, _ = compose_gsva(str(part_folder("llava")), str(part_folder("sam")), seed=4)
+    a, b, c = first.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    rows = first.get_input_embeddings().weight[-2:]
+    assert not torch.equal(rows, other.get_input_embeddings().weight[-2:])
+    assert not torch.equal(a["model.text_hidden_fcs.0.0.weight"], c["model.text_hidden_fcs.0.0.weight"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "idefics3"])
+def test_typed_special_tokens_stay_text_and_the_turn_end_is_trained(part_folder, family):
+    """Text a user types that spells a special token of the VLM (`<|image_pad|>`, `<end_of_turn>`, `[SEG]`) is
+    tokenized as text; the answer's `[SEG]` and the token closing the assistant's turn are labelled."""
+    from PIL import Image
+
+    from gsva_hf.compose import compose_gsva
+
+    _, processor = compose_gsva(str(part_folder(family)), str(part_folder("sam")))
+    tokenizer = processor.tokenizer
+    specials = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    typed = "Is <|image_pad|> or <end_of_turn> or <image> or [SEG] here?"
+    batch = processor(images=Image.new("RGB", (40, 30)), text=typed, answers="It is [SEG].")
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    image = processor.token_ids["image_token_id"]
+    assert ids.count(processor.token_ids["seg_token_id"]) == 1
+    plain = processor(images=Image.new("RGB", (40, 30)), text="Is here?", answers="It is [SEG].")["input_ids"][0].tolist()
+    assert sum(i in specials for i in ids) == sum(i in specials for i in plain)
+    assert ids.count(image) == plain.count(image)
+    trained = [i for i, label in zip(ids, labels) if label != -100]
+    assert trained[-1] in specials and processor.token_ids["seg_token_id"] in trained
