@@ -1,6 +1,6 @@
 """The tiny Qwen2.5-VL + SAM 2 GSVA of the learning curve in BENCHMARKS.md, from random weights.
 
-  python examples/tiny_synthetic/compose_qwen_sam2.py outputs/qwen-sam2-tiny
+  python examples/tiny_synthetic/compose_qwen_sam2.py outputs/qwen-sam2-tiny --lm_init_std 0.088 --vision_pretrain_steps 300
 
 Sizes follow the bundled LLaVA-v1 model where the families allow (language model 2 layers of width 128 with 16 heads,
 a 2-block vision tower, the mask decoder at 128 px with 64-wide prompts); the tokenizer is the synthetic task's, with
@@ -9,13 +9,22 @@ Qwen's special tokens. The two parts are saved as Hub-like folders and composed 
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
-from gsva_hf.compose import compose_gsva
-from gsva_hf.tiny_parts import _sam2_image_processor_dict, tiny_mask_decoder_config, tiny_tokenizer
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.tiny_synthetic.from_scratch import draw_language_model  # noqa: E402
+from examples.tiny_synthetic.vision_pretraining import pretrain_vision  # noqa: E402
+from gsva_hf.compose import compose_gsva  # noqa: E402
+from gsva_hf.export import save_folder  # noqa: E402
+from gsva_hf.metrics import strict_json  # noqa: E402
+from gsva_hf.tiny_parts import _sam2_image_processor_dict, tiny_mask_decoder_config, tiny_tokenizer  # noqa: E402
 
 WIDTH, HEADS = 128, 16
 
@@ -40,6 +49,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", help="folder of the composed GSVA")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset_dir", default="data/synthetic", help="the synthetic task, for the vision stage")
+    parser.add_argument("--vision_pretrain_steps", type=int, default=0, help="vision stage steps (0: none)")
+    parser.add_argument("--vision_pretrain_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--lm_init_std", type=float, help="redraw the language model at this std (train_tiny.py's option)")
     args = parser.parse_args(argv)
     parts = Path(args.output).with_name(Path(args.output).name + "-parts")
     tokenizer = tiny_tokenizer("qwen2_5_vl")
@@ -63,7 +76,18 @@ def main(argv=None) -> None:
     settings = _sam2_image_processor_dict()
     settings.update(size={"height": 128, "width": 128}, mask_size={"height": 32, "width": 32})
     (parts / "sam2" / "preprocessor_config.json").write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n")
-    compose_gsva(str(parts / "vlm"), str(parts / "sam2"), args.output, seed=args.seed, overwrite=True)
+    model, processor = compose_gsva(str(parts / "vlm"), str(parts / "sam2"), seed=args.seed)
+    if args.lm_init_std is not None:
+        draw_language_model(model, args.lm_init_std)
+    if args.vision_pretrain_steps:
+        # The stand-in for a pretrained vision tower, as train_tiny.py's stage gives the LLaVA-v1 preset.
+        report = pretrain_vision(
+            model, processor.image_processor, args.dataset_dir, args.vision_pretrain_steps, seed=args.seed,
+            learning_rate=args.vision_pretrain_learning_rate, target="both", log_every=250,
+        )  # fmt: skip
+        (parts / "vision_pretraining.json").write_text(strict_json(report, "vision_pretraining.json") + "\n")
+        print(f"vision stage: {report['seconds']:.0f} s (pass --clock_offset_seconds {report['seconds']:.0f} to train_tiny.py)")
+    save_folder(model, processor, args.output, "5GB")
     print(f"wrote {args.output} (parts in {parts})")
 
 

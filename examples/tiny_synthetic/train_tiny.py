@@ -55,6 +55,7 @@ class TinyArguments:
     vision_pretrain_batch_size: int = flag(32, "batch size of the vision stage")
     embedding_learning_rate: float | None = flag(None, "learning rate of the LM's input embeddings (None: learning_rate)")
     eval_at_minutes: str = flag("", "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20")
+    clock_offset_seconds: float = flag(0.0, "training seconds the model already had before this run (a vision stage run when it was built), counted by the learning curve")
 
 
 def parse_negative_kinds(text: str, flag: str) -> dict | None:
@@ -229,7 +230,7 @@ def build_tiny_run(argv=None) -> train_hf.TrainingRun:
     )  # fmt: skip
     run.recorded["tiny"] = asdict(tiny)
     if tiny.eval_at_minutes and data_args.val_dataset:
-        add_learning_curve(run, tiny, pretrain_seconds)
+        add_learning_curve(run, tiny, pretrain_seconds + tiny.clock_offset_seconds)
     return run
 
 

@@ -176,15 +176,45 @@ class ImageAndPatchLabels:
         return {**self.image.scores(logits[0]), **self.patches.scores(logits[1])}
 
 
-def patch_grid(model) -> int:
-    vision = model.config.vision_config
-    return vision.image_size // vision.patch_size
+def patch_grid(model, image_processor=None, image=None) -> int:
+    """Side of the token grid one image becomes: CLIP's patches, or a composed VLM's tokens for `image` (a task
+    image; Qwen-VL: its patch grid merged 2x2)."""
+    if not model.model.is_composed:
+        vision = model.config.vision_config
+        return vision.image_size // vision.patch_size
+    if image is None or image_processor is None:
+        raise ValueError("a composed VLM's token grid depends on the image: give image_processor and a task image")
+    grid = image_processor([image], return_tensors="pt").get("image_grid_thw")
+    if grid is None or int(grid[0, 1]) != int(grid[0, 2]):
+        raise ValueError("the vision stage of a composed VLM supports Qwen-VL families on square task images")
+    return int(grid[0, 1]) // int(getattr(image_processor, "merge_size", 2))
+
+
+def vision_parts(model) -> list[nn.Module]:
+    """What the stage trains: CLIP and the projector, or a composed VLM's vision tower (Qwen-VL's merger inside)
+    and its projector where it has one."""
+    if not model.model.is_composed:
+        return [model.vision_tower, model.multi_modal_projector]
+    base = model.model.vlm.model
+    parts = [model.vision_tower] + [getattr(base, name, None) for name in ("multi_modal_projector", "connector")]
+    return [part for part in parts if part is not None]
+
+
+def image_features(model, image_processor, images, reference: torch.Tensor) -> torch.Tensor:
+    """`[B, tokens, width]`: the features the language model reads for each image, in grid order."""
+    inputs = image_processor(list(images), return_tensors="pt")
+    pixels = inputs["pixel_values"].to(reference.device, reference.dtype)
+    if not model.model.is_composed:
+        return model.get_image_features(pixels)
+    extra = {k: v.to(reference.device) for k, v in inputs.items() if k != "pixel_values" and torch.is_tensor(v)}
+    pooled = model.model.vlm.model.get_image_features(pixel_values=pixels, return_dict=True, **extra).pooler_output
+    return torch.stack(list(pooled))
 
 
 TARGETS = {
-    "image": lambda dataset_dir, split, model: ImageContentLabels(dataset_dir, split),
-    "patches": lambda dataset_dir, split, model: PatchContentLabels(dataset_dir, split, patch_grid(model)),
-    "both": lambda dataset_dir, split, model: ImageAndPatchLabels(dataset_dir, split, patch_grid(model)),
+    "image": lambda dataset_dir, split, model, grid=None: ImageContentLabels(dataset_dir, split),
+    "patches": lambda dataset_dir, split, model, grid=None: PatchContentLabels(dataset_dir, split, grid or patch_grid(model)),
+    "both": lambda dataset_dir, split, model, grid=None: ImageAndPatchLabels(dataset_dir, split, grid or patch_grid(model)),
 }
 
 
@@ -212,21 +242,20 @@ def train_vision_features(
     every `requires_grad` flag is left as it was. `log_every` > 0 prints a progress line every that many steps."""
     if type(train) is not type(val) or train.pairs != val.pairs:
         raise ValueError("train and val labels must be of one kind and one task (the same colour x shape pairs)")
-    tower = [model.vision_tower, model.multi_modal_projector]
+    tower = vision_parts(model)
     parts = tower if train_tower else []
     flags = [(p, p.requires_grad) for part in parts for p in part.parameters()]
     modes = [(part, part.training) for part in tower]
-    reference = next(model.vision_tower.parameters())
-    head = train.head(model.config.text_config.hidden_size).to(reference.device)
+    reference = next(tower[0].parameters())
+    head = train.head(model.config.get_text_config().hidden_size).to(reference.device)
     params = [p for p, _ in flags]
     clipped = params or list(head.parameters())  # the tower's gradients are clipped; a probe's head's are
     optimizer = torch.optim.AdamW(params + list(head.parameters()), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0)
     generator = torch.Generator().manual_seed(seed)
 
     def logits(images) -> torch.Tensor:
-        pixels = image_processor(list(images), return_tensors="pt")["pixel_values"].to(reference.device, reference.dtype)
         with torch.set_grad_enabled(train_tower and torch.is_grad_enabled()):
-            features = model.get_image_features(pixels).float()
+            features = image_features(model, image_processor, images, reference).float()
         return head(features)
 
     rows, start = [], time.perf_counter()
@@ -277,7 +306,11 @@ def pretrain_vision(
     if target not in TARGETS:
         raise ValueError(f"vision pretraining target must be one of {sorted(TARGETS)}, got {target!r}")
     start = time.perf_counter()
-    train, val = (TARGETS[target](dataset_dir, split, model) for split in ("train", "val"))
+    grid = None
+    if model.model.is_composed and target != "image":
+        first = _SplitImages(dataset_dir, "val").images[0]
+        grid = patch_grid(model, image_processor, first)
+    train, val = (TARGETS[target](dataset_dir, split, model, grid) for split in ("train", "val"))
     rows = train_vision_features(
         model, image_processor, train, val, steps, batch_size, learning_rate, eval_every=steps, seed=seed,
         on_row=lambda row: logger.info("vision pretraining: %s", row), log_every=log_every,
@@ -294,7 +327,9 @@ __all__ = [
     "ImageContentLabels",
     "PatchContentLabels",
     "TARGETS",
+    "image_features",
     "patch_grid",
     "pretrain_vision",
     "train_vision_features",
+    "vision_parts",
 ]

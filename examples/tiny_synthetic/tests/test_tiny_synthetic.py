@@ -503,3 +503,26 @@ def test_negative_kinds_flag_is_parsed_and_checked():
     for text in ("colour=1", "color=x", "color=1,color=2", "color", "color=0", "color=-1,shape=2", "color=inf"):
         with pytest.raises(ValueError, match="--x"):
             parse_negative_kinds(text, "--x")
+
+
+def test_the_vision_stage_trains_a_composed_qwen_tower_on_its_merged_grid(synthetic, tmp_path):
+    """A composed Qwen2.5-VL: the stage trains its vision tower (merger inside) and nothing else, on labels laid out
+    on the merged token grid the language model reads (the grid is the image processor's, merged 2x2)."""
+    from examples.tiny_synthetic.vision_pretraining import _SplitImages
+    from gsva_hf import tiny_parts
+    from gsva_hf.compose import compose_gsva
+
+    vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
+    model, processor = compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder("sam", tmp_path / "sam")))
+    image = _SplitImages(synthetic, "val").images[0]
+    inputs = processor.image_processor([image], return_tensors="pt")
+    grid = patch_grid(model, processor.image_processor, image)
+    assert grid * grid == int(inputs["image_grid_thw"][0].prod()) // 4
+    model.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train, val = (TARGETS["both"](synthetic, split, model, grid) for split in ("train", "val"))
+    rows = train_vision_features(model, processor.image_processor, train, val, steps=30, batch_size=8, learning_rate=3e-3, eval_every=30)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("model.vlm.model.visual.") for name in changed)
+    assert "model.vlm.model.visual.merger.mlp.0.weight" in changed
