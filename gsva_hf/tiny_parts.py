@@ -520,3 +520,28 @@ def save_tiny_non_sam_mask_model(folder, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     AutoModel.from_config(config).save_pretrained(folder)
     return folder
+
+
+def main(argv=None) -> int:
+    """`python -m gsva_hf.tiny_parts --vlm qwen2_5_vl --mask-decoder sam2 --out parts`: tiny random folders to try
+    `gsva-compose` offline."""
+    from gsva_hf.cli import CommandParser, UsageError, usage_errors
+
+    parser = CommandParser(prog="python -m gsva_hf.tiny_parts", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--vlm", choices=VLM_FAMILIES, default="qwen2_5_vl", help="VLM family")
+    parser.add_argument("--mask-decoder", choices=MASK_DECODER_FAMILIES, default="sam2", help="mask decoder family")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write OUT/VLM and OUT/MASK_DECODER into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with usage_errors(parser.prog, args.debug):
+        for name in (args.vlm, args.mask_decoder):
+            if (args.out / name).exists():
+                raise UsageError(f"--out {args.out}: {args.out / name} exists; give a new folder")
+        save_tiny_vlm(args.vlm, args.out / args.vlm, seed=args.seed)
+        save_tiny_mask_decoder(args.mask_decoder, args.out / args.mask_decoder, seed=args.seed)
+    print(f"wrote {args.out / args.vlm} and {args.out / args.mask_decoder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

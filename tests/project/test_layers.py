@@ -14,6 +14,7 @@ COMMANDS = {
     "gsva_hf.segment": "gsva_hf/segment.py",  # gsva-segment
     "gsva_hf.convert_gsva_to_hf": "gsva_hf/convert_gsva_to_hf.py",  # gsva-convert-to-hf
     "gsva_hf.hub": "gsva_hf/hub.py",  # gsva-push (main, refresh_main)
+    "gsva_hf.compose": "gsva_hf/compose.py",  # gsva-compose (and compose_gsva, its Python call)
     "eval_hf": "eval_hf.py",
     "train_hf": "train_hf.py",
     "demo.app": "demo/app.py",
