@@ -350,6 +350,20 @@ class GSVAModel(GSVAPreTrainedModel):
             return positions
         return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
+    def composed_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, **image_inputs) -> torch.Tensor:
+        """Last-layer states `[B, L, d]` of one whole pass of a composed VLM over padded rows, at the positions its
+        own prefill computes; the per-token image flags are recomputed from `input_ids` (generate's answer pass,
+        teacher forcing)."""
+        image_inputs = {k: v for k, v in image_inputs.items() if k not in TOKEN_TYPE_INPUTS and v is not None}
+        return self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(input_ids, attention_mask, **image_inputs),
+            use_cache=False,
+            **image_inputs,
+            **self.image_token_types(input_ids),
+        ).last_hidden_state
+
     def image_token_types(self, input_ids: torch.LongTensor) -> dict:
         """The per-token image flags a composed VLM needs beside `input_ids` (Qwen's `mm_token_type_ids`, Gemma 3's
         `token_type_ids`), computed from the image token, so any span of a sequence can be fed on its own."""
@@ -920,15 +934,8 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             sequences = out.sequences
             # One pass over prompt and answer through the VLM's own forward (its positions and image handling).
             full_mask = torch.cat([attention_mask, attention_mask.new_ones(sequences[:, prompt_length:].shape)], 1)
-            image_inputs = {name: kwargs[name] for name in IMAGE_INPUTS if kwargs.get(name) is not None}
-            states = self.model(
-                input_ids=sequences,
-                attention_mask=full_mask,
-                position_ids=self.model.position_ids(sequences, full_mask, **image_inputs),
-                use_cache=False,
-                **image_inputs,
-                **self.model.image_token_types(sequences),
-            ).last_hidden_state[:, prompt_length - 1 :]
+            image_inputs = {name: kwargs[name] for name in IMAGE_INPUTS if name in kwargs}
+            states = self.model.composed_states(sequences, full_mask, **image_inputs)[:, prompt_length - 1 :]
         else:
             out = super().generate(input_ids, **{**kwargs, "use_cache": True})
             sequences = out.sequences

@@ -69,11 +69,9 @@ def score_teacher_forced(
     }
     may_redo = any(int(slots[row][0][-1]) > position for row, position in first_rej.items())
     end = max((int(positions[-1]) for positions, _ in slots if positions.numel()), default=1)
-    # The per-token image flags are recomputed for each pass (`image_token_types`).
-    image_inputs = {name: value for name, value in image_inputs.items() if not name.endswith("token_type_ids")}
-    image_inputs = {"pixel_values": pixel_values, **image_inputs} if composed else {}
+    image_inputs = {"pixel_values": pixel_values, **image_inputs}
     if composed:
-        first_states, cache = composed_states(model, input_ids, attention_mask, image_inputs), None
+        first_states, cache = model.model.composed_states(input_ids, attention_mask, **image_inputs), None
     else:
         embeddings = model.embed_inputs(input_ids, pixel_values)[:, :end]
         first_states, cache = decode_sharing_prefix(model, embeddings, input_ids, attention_mask, use_cache=may_redo)
@@ -95,7 +93,7 @@ def score_teacher_forced(
         start = min(first_rej[row] for row in redo)
         if composed:
             all_seg = input_ids.masked_fill(input_ids == model.config.rej_token_id, model.config.seg_token_id)
-            rerun = composed_states(model, all_seg, attention_mask, image_inputs)[redo, start:]
+            rerun = model.model.composed_states(all_seg, attention_mask, **image_inputs)[redo, start:]
         else:
             rerun = rerun_from(model, start, cache, embeddings, input_ids, attention_mask, redo)
         for k, row in enumerate(redo):
@@ -123,20 +121,6 @@ def score_teacher_forced(
         fill = 0.0 if not reeval else torch.finfo(torch.float32).min
         masks = [_scatter(values, keep, fill) for values, keep in zip(masks, masked)]
     return TeacherForcedOutput(rejected=rejected, pred_masks=masks, slot_is_seg=gt_is_seg)
-
-
-def composed_states(model, input_ids, attention_mask, image_inputs: dict) -> torch.Tensor:
-    """Last-layer states `[B, L, d]` of one pass of a composed VLM over padded rows, at the positions its own
-    prefill computes (`model.model.position_ids`)."""
-    base = model.model
-    return base(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=base.position_ids(input_ids, attention_mask, **image_inputs),
-        use_cache=False,
-        **image_inputs,
-        **base.image_token_types(input_ids),
-    ).last_hidden_state
 
 
 def _scatter(values: torch.Tensor, keep: torch.Tensor, fill: float) -> torch.Tensor:
@@ -198,4 +182,4 @@ def rerun_from(model, start: int, cache, embeddings, input_ids, attention_mask, 
     return rerun.last_hidden_state
 
 
-__all__ = ["TeacherForcedOutput", "composed_states", "decode_sharing_prefix", "rerun_from", "score_teacher_forced"]
+__all__ = ["TeacherForcedOutput", "decode_sharing_prefix", "rerun_from", "score_teacher_forced"]
