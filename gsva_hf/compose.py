@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-decoder", required=True, help="SAM, SAM-HQ, SAM 2 or EdgeTAM: folder or Hub id")
     parser.add_argument("--output", required=True, help="folder to write (must be empty unless --overwrite)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh text_hidden_fcs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh text_hidden_fcs and the new [SEG]/[REJ] embedding rows")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     return parser
