@@ -23,14 +23,17 @@ sys.path.insert(0, str(ROOT))
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.mixed import build_val_dataset  # noqa: E402
 from gsva_hf.data.synthetic import LABELS_NAME  # noqa: E402
-from modeling_gsva import GSVAForCausalLM  # noqa: E402
+from modeling_gsva import IMAGE_INPUTS, TOKEN_TYPE_INPUTS, GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor  # noqa: E402
 
 
 def slot_margins(model, batch, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced `[SEG]` minus `[REJ]` logit one position before every slot, whether GSVA's protocol counts the
     slot's decision as right (the argmax must be exactly the ground-truth token), and the slots' truth."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixel_values).logits
+    # The VLM's other image inputs (Qwen's grid, token types) stay the batch's: every image here has the same size.
+    image_inputs = {name: batch[name] for name in (*IMAGE_INPUTS, *TOKEN_TYPE_INPUTS) if batch.get(name) is not None}
+    image_inputs["pixel_values"] = pixel_values
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **image_inputs).logits
     margins, correct = [], []
     for row, (positions, seg) in enumerate(model.target_slots(batch["input_ids"])):
         slot_logits = logits[row, positions - 1].float()

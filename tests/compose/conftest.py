@@ -1,18 +1,70 @@
 """Composed GSVA pairs for the matrix tests: tiny Hub-like part folders written once per session, each VLM x
 mask-decoder pair composed once, and two small random images of different sizes and aspect ratios."""
 
+import contextlib
 import copy
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoModel
+from transformers.models.edgetam import modeling_edgetam
+from transformers.utils import is_timm_available
 
 from gsva_hf import tiny_parts
 
-# Every VLM family with SAM and with SAM 2, and SAM-HQ once (its mask step differs from SAM's only in the HQ path).
-PAIRS = [(vlm, decoder) for vlm in tiny_parts.VLM_FAMILIES for decoder in ("sam", "sam2")] + [("qwen2_5_vl", "sam_hq")]
+# Every VLM family with SAM and with SAM 2, SAM-HQ once (its mask step differs from SAM's only in the HQ path), and
+# EdgeTAM once (SAM 2's mask step on a RepViT image backbone).
+PAIRS = [(vlm, decoder) for vlm in tiny_parts.VLM_FAMILIES for decoder in ("sam", "sam2")] + [
+    ("qwen2_5_vl", "sam_hq"),
+    ("smolvlm", "edgetam"),
+]
+
+
+class StandInRepViT(torch.nn.Module):
+    """Where timm cannot be imported, EdgeTAM's image backbone (timm's RepViT, `features_only`) is replaced by this:
+    four strided conv stages with RepViT-M1's channels and strides (4, 8, 16, 32), returning timm's list of
+    feature maps. Everything after the backbone (EdgeTAM's neck, prompt encoder and mask decoder) is EdgeTAM's own."""
+
+    def __init__(self, channels):
+        super().__init__()
+        sides = [3, *channels]
+        self.stages = torch.nn.ModuleList(
+            torch.nn.Conv2d(sides[i], sides[i + 1], kernel_size=4 if i == 0 else 2, stride=4 if i == 0 else 2)
+            for i in range(len(channels))
+        )
+
+    def forward(self, pixel_values, **kwargs):
+        maps, hidden = [], pixel_values
+        for stage in self.stages:
+            hidden = torch.nn.functional.gelu(stage(hidden))
+            maps.append(hidden)
+        return SimpleNamespace(last_hidden_state=maps, hidden_states=None)
+
+
+@contextlib.contextmanager
+def edgetam_backbone():
+    """EdgeTAM builds with its timm backbone where timm imports, else with `StandInRepViT` (inside this context)."""
+    if is_timm_available():
+        yield
+        return
+
+    class Auto:
+        @staticmethod
+        def from_config(config, **kwargs):
+            if config.model_type != "timm_wrapper":
+                return AutoModel.from_config(config, **kwargs)
+            return StandInRepViT([48, 96, 192, 384])  # RepViT-M1's, as tiny_parts' EdgeTAM config names them
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_edgetam, "AutoModel", Auto)
+        patch.setattr(tiny_parts, "is_timm_available", lambda: True)
+        yield
+
+
 # (height, width): one wide, one tall, neither square nor a multiple of any patch size.
 IMAGE_SIZES = [(45, 83), (71, 38)]
 QUESTIONS = ["Where is the cat?", "Find the dog and the bird please."]
@@ -68,7 +120,8 @@ def part_folder(tmp_path_factory):
             elif family == "non_sam":
                 saved[family] = tiny_parts.save_tiny_non_sam_mask_model(root / family)
             else:
-                saved[family] = tiny_parts.save_tiny_mask_decoder(family, root / family)
+                with edgetam_backbone():
+                    saved[family] = tiny_parts.save_tiny_mask_decoder(family, root / family)
         return saved[family]
 
     return folder
@@ -80,7 +133,8 @@ def compose_pair(part_folder, vlm: str, decoder: str, images) -> ComposedPair:
     mask paths and both decisions are exercised."""
     from gsva_hf.compose import compose_gsva
 
-    model, processor = compose_gsva(str(part_folder(vlm)), str(part_folder(decoder)))
+    with edgetam_backbone():
+        model, processor = compose_gsva(str(part_folder(vlm)), str(part_folder(decoder)))
     model.eval()
     config = model.config
     rows = model.get_output_embeddings().weight[[config.seg_token_id, config.rej_token_id]].detach().clone()

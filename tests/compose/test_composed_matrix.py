@@ -166,22 +166,6 @@ def test_lora_on_the_language_model_only_lowers_the_loss(composed_pair, pair_ima
     assert lora_b and all(bool(p.abs().sum() > 0) for p in lora_b), "every LoRA B matrix trained"
 
 
-def test_edgetam_composes_and_segments(part_folder, pair_images):
-    pytest.importorskip("timm", reason="timm not importable")
-    pair = compose_pair(part_folder, "gemma3", "edgetam", pair_images)
-    batch, gt_masks = training_batch(pair.processor, pair_images)
-    out = pair.model(**batch, gt_masks=gt_masks)
-    assert all(torch.isfinite(out[name]) for name in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss"))
-    inputs = pair.processor(images=pair_images, targets=TARGETS)
-    decided = pair.model.decide_targets(**inputs)
-    results = pair.processor.post_process_instance_segmentation(
-        decided, target_sizes=inputs["original_sizes"], targets=TARGETS
-    )
-    for result, image, phrases in zip(results, pair_images, TARGETS):
-        assert [t.phrase for t in result.targets] == phrases
-        assert all(t.mask.shape == (image.height, image.width) for t in result.targets)
-
-
 LOADER = ISOLATE + textwrap.dedent(
     """
     import torch
