@@ -34,11 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 from configuration_gsva import GSVAConfig  # noqa: E402
 from examples.tiny_synthetic.from_scratch import draw_input_embeddings, draw_language_model  # noqa: E402
+from examples.tiny_synthetic.vision_pretraining import vision_parts  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
 from gsva_hf.training import folder_has_weights  # noqa: E402
-from modeling_gsva import GSVAForCausalLM  # noqa: E402
+from modeling_gsva import IMAGE_INPUTS, TOKEN_TYPE_INPUTS, GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
 MODES = ("text", "uniform", "color", "shape", "scene-text")
@@ -101,6 +102,11 @@ class PresenceQuestions:
         return Sample(image=image, rounds=[(question, answer)], masks=masks, meta={"image_id": image_id})
 
 
+def image_inputs(batch) -> dict:
+    """The batch's image inputs: CLIP's pixels, or a composed VLM's (Qwen's grid, token types) as well."""
+    return {name: batch[name] for name in (*IMAGE_INPUTS, *TOKEN_TYPE_INPUTS) if batch.get(name) is not None}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", type=Path, default=ROOT / "configs" / "gsva-tiny")
@@ -141,8 +147,8 @@ def main(argv=None) -> None:
     if args.embedding_init_std is not None:
         draw_input_embeddings(model, args.embedding_init_std, flag="--embedding-init-std")
     if args.freeze_vision:
-        for parameter in [*model.vision_tower.parameters(), *model.multi_modal_projector.parameters()]:
-            parameter.requires_grad_(False)
+        for part in vision_parts(model):
+            part.requires_grad_(False)
     train = PresenceQuestions(args.dataset_dir, "train", args.mode, args.answer)
     val_questions = PresenceQuestions(args.dataset_dir, "val", args.mode, args.answer)
     collator = GSVACollator(processor)
@@ -160,8 +166,8 @@ def main(argv=None) -> None:
     for step in range(1, args.steps + 1):
         batch = collator([train.draw(rng) for _ in range(args.batch_size)])
         loss = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"], labels=batch["labels"],
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+            **image_inputs(batch),
         ).loss
         optimizer.zero_grad()
         loss.backward()
@@ -172,7 +178,7 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 logits = model(
                     input_ids=val_batch["input_ids"], attention_mask=val_batch["attention_mask"],
-                    pixel_values=val_batch["pixel_values"],
+                    **image_inputs(val_batch),
                 ).logits[torch.arange(len(answer_at)), answer_at - 1]
             model.train()
             said_yes = logits[:, yes_id] > logits[:, no_id]
