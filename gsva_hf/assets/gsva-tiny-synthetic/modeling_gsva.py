@@ -11,6 +11,7 @@ Shipped with a Hub repository for ``trust_remote_code``: imports only torch, tra
 """
 
 import copy
+import inspect
 import re
 import shutil
 from dataclasses import dataclass
@@ -317,6 +318,9 @@ class GSVAModel(GSVAPreTrainedModel):
                 after_language_model(self.language_model)
         else:
             self.vlm = AutoModelForImageTextToText.from_config(config.vlm_config)
+        # The token-type inputs the VLM's forward takes (read once: `image_token_types` runs on every pass).
+        accepted = inspect.signature(self.vlm.model.forward).parameters if self.is_composed else {}
+        self.token_type_inputs = tuple(name for name in TOKEN_TYPE_INPUTS if name in accepted)
         self.sam = AutoModel.from_config(config.sam_config)
         self.text_hidden_fcs = build_text_hidden_fcs(config.get_text_config().hidden_size, config.out_dim)
         self.post_init()
@@ -367,13 +371,10 @@ class GSVAModel(GSVAPreTrainedModel):
     def image_token_types(self, input_ids: torch.LongTensor) -> dict:
         """The per-token image flags a composed VLM needs beside `input_ids` (Qwen's `mm_token_type_ids`, Gemma 3's
         `token_type_ids`), computed from the image token, so any span of a sequence can be fed on its own."""
-        if not self.is_composed:
+        if not self.token_type_inputs:
             return {}
-        import inspect
-
-        accepted = inspect.signature(self.vlm.model.forward).parameters
         flags = (input_ids == self.config.image_token_id).long()
-        return {name: flags for name in ("mm_token_type_ids", "token_type_ids") if name in accepted}
+        return dict.fromkeys(self.token_type_inputs, flags)
 
     # ----------------------------------------------------------------- backbone
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
