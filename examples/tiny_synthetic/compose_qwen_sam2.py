@@ -29,7 +29,7 @@ from gsva_hf.tiny_parts import _sam2_image_processor_dict, tiny_mask_decoder_con
 WIDTH, HEADS = 128, 16
 
 
-def qwen_config(tokenizer):
+def qwen_config(tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
@@ -40,8 +40,9 @@ def qwen_config(tokenizer):
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=WIDTH, patch_size=14,
-                  window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=WIDTH, patch_size=patch_size,
+                  spatial_merge_size=merge_size, temporal_patch_size=temporal_patch_size, window_size=56,
+                  fullatt_block_indexes=[1])  # fmt: skip
     return AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision, **ids)
 
 
@@ -52,18 +53,29 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset_dir", default="data/synthetic", help="the synthetic task, for the vision stage")
     parser.add_argument("--vision_pretrain_steps", type=int, default=0, help="vision stage steps (0: none)")
     parser.add_argument("--vision_pretrain_learning_rate", type=float, default=2e-3)
+    parser.add_argument("--patch_size", type=int, default=14, help="the vision tower's patch side in pixels")
+    parser.add_argument("--merge_size", type=int, default=2, help="patches merged per side into one image token")
+    parser.add_argument(
+        "--temporal_patch_size", type=int, default=2, help="frames per patch (an image is repeated to fill them)"
+    )
     parser.add_argument("--lm_init_std", type=float, help="redraw the language model at this std (train_tiny.py's option)")
     args = parser.parse_args(argv)
     parts = Path(args.output).with_name(Path(args.output).name + "-parts")
     tokenizer = tiny_tokenizer("qwen2_5_vl")
     torch.manual_seed(args.seed)
-    vlm = AutoModelForImageTextToText.from_config(qwen_config(tokenizer))
+    vlm = AutoModelForImageTextToText.from_config(qwen_config(tokenizer, args.patch_size, args.merge_size, args.temporal_patch_size))
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     vlm.save_pretrained(parts / "vlm")
     tokenizer.save_pretrained(parts / "vlm")
-    # 128 px images become a 10x10 patch grid, 25 image tokens after the 2x2 merge.
-    Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 140 * 140}, patch_size=14).save_pretrained(parts / "vlm")
+    # Images are resized to a multiple of one token's side: 128 px give 25 tokens of 28 px at the defaults, 64 tokens
+    # of 16 px with --patch_size 16 --merge_size 1.
+    token = args.patch_size * args.merge_size
+    side = -(-128 // token) * token
+    Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 4 * token * token, "longest_edge": side * side}, patch_size=args.patch_size, merge_size=args.merge_size,
+        temporal_patch_size=args.temporal_patch_size,
+    ).save_pretrained(parts / "vlm")  # fmt: skip
     sam_config = tiny_mask_decoder_config("sam2")
     sam_config.prompt_encoder_config.image_size = 128
     sam_config.prompt_encoder_config.hidden_size = 64

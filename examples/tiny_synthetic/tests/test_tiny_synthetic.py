@@ -526,3 +526,28 @@ def test_the_vision_stage_trains_a_composed_qwen_tower_on_its_merged_grid(synthe
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(name.startswith("model.vlm.model.visual.") for name in changed)
     assert "model.vlm.model.visual.merger.mlp.0.weight" in changed
+
+
+@pytest.mark.parametrize("options, tokens", [([], 25), (["--patch_size", "16", "--merge_size", "1", "--temporal_patch_size", "1"], 64)])
+def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthetic, tmp_path, options, tokens):
+    """compose_qwen_sam2.py: 128-px task images become the token grid its options ask for (28-px tokens by default,
+    16-px ones with patch 16 unmerged), its vision stage reports its seconds, and the folder loads and segments."""
+    from examples.tiny_synthetic import compose_qwen_sam2
+    from examples.tiny_synthetic.vision_pretraining import _SplitImages
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
+
+    out = tmp_path / "qwen-sam2"
+    compose_qwen_sam2.main([str(out), "--dataset_dir", str(synthetic), "--vision_pretrain_steps", "2", "--lm_init_std", "0.088", *options])
+    report = json.loads((tmp_path / "qwen-sam2-parts" / "vision_pretraining.json").read_text())
+    assert report["steps"] == 2 and report["seconds"] > 0
+    model, processor = GSVAForCausalLM.from_pretrained(out).eval(), GSVAProcessor.from_pretrained(out)
+    image = _SplitImages(synthetic, "val").images[0]
+    phrases = [["the red circle", "a blue star"]]
+    inputs = processor(images=[image], targets=phrases)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == tokens
+    assert patch_grid(model, processor.image_processor, image) ** 2 == tokens
+    decided = model.decide_targets(**inputs)
+    (result,) = processor.post_process_instance_segmentation(decided, target_sizes=inputs["original_sizes"], targets=phrases)
+    assert [t.phrase for t in result.targets] == phrases[0]
+    assert all(t.mask.shape == image.shape[:2] for t in result.targets)
