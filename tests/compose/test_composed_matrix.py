@@ -19,7 +19,7 @@ from gsva_hf.training import prepare_for_training
 from modeling_gsva import GSVAForCausalLM
 from processing_gsva import eval_answer, target_phrase
 from tests._fresh_process import ISOLATE
-from tests.compose.conftest import QUESTIONS, TARGETS, compose_pair
+from tests.compose.conftest import QUESTIONS, TARGETS
 from tests.conftest import REPO
 
 ANSWERS = ["It is [SEG].", "Sure, the dog [SEG] and the bird [REJ]."]
