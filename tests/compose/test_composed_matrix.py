@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from transformers.utils import is_timm_available
 
 from gsva_hf.compose import compose_gsva
 from gsva_hf.teacher_forced import score_teacher_forced
@@ -19,7 +20,7 @@ from gsva_hf.training import prepare_for_training
 from modeling_gsva import GSVAForCausalLM
 from processing_gsva import eval_answer, target_phrase
 from tests._fresh_process import ISOLATE
-from tests.compose.conftest import QUESTIONS, TARGETS
+from tests.compose.conftest import PAIRS, QUESTIONS, TARGETS
 from tests.conftest import REPO
 
 ANSWERS = ["It is [SEG].", "Sure, the dog [SEG] and the bird [REJ]."]
@@ -184,10 +185,12 @@ LOADER = ISOLATE + textwrap.dedent(
 FIELDS = ["slot_is_seg", "slot_mask", "slot_scores", "pred_masks", "iou_scores"]
 
 
+# Every pair of the matrix; EdgeTAM only where timm imports (a saved EdgeTAM folder loads its timm backbone).
+RELOADED = [(vlm, decoder) for vlm, decoder in PAIRS if decoder != "edgetam" or is_timm_available()]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "vlm, decoder", [("qwen2_5_vl", "sam2"), ("gemma3", "sam")], ids=["qwen2_5_vl+sam2", "gemma3+sam"]
-)
+@pytest.mark.parametrize("vlm, decoder", RELOADED, ids=[f"{vlm}+{decoder}" for vlm, decoder in RELOADED])
 def test_saved_pair_loads_with_remote_code_in_a_fresh_process(part_folder, pair_images, tmp_path, vlm, decoder):
     folder = tmp_path / "model"
     model, processor = compose_gsva(str(part_folder(vlm)), str(part_folder(decoder)), folder)
