@@ -41,7 +41,7 @@ def qwen_config(tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_p
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=WIDTH, patch_size=patch_size,
-                  spatial_merge_size=merge_size, temporal_patch_size=temporal_patch_size, window_size=56,
+                  spatial_merge_size=merge_size, temporal_patch_size=temporal_patch_size, window_size=2 * patch_size * merge_size,
                   fullatt_block_indexes=[1])  # fmt: skip
     return AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision, **ids)
 

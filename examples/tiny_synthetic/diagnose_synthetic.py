@@ -10,12 +10,14 @@ val image, and with a black image. A model that grounds presence changes its mar
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -27,12 +29,10 @@ from modeling_gsva import IMAGE_INPUTS, TOKEN_TYPE_INPUTS, GSVAForCausalLM  # no
 from processing_gsva import GSVAProcessor  # noqa: E402
 
 
-def slot_margins(model, batch, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_margins(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced `[SEG]` minus `[REJ]` logit one position before every slot, whether GSVA's protocol counts the
     slot's decision as right (the argmax must be exactly the ground-truth token), and the slots' truth."""
-    # The VLM's other image inputs (Qwen's grid, token types) stay the batch's: every image here has the same size.
     image_inputs = {name: batch[name] for name in (*IMAGE_INPUTS, *TOKEN_TYPE_INPUTS) if batch.get(name) is not None}
-    image_inputs["pixel_values"] = pixel_values
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **image_inputs).logits
     margins, correct = [], []
     for row, (positions, seg) in enumerate(model.target_slots(batch["input_ids"])):
@@ -40,6 +40,15 @@ def slot_margins(model, batch, pixel_values) -> tuple[torch.Tensor, torch.Tensor
         margins.append(slot_logits[:, model.config.seg_token_id] - slot_logits[:, model.config.rej_token_id])
         correct.append(slot_logits.argmax(-1) == batch["input_ids"][row, positions])
     return torch.cat(margins), torch.cat(correct)
+
+
+def with_images(collator, chunk, images, batch) -> dict:
+    """`chunk` collated with `images` in place of its own, through the processor as for the real ones (so every VLM
+    family gets its own image inputs); the questions and answers must tokenise exactly as in `batch`."""
+    replay = collator([dataclasses.replace(sample, image=image) for sample, image in zip(chunk, images)])
+    if not torch.equal(replay["input_ids"], batch["input_ids"]):
+        raise RuntimeError("the replayed images changed the token sequence: the val images must share one size")
+    return replay
 
 
 def ranking_and_best_shift(margins: torch.Tensor, present: torch.Tensor) -> dict:
@@ -74,13 +83,13 @@ def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) ->
         chunk = items[start : start + batch_size]
         batch = collator(chunk)
         others = [items[(start + i + 1) % len(items)].image for i in range(len(chunk))]
-        others = processor.image_processor(others, return_tensors="pt")["pixel_values"]
-        margin, ok = slot_margins(model, batch, batch["pixel_values"])
+        blacks = [Image.new("RGB", sample.image.size) for sample in chunk]
+        margin, ok = slot_margins(model, batch)
         right.append(margin)
         correct.append(ok)
         truth.append(torch.cat([seg for _, seg in model.target_slots(batch["input_ids"])]))
-        shuffled.append(slot_margins(model, batch, others)[0])
-        black.append(slot_margins(model, batch, torch.zeros_like(batch["pixel_values"]))[0])
+        shuffled.append(slot_margins(model, with_images(collator, chunk, others, batch))[0])
+        black.append(slot_margins(model, with_images(collator, chunk, blacks, batch))[0])
         slot_kinds += [kinds[ref] for sample in chunk for ref in sample.meta["ref_ids"]]
     right, shuffled, black, correct, truth = (torch.cat(x) for x in (right, shuffled, black, correct, truth))
     if len(slot_kinds) != len(right):

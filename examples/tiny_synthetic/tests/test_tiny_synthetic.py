@@ -551,3 +551,26 @@ def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthet
     (result,) = processor.post_process_instance_segmentation(decided, target_sizes=inputs["original_sizes"], targets=phrases)
     assert [t.phrase for t in result.targets] == phrases[0]
     assert all(t.mask.shape == image.shape[:2] for t in result.targets)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm"])
+def test_the_diagnosis_and_the_presence_probe_take_a_composed_folder(synthetic, tmp_path, family, capsys):
+    """A composed folder (Qwen's patch grid, SmolVLM's tiles): the diagnosis replays every question with other
+    images and black ones through the processor, which moves a random model's margins; the probe trains on it."""
+    from examples.tiny_synthetic import probe_presence_learning
+    from examples.tiny_synthetic.diagnose_synthetic import diagnose
+    from gsva_hf import tiny_parts
+    from gsva_hf.compose import compose_gsva
+
+    out = tmp_path / "composed"
+    vlm, sam = tiny_parts.save_tiny_vlm(family, tmp_path / "vlm"), tiny_parts.save_tiny_mask_decoder("sam", tmp_path / "sam")
+    compose_gsva(str(vlm), str(sam), out)
+    report = diagnose(out, synthetic, "val", batch_size=4)
+    assert sum(kind["count"] for kind in report["per_kind_accuracy"].values()) == report["slots"] > 0
+    assert report["mean_abs_change_other_image"] > 0 and report["mean_abs_change_black_image"] > 0
+    probe_presence_learning.main([
+        "--preset", str(out), "--dataset_dir", str(synthetic), "--mode", "shape", "--answer", "named", "--steps", "2",
+        "--eval-every", "2", "--batch-size", "4", "--threads", "1", "--freeze-vision",
+    ])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| shape | 2 |")]
+    assert len(rows) == 1 and 0 <= float(rows[0].split("|")[-2]) <= 1
