@@ -390,7 +390,8 @@ class GSVAModel(GSVAPreTrainedModel):
 
         SAM: the image embedding `[B, C, h, w]`. SAM-HQ: (embedding, first global-attention block's output).
         SAM 2 / EdgeTAM: (lowest-resolution FPN level, the two high-resolution levels), before the mask decoder's
-        own `conv_s0`/`conv_s1` and `no_memory_embedding`, which `masks_from_hidden_states` applies so they train.
+        own `conv_s0`/`conv_s1` (trained with it) and SAM 2's `no_memory_embedding` (a bare parameter that stays as
+        loaded: a LoRA adapter could not hold it), which `masks_from_hidden_states` applies.
         Every tensor has the batch first: rows can be selected or repeated alike (`map_embeddings`).
         """
         encoder = self.sam.vision_encoder
