@@ -29,11 +29,15 @@ from modeling_gsva import IMAGE_INPUTS, TOKEN_TYPE_INPUTS, GSVAForCausalLM  # no
 from processing_gsva import GSVAProcessor  # noqa: E402
 
 
+def image_inputs(batch) -> dict:
+    """A collated batch's image inputs: CLIP's pixels, or a composed VLM's (Qwen's grid, token types) as well."""
+    return {name: batch[name] for name in (*IMAGE_INPUTS, *TOKEN_TYPE_INPUTS) if batch.get(name) is not None}
+
+
 def slot_margins(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced `[SEG]` minus `[REJ]` logit one position before every slot, whether GSVA's protocol counts the
     slot's decision as right (the argmax must be exactly the ground-truth token), and the slots' truth."""
-    image_inputs = {name: batch[name] for name in (*IMAGE_INPUTS, *TOKEN_TYPE_INPUTS) if batch.get(name) is not None}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **image_inputs).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **image_inputs(batch)).logits
     margins, correct = [], []
     for row, (positions, seg) in enumerate(model.target_slots(batch["input_ids"])):
         slot_logits = logits[row, positions - 1].float()

@@ -33,13 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from configuration_gsva import GSVAConfig  # noqa: E402
+from examples.tiny_synthetic.diagnose_synthetic import image_inputs  # noqa: E402
 from examples.tiny_synthetic.from_scratch import draw_input_embeddings, draw_language_model  # noqa: E402
 from examples.tiny_synthetic.vision_pretraining import vision_parts  # noqa: E402
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.sample import Sample  # noqa: E402
 from gsva_hf.data.synthetic import IMAGE_SUBDIR, PALETTE, read_image_contents  # noqa: E402
 from gsva_hf.training import folder_has_weights  # noqa: E402
-from modeling_gsva import IMAGE_INPUTS, TOKEN_TYPE_INPUTS, GSVAForCausalLM  # noqa: E402
+from modeling_gsva import GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor, load_image  # noqa: E402
 
 MODES = ("text", "uniform", "color", "shape", "scene-text")
@@ -100,11 +101,6 @@ class PresenceQuestions:
             answer = f"The {target.removeprefix('a ')}: {answer}"
         masks = np.zeros((0, image.height, image.width), bool)
         return Sample(image=image, rounds=[(question, answer)], masks=masks, meta={"image_id": image_id})
-
-
-def image_inputs(batch) -> dict:
-    """The batch's image inputs: CLIP's pixels, or a composed VLM's (Qwen's grid, token types) as well."""
-    return {name: batch[name] for name in (*IMAGE_INPUTS, *TOKEN_TYPE_INPUTS) if batch.get(name) is not None}
 
 
 def main(argv=None) -> None:
