@@ -29,20 +29,34 @@ from gsva_hf.tiny_parts import _sam2_image_processor_dict, tiny_mask_decoder_con
 WIDTH, HEADS = 128, 16
 
 
-def qwen_config(tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2):
+def mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE's split of a head's rotary frequencies over time, height and width: Qwen2.5-VL's 16/24/24 of 64 scaled
+    to `head_dim // 2` ([1, 1, 2] at 8, [4, 6, 6] at 32)."""
+    half = head_dim // 2
+    if half < 4:
+        raise ValueError(f"a head of {head_dim} dims is too narrow for M-RoPE's three sections")
+    time = max(1, round(half * 16 / 64))
+    height = (half - time) // 2
+    return [time, height, half - time - height]
+
+
+def qwen_config(
+    tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2, width: int = WIDTH, heads: int = HEADS,
+    intermediate_size: int | None = None, full_attention_blocks: tuple[int, ...] = (1,),
+):
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
     )}  # fmt: skip
     text = dict(
-        hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        hidden_size=width, intermediate_size=intermediate_size or 4 * width, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=heads, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(width // heads)},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=WIDTH, patch_size=patch_size,
+    vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=width, patch_size=patch_size,
                   spatial_merge_size=merge_size, temporal_patch_size=temporal_patch_size, window_size=2 * patch_size * merge_size,
-                  fullatt_block_indexes=[1])  # fmt: skip
+                  fullatt_block_indexes=list(full_attention_blocks))  # fmt: skip
     return AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision, **ids)
 
 
@@ -58,12 +72,21 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--temporal_patch_size", type=int, default=2, help="frames per patch (an image is repeated to fill them)"
     )
+    parser.add_argument("--width", type=int, default=WIDTH, help="the language model's hidden size")
+    parser.add_argument("--heads", type=int, default=HEADS, help="its attention heads (Qwen2.5-VL: head size = width / heads)")
+    parser.add_argument("--intermediate_size", type=int, help="its MLP's hidden size (default: 4 x width)")
+    parser.add_argument(
+        "--full_attention_blocks", default="1", help="comma-separated vision blocks with full attention (the others: windows)"
+    )
     parser.add_argument("--lm_init_std", type=float, help="redraw the language model at this std (train_tiny.py's option)")
     args = parser.parse_args(argv)
     parts = Path(args.output).with_name(Path(args.output).name + "-parts")
     tokenizer = tiny_tokenizer("qwen2_5_vl")
     torch.manual_seed(args.seed)
-    vlm = AutoModelForImageTextToText.from_config(qwen_config(tokenizer, args.patch_size, args.merge_size, args.temporal_patch_size))
+    vlm = AutoModelForImageTextToText.from_config(qwen_config(
+        tokenizer, args.patch_size, args.merge_size, args.temporal_patch_size, args.width, args.heads, args.intermediate_size,
+        tuple(int(block) for block in args.full_attention_blocks.split(",") if block.strip()),
+    ))
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     vlm.save_pretrained(parts / "vlm")

@@ -528,10 +528,18 @@ def test_the_vision_stage_trains_a_composed_qwen_tower_on_its_merged_grid(synthe
     assert "model.vlm.model.visual.merger.mlp.0.weight" in changed
 
 
-@pytest.mark.parametrize("options, tokens", [([], 25), (["--patch_size", "16", "--merge_size", "1", "--temporal_patch_size", "1"], 64)])
-def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthetic, tmp_path, options, tokens):
+@pytest.mark.parametrize(
+    "options, tokens, width, heads",
+    [
+        ([], 25, 128, 16),
+        (["--patch_size", "16", "--merge_size", "1", "--temporal_patch_size", "1"], 64, 128, 16),
+        (["--width", "256", "--heads", "8", "--intermediate_size", "512", "--full_attention_blocks", "0,1"], 25, 256, 8),
+    ],
+)
+def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthetic, tmp_path, options, tokens, width, heads):
     """compose_qwen_sam2.py: 128-px task images become the token grid its options ask for (28-px tokens by default,
-    16-px ones with patch 16 unmerged), its vision stage reports its seconds, and the folder loads and segments."""
+    16-px ones with patch 16 unmerged), the language model has the asked width and heads (M-RoPE's sections sized to
+    the head), its vision stage reports its seconds, and the folder loads and segments."""
     from examples.tiny_synthetic import compose_qwen_sam2
     from examples.tiny_synthetic.vision_pretraining import _SplitImages
     from modeling_gsva import GSVAForCausalLM
@@ -542,6 +550,11 @@ def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthet
     report = json.loads((tmp_path / "qwen-sam2-parts" / "vision_pretraining.json").read_text())
     assert report["steps"] == 2 and report["seconds"] > 0
     model, processor = GSVAForCausalLM.from_pretrained(out).eval(), GSVAProcessor.from_pretrained(out)
+    text = model.model.vlm.config.text_config
+    assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (width, heads, heads)
+    assert 2 * sum(text.rope_parameters["mrope_section"]) == width // heads
+    blocks = model.model.vlm.config.vision_config.fullatt_block_indexes
+    assert blocks == ([0, 1] if "--full_attention_blocks" in options else [1])
     image = _SplitImages(synthetic, "val").images[0]
     phrases = [["the red circle", "a blue star"]]
     inputs = processor(images=[image], targets=phrases)
