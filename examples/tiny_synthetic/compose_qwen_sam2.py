@@ -84,9 +84,10 @@ def main(argv=None) -> None:
     tokenizer = tiny_tokenizer("qwen2_5_vl")
     torch.manual_seed(args.seed)
     vlm = AutoModelForImageTextToText.from_config(qwen_config(
-        tokenizer, args.patch_size, args.merge_size, args.temporal_patch_size, args.width, args.heads, args.intermediate_size,
-        tuple(int(block) for block in args.full_attention_blocks.split(",") if block.strip()),
-    ))
+        tokenizer, patch_size=args.patch_size, merge_size=args.merge_size, temporal_patch_size=args.temporal_patch_size,
+        width=args.width, heads=args.heads, intermediate_size=args.intermediate_size,
+        full_attention_blocks=tuple(int(block) for block in args.full_attention_blocks.split(",") if block.strip()),
+    ))  # fmt: skip
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
     vlm.save_pretrained(parts / "vlm")
