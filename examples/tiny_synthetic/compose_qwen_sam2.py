@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples.tiny_synthetic.from_scratch import draw_language_model  # noqa: E402
+from examples.tiny_synthetic.from_scratch import draw_language_model, draw_vision_tower  # noqa: E402
 from examples.tiny_synthetic.vision_pretraining import pretrain_vision  # noqa: E402
 from gsva_hf.compose import compose_gsva  # noqa: E402
 from gsva_hf.export import save_folder  # noqa: E402
@@ -42,7 +42,7 @@ def mrope_section(head_dim: int) -> list[int]:
 
 def qwen_config(
     tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2, width: int = WIDTH, heads: int = HEADS,
-    intermediate_size: int | None = None, full_attention_blocks: tuple[int, ...] = (1,),
+    intermediate_size: int | None = None, full_attention_blocks: tuple[int, ...] = (1,), vision_rope_theta: float = 10000.0,
 ):
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -56,7 +56,8 @@ def qwen_config(
     )  # fmt: skip
     vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=width, patch_size=patch_size,
                   spatial_merge_size=merge_size, temporal_patch_size=temporal_patch_size, window_size=2 * patch_size * merge_size,
-                  fullatt_block_indexes=list(full_attention_blocks))  # fmt: skip
+                  fullatt_block_indexes=list(full_attention_blocks),
+                  rope_parameters={"rope_type": "axial", "rope_theta": vision_rope_theta})  # fmt: skip
     return AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision, **ids)
 
 
@@ -79,6 +80,10 @@ def main(argv=None) -> None:
         "--full_attention_blocks", default="1", help="comma-separated vision blocks with full attention (the others: windows)"
     )
     parser.add_argument("--lm_init_std", type=float, help="redraw the language model at this std (train_tiny.py's option)")
+    parser.add_argument(
+        "--vision_rope_theta", type=float, default=10000.0, help="the tower's rotary base (smaller: faster turns per patch)"
+    )
+    parser.add_argument("--vision_init_std", type=float, help="redraw the vision tower's linear layers at this std")
     args = parser.parse_args(argv)
     parts = Path(args.output).with_name(Path(args.output).name + "-parts")
     tokenizer = tiny_tokenizer("qwen2_5_vl")
@@ -87,6 +92,7 @@ def main(argv=None) -> None:
         tokenizer, patch_size=args.patch_size, merge_size=args.merge_size, temporal_patch_size=args.temporal_patch_size,
         width=args.width, heads=args.heads, intermediate_size=args.intermediate_size,
         full_attention_blocks=tuple(int(block) for block in args.full_attention_blocks.split(",") if block.strip()),
+        vision_rope_theta=args.vision_rope_theta,
     ))  # fmt: skip
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -115,6 +121,8 @@ def main(argv=None) -> None:
     model, processor = compose_gsva(str(parts / "vlm"), str(parts / "sam2"), seed=args.seed)
     if args.lm_init_std is not None:
         draw_language_model(model, args.lm_init_std)
+    if args.vision_init_std is not None:
+        draw_vision_tower(model, args.vision_init_std)
     if args.vision_pretrain_steps:
         # Eager attention: faster than SDPA for this tower's many small windows on a CPU (same numbers up to rounding).
         model.set_attn_implementation("eager")

@@ -9,6 +9,7 @@ import torch
 from transformers import PretrainedConfig, TrainerCallback
 
 from configuration_gsva import GSVAConfig
+from examples.tiny_synthetic.vision_pretraining import vision_parts
 from gsva_hf.metrics import strict_json
 from gsva_hf.training import GSVATrainer
 
@@ -74,6 +75,20 @@ def draw_language_model(
                 torch.nn.init.normal_(module.weight, std=std, generator=generator)
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
+
+
+def draw_vision_tower(model, std: float, flag: str = "--vision_init_std") -> None:
+    """Redraw a from-scratch vision tower's linear layers with `std` (biases zero; the patch embedding and norms
+    stay). Qwen-VL's towers draw 0.02 whatever their width: at width 64 their first attention is near uniform, so
+    patches learn their colour at once and the shapes, which need their neighbours, barely at all."""
+    check_init_std(std, flag)
+    with torch.no_grad():
+        for part in vision_parts(model):
+            for module in part.modules():
+                if isinstance(module, torch.nn.Linear):
+                    torch.nn.init.normal_(module.weight, std=std)
+                    if module.bias is not None:
+                        torch.nn.init.zeros_(module.bias)
 
 
 class TinyTrainer(GSVATrainer):

@@ -528,12 +528,40 @@ def test_the_vision_stage_trains_a_composed_qwen_tower_on_its_merged_grid(synthe
     assert "model.vlm.model.visual.merger.mlp.0.weight" in changed
 
 
+def test_the_vision_tower_redraw_touches_only_the_towers_linear_layers(tmp_path):
+    """draw_vision_tower: every linear weight of a composed Qwen tower (merger included) drawn at the asked std,
+    their biases zeroed; the patch embedding, the norms and everything outside the tower stay as they were."""
+    from examples.tiny_synthetic.from_scratch import draw_vision_tower
+    from gsva_hf import tiny_parts
+    from gsva_hf.compose import compose_gsva
+
+    vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
+    model, _ = compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder("sam", tmp_path / "sam")))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    draw_vision_tower(model, 0.5)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    tower = "model.vlm.model.visual."
+    linear = {tower + n for n, m in model.model.vlm.model.visual.named_modules() if isinstance(m, torch.nn.Linear)}
+    weights = {n + ".weight" for n in linear}
+    biases = {n + ".bias" for n in linear if dict(model.named_parameters()).get(n + ".bias") is not None}
+    assert changed == weights | {b for b in biases if before[b].abs().sum() > 0}
+    params = dict(model.named_parameters())
+    assert all(params[b].abs().sum() == 0 for b in biases)
+    assert torch.cat([params[w].flatten() for w in weights]).std().item() == pytest.approx(0.5, rel=0.02)
+    with pytest.raises(ValueError, match="--vision_init_std must be a positive finite number"):
+        draw_vision_tower(model, 0.0)
+
+
 @pytest.mark.parametrize(
     "options, tokens, width, heads",
     [
         ([], 25, 128, 16),
         (["--patch_size", "16", "--merge_size", "1", "--temporal_patch_size", "1"], 64, 128, 16),
-        (["--width", "256", "--heads", "8", "--intermediate_size", "512", "--full_attention_blocks", "0,1"], 25, 256, 8),
+        (
+            ["--width", "256", "--heads", "8", "--intermediate_size", "512", "--full_attention_blocks", "0,1",
+             "--vision_init_std", "0.125", "--vision_rope_theta", "100"],
+            25, 256, 8,
+        ),  # fmt: skip
     ],
 )
 def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthetic, tmp_path, options, tokens, width, heads):
@@ -555,6 +583,8 @@ def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthet
     assert 2 * sum(text.rope_parameters["mrope_section"]) == width // heads
     blocks = model.model.vlm.config.vision_config.fullatt_block_indexes
     assert blocks == ([0, 1] if "--full_attention_blocks" in options else [1])
+    theta = model.model.vlm.config.vision_config.rope_parameters["rope_theta"]
+    assert theta == (100 if "--vision_rope_theta" in options else 10000)
     image = _SplitImages(synthetic, "val").images[0]
     phrases = [["the red circle", "a blue star"]]
     inputs = processor(images=[image], targets=phrases)
