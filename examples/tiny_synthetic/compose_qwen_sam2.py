@@ -27,6 +27,7 @@ from gsva_hf.metrics import strict_json  # noqa: E402
 from gsva_hf.tiny_parts import _sam2_image_processor_dict, tiny_mask_decoder_config, tiny_tokenizer  # noqa: E402
 
 WIDTH, HEADS = 128, 16
+VISION_ROPE_THETA = 10000.0  # Qwen2.5-VL's own
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -42,7 +43,7 @@ def mrope_section(head_dim: int) -> list[int]:
 
 def qwen_config(
     tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2, width: int = WIDTH, heads: int = HEADS,
-    intermediate_size: int | None = None, full_attention_blocks: tuple[int, ...] = (1,), vision_rope_theta: float = 10000.0,
+    intermediate_size: int | None = None, full_attention_blocks: tuple[int, ...] = (1,), vision_rope_theta: float = VISION_ROPE_THETA,
 ):
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--lm_init_std", type=float, help="redraw the language model at this std (train_tiny.py's option)")
     parser.add_argument(
-        "--vision_rope_theta", type=float, default=10000.0, help="the tower's rotary base (smaller: faster turns per patch)"
+        "--vision_rope_theta", type=float, default=VISION_ROPE_THETA, help="the tower's rotary base (smaller: faster turns per patch)"
     )
     parser.add_argument("--vision_init_std", type=float, help="redraw the vision tower's linear layers at this std")
     args = parser.parse_args(argv)

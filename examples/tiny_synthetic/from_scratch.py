@@ -52,6 +52,13 @@ def draw_input_embeddings(model, std: float, flag: str = "--embedding_init_std")
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
 
 
+def _redraw(module: torch.nn.Linear | torch.nn.Embedding, std: float, generator: torch.Generator | None = None) -> None:
+    """One layer of a from-scratch redraw: weight from N(0, std), a linear layer's bias zero."""
+    torch.nn.init.normal_(module.weight, std=std, generator=generator)
+    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
+
+
 def draw_language_model(
     model, std: float, modules: str | list[str] = "", generator: torch.Generator | None = None, flag: str = "--lm_init_std"
 ) -> None:
@@ -72,9 +79,7 @@ def draw_language_model(
             if modules and not name.endswith(modules):
                 continue
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(module.weight, std=std, generator=generator)
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
+                _redraw(module, std, generator)
 
 
 def draw_vision_tower(model, std: float, flag: str = "--vision_init_std") -> None:
@@ -86,9 +91,7 @@ def draw_vision_tower(model, std: float, flag: str = "--vision_init_std") -> Non
         for part in vision_parts(model):
             for module in part.modules():
                 if isinstance(module, torch.nn.Linear):
-                    torch.nn.init.normal_(module.weight, std=std)
-                    if module.bias is not None:
-                        torch.nn.init.zeros_(module.bias)
+                    _redraw(module, std)
 
 
 class TinyTrainer(GSVATrainer):

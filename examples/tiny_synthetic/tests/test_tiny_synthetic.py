@@ -537,15 +537,15 @@ def test_the_vision_tower_redraw_touches_only_the_towers_linear_layers(tmp_path)
 
     vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
     model, _ = compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder("sam", tmp_path / "sam")))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
     draw_vision_tower(model, 0.5)
-    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    changed = {name for name, p in params.items() if not torch.equal(p, before[name])}
     tower = "model.vlm.model.visual."
     linear = {tower + n for n, m in model.model.vlm.model.visual.named_modules() if isinstance(m, torch.nn.Linear)}
     weights = {n + ".weight" for n in linear}
-    biases = {n + ".bias" for n in linear if dict(model.named_parameters()).get(n + ".bias") is not None}
+    biases = {n + ".bias" for n in linear if n + ".bias" in params}
     assert changed == weights | {b for b in biases if before[b].abs().sum() > 0}
-    params = dict(model.named_parameters())
     assert all(params[b].abs().sum() == 0 for b in biases)
     assert torch.cat([params[w].flatten() for w in weights]).std().item() == pytest.approx(0.5, rel=0.02)
     with pytest.raises(ValueError, match="--vision_init_std must be a positive finite number"):
