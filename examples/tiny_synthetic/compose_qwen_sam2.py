@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from examples.tiny_synthetic.from_scratch import draw_language_model, draw_vision_tower  # noqa: E402
-from examples.tiny_synthetic.vision_pretraining import pretrain_vision  # noqa: E402
+from examples.tiny_synthetic.vision_pretraining import pretrain_vision, rebase_on_discriminants  # noqa: E402
 from gsva_hf.compose import compose_gsva  # noqa: E402
 from gsva_hf.export import save_folder  # noqa: E402
 from gsva_hf.metrics import strict_json  # noqa: E402
@@ -85,7 +85,13 @@ def main(argv=None) -> None:
         "--vision_rope_theta", type=float, default=VISION_ROPE_THETA, help="the tower's rotary base (smaller: faster turns per patch)"
     )
     parser.add_argument("--vision_init_std", type=float, help="redraw the vision tower's linear layers at this std")
+    parser.add_argument(
+        "--discriminant_tokens", type=int,
+        help="after the stage, re-base the tokens onto their K most discriminant directions (rebase_on_discriminants)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.discriminant_tokens is not None and not args.vision_pretrain_steps:
+        parser.error("--discriminant_tokens re-bases the tokens the vision stage trained: give --vision_pretrain_steps too")
     parts = Path(args.output).with_name(Path(args.output).name + "-parts")
     tokenizer = tiny_tokenizer("qwen2_5_vl")
     torch.manual_seed(args.seed)
@@ -132,6 +138,9 @@ def main(argv=None) -> None:
             model, processor.image_processor, args.dataset_dir, args.vision_pretrain_steps, seed=args.seed,
             learning_rate=args.vision_pretrain_learning_rate, target="both", log_every=250,
         )  # fmt: skip
+        if args.discriminant_tokens is not None:
+            report["rebase"] = rebase_on_discriminants(model, processor.image_processor, args.dataset_dir, args.discriminant_tokens)
+            report["seconds"] += report["rebase"]["seconds"]
         (parts / "vision_pretraining.json").write_text(strict_json(report, "vision_pretraining.json") + "\n")
         print(f"vision stage: {report['seconds']:.0f} s (pass --clock_offset_seconds {report['seconds']:.0f} to train_tiny.py)")
     save_folder(model, processor, args.output, "5GB")

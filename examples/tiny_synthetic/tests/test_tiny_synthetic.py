@@ -559,7 +559,7 @@ def test_the_vision_tower_redraw_touches_only_the_towers_linear_layers(tmp_path)
         (["--patch_size", "16", "--merge_size", "1", "--temporal_patch_size", "1"], 64, 128, 16),
         (
             ["--width", "256", "--heads", "8", "--intermediate_size", "512", "--full_attention_blocks", "0,1",
-             "--vision_init_std", "0.125", "--vision_rope_theta", "100"],
+             "--vision_init_std", "0.125", "--vision_rope_theta", "100", "--discriminant_tokens", "3"],
             25, 256, 8,
         ),  # fmt: skip
     ],
@@ -567,7 +567,8 @@ def test_the_vision_tower_redraw_touches_only_the_towers_linear_layers(tmp_path)
 def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthetic, tmp_path, options, tokens, width, heads):
     """compose_qwen_sam2.py: 128-px task images become the token grid its options ask for (28-px tokens by default,
     16-px ones with patch 16 unmerged), the language model has the asked width and heads (M-RoPE's sections sized to
-    the head), its vision stage reports its seconds, and the folder loads and segments."""
+    the head), its vision stage (with the re-base where asked) reports its seconds, and the folder loads and
+    segments."""
     from examples.tiny_synthetic import compose_qwen_sam2
     from examples.tiny_synthetic.vision_pretraining import _SplitImages
     from modeling_gsva import GSVAForCausalLM
@@ -577,6 +578,9 @@ def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthet
     compose_qwen_sam2.main([str(out), "--dataset_dir", str(synthetic), "--vision_pretrain_steps", "2", "--lm_init_std", "0.088", *options])
     report = json.loads((tmp_path / "qwen-sam2-parts" / "vision_pretraining.json").read_text())
     assert report["steps"] == 2 and report["seconds"] > 0
+    assert ("rebase" in report) == ("--discriminant_tokens" in options)
+    if "rebase" in report:
+        assert report["rebase"]["k"] == 3 and report["seconds"] > report["rebase"]["seconds"] > 0
     model, processor = GSVAForCausalLM.from_pretrained(out).eval(), GSVAProcessor.from_pretrained(out)
     text = model.model.vlm.config.text_config
     assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (width, heads, heads)
@@ -617,3 +621,79 @@ def test_the_diagnosis_and_the_presence_probe_take_a_composed_folder(synthetic, 
     ])  # fmt: skip
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| shape | 2 |")]
     assert len(rows) == 1 and 0 <= float(rows[0].split("|")[-2]) <= 1
+
+
+def test_the_discriminant_projection_whitens_within_classes_and_finds_the_separating_direction():
+    """Two classes apart along one axis, with a larger within-class spread along another: the one direction found is
+    Fisher's (within-class covariance inverse times the difference of the class means), scaled so the (shrunk)
+    within-class variance along it is 1, and its ratio is its between/within variance ratio."""
+    from examples.tiny_synthetic.vision_pretraining import discriminant_projection
+
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.tensor([[3.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.5]], dtype=torch.float64)
+    labels = torch.arange(2).repeat_interleave(4000)
+    shift = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
+    tokens = torch.randn(8000, 3, generator=generator, dtype=torch.float64) @ spread + shift[labels]
+    mean, projection, ratios = discriminant_projection(tokens, labels, 1, shrinkage=0.0)
+    parts = [tokens[labels == c] for c in (0, 1)]
+    within = sum((p - p.mean(0)).T @ (p - p.mean(0)) for p in parts) / len(tokens)
+    fisher = torch.linalg.solve(within, parts[1].mean(0) - parts[0].mean(0))
+    direction = projection[0]
+    assert torch.allclose(mean, tokens.mean(0))
+    assert abs(torch.nn.functional.cosine_similarity(direction, fisher, dim=0).item()) == pytest.approx(1.0, abs=1e-9)
+    assert (direction @ within @ direction).item() == pytest.approx(1.0, rel=1e-9)
+    centres = torch.stack([p.mean(0) - mean for p in parts])
+    between = sum(len(p) / len(tokens) * (direction @ c) ** 2 for p, c in zip(parts, centres))
+    assert ratios.tolist() == pytest.approx([between.item()], rel=1e-9)
+    with pytest.raises(ValueError, match="k must be between 1 and min"):
+        discriminant_projection(tokens, labels, 2)
+
+
+def test_the_rebase_folds_the_map_into_the_token_layer_and_gives_the_asked_norms(synthetic, tmp_path):
+    """rebase_on_discriminants on a composed Qwen tower: only the merger's last linear layer changes, and the tokens
+    it now writes are the old ones mapped onto K directions: over the fitting tokens their mean has the asked norm,
+    their centred part the asked mean norm and rank K, and it equals the discriminant coordinates (computed apart
+    from the old tokens) laid along orthonormal directions."""
+    from examples.tiny_synthetic.vision_pretraining import (
+        discriminant_projection,
+        image_features,
+        rebase_on_discriminants,
+        token_output_layer,
+    )
+    from gsva_hf import tiny_parts
+    from gsva_hf.compose import compose_gsva
+
+    vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
+    model, processor = compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder("sam", tmp_path / "sam")))
+    model.eval()
+    assert token_output_layer(model) is model.model.vlm.model.visual.merger.mlp[-1]
+    image = PatchContentLabels(synthetic, "val", 8).images[0]
+    train = PatchContentLabels(synthetic, "train", patch_grid(model, processor.image_processor, image))
+    reference = next(model.parameters())
+    with torch.no_grad():
+        before = image_features(model, processor.image_processor, train.images, reference).flatten(0, 1).double()
+    params = dict(model.named_parameters())
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    report = rebase_on_discriminants(model, processor.image_processor, synthetic, 3, centred_norm=5.0, mean_norm=9.0)
+    assert report["images"] == len(train) and len(report["ratios"]) == 3
+    changed = {name for name, p in params.items() if not torch.equal(p, saved[name])}
+    assert changed == {"model.vlm.model.visual.merger.mlp.2.weight", "model.vlm.model.visual.merger.mlp.2.bias"}
+    with torch.no_grad():
+        after = image_features(model, processor.image_processor, train.images, reference).flatten(0, 1).double()
+    centre = after.mean(0)
+    assert centre.norm().item() == pytest.approx(9.0, rel=1e-4)
+    assert (after - centre).norm(dim=1).mean().item() == pytest.approx(5.0, rel=1e-4)
+    singular = torch.linalg.svdvals(after - centre)
+    assert singular[3] < 1e-4 * singular[0]
+    mean, projection, _ = discriminant_projection(before, train.targets.flatten(), 3)
+    coordinates = (before - mean) @ projection.T
+    coordinates = coordinates * 5.0 / coordinates.norm(dim=1).mean()
+    assert torch.allclose(coordinates @ coordinates.T, (after - centre) @ (after - centre).T, atol=1e-3)
+
+
+def test_the_qwen_sam2_builder_refuses_a_rebase_without_a_vision_stage(tmp_path, capsys):
+    from examples.tiny_synthetic import compose_qwen_sam2
+
+    with pytest.raises(SystemExit):
+        compose_qwen_sam2.main([str(tmp_path / "out"), "--discriminant_tokens", "3"])
+    assert "--discriminant_tokens" in capsys.readouterr().err and not (tmp_path / "out").exists()
