@@ -87,11 +87,14 @@ def main(argv=None) -> None:
     parser.add_argument("--vision_init_std", type=float, help="redraw the vision tower's linear layers at this std")
     parser.add_argument(
         "--discriminant_tokens", type=int,
-        help="after the stage, re-base the tokens onto their K most discriminant directions (rebase_on_discriminants)",
+        help="after the stage, re-base the tokens onto their K most discriminant directions for the patch labels of "
+        "up to 2,048 train images (rebase_on_discriminants; its random directions have their own fixed seed)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.discriminant_tokens is not None and not args.vision_pretrain_steps:
         parser.error("--discriminant_tokens re-bases the tokens the vision stage trained: give --vision_pretrain_steps too")
+    if args.discriminant_tokens is not None and not 0 < args.discriminant_tokens < args.width:
+        parser.error(f"--discriminant_tokens must be between 1 and --width - 1 ({args.width - 1}), got {args.discriminant_tokens}")
     parts = Path(args.output).with_name(Path(args.output).name + "-parts")
     tokenizer = tiny_tokenizer("qwen2_5_vl")
     torch.manual_seed(args.seed)
@@ -141,6 +144,7 @@ def main(argv=None) -> None:
         if args.discriminant_tokens is not None:
             report["rebase"] = rebase_on_discriminants(model, processor.image_processor, args.dataset_dir, args.discriminant_tokens)
             report["seconds"] += report["rebase"]["seconds"]
+            print(f"re-based the tokens on {report['rebase']['images']} train images")
         (parts / "vision_pretraining.json").write_text(strict_json(report, "vision_pretraining.json") + "\n")
         print(f"vision stage: {report['seconds']:.0f} s (pass --clock_offset_seconds {report['seconds']:.0f} to train_tiny.py)")
     save_folder(model, processor, args.output, "5GB")

@@ -324,10 +324,11 @@ def pretrain_vision(
 
 def discriminant_projection(tokens: torch.Tensor, labels: torch.Tensor, k: int, shrinkage: float = 1e-3):
     """`(mean, projection, ratios)` of tokens `[N, width]` with class `labels` `[N]`: the `k` directions (rows of
-    `projection`) that best separate the classes, scaled so the within-class covariance (shrunk towards its mean
-    variance by `shrinkage`) is the identity along them; `ratios` are their between/within variance ratios,
-    largest first. Computed in float64."""
-    tokens, classes = tokens.double(), labels.unique()
+    `projection`) that best separate the classes (Fisher's), scaled so the within-class covariance, plus `shrinkage`
+    times its mean variance on the diagonal, is the identity along them; `ratios` are their between/within variance
+    ratios, in the rows' order (smallest first). Computed in float64 on the CPU."""
+    tokens, labels = tokens.detach().cpu().double(), labels.cpu()
+    classes = labels.unique()
     width = tokens.shape[1]
     if not 0 < k <= min(len(classes) - 1, width):
         raise ValueError(
@@ -348,15 +349,17 @@ def discriminant_projection(tokens: torch.Tensor, labels: torch.Tensor, k: int, 
     between = (centres.T * torch.tensor(weights, dtype=tokens.dtype)) @ centres
     whiten = torch.linalg.inv(torch.linalg.cholesky(within))
     ratios, vectors = torch.linalg.eigh(whiten @ between @ whiten.T)
-    return mean, (whiten.T @ vectors[:, -k:]).T, ratios[-k:].flip(0)
+    return mean, (whiten.T @ vectors[:, -k:]).T, ratios[-k:]
 
 
 def token_output_layer(model) -> nn.Linear:
-    """The last linear layer that writes the image tokens the language model reads: CLIP's projector's second
-    layer, or a composed VLM's (Qwen-VL: its merger's)."""
-    layers = [module for part in vision_parts(model) for module in part.modules() if isinstance(module, nn.Linear)]
-    if not layers:
-        raise ValueError("the model's vision side has no linear layer writing its image tokens")
+    """The last linear layer that writes the image tokens the language model reads: the projector's (CLIP's, or a
+    composed VLM's projector or connector), or a Qwen-VL tower's merger's (not its DeepStack mergers')."""
+    last = vision_parts(model)[-1]
+    owner = getattr(last, "merger", None) or last
+    layers = [module for module in owner.modules() if isinstance(module, nn.Linear)]
+    if not layers or layers[-1].bias is None:
+        raise ValueError(f"{type(owner).__name__} has no linear layer with a bias writing the image tokens to re-base")
     return layers[-1]
 
 
@@ -364,24 +367,24 @@ def rebase_on_discriminants(
     model, image_processor, dataset_dir, k: int, max_images: int = 2048, centred_norm: float = 12.0,
     mean_norm: float = 17.0, shrinkage: float = 1e-3, seed: int = 7,
 ) -> dict:  # fmt: skip
-    """Fold into the token output layer a map that re-bases the tokens onto their `k` most discriminant directions
-    for the train split's patch labels (within-class whitened, `discriminant_projection`), laid along random
-    orthonormal directions, plus a mean along its own direction. A language model reads image tokens through random
+    """Fold into the token output layer a map onto the tokens' `k` most discriminant directions for the patch labels
+    of the first `max_images` train images (`discriminant_projection`), laid along random orthonormal directions
+    (drawn from `seed`), plus a mean along its own direction. A language model reads image tokens through random
     projections, so what tells the pairs apart must carry most of each token's variance; a tower trained by the
-    stage keeps much of its random draw's variance instead (Qwen's tower: same-pair tokens of different images at
-    cosine 0.6, against 0.8 for the bundled CLIP + projector). The defaults give the tokens the bundled CLIP +
-    projector tokens' mean (norm 17) and centred norm (12). Returns the ratios and the seconds spent."""
+    stage keeps much of its random draw's instead (BENCHMARKS.md section 8). The default norms are the bundled CLIP
+    + projector tokens' mean and centred norms. Returns the ratios, the images used and the seconds spent."""
     start = time.perf_counter()
-    first = _SplitImages(dataset_dir, "val").images[0]
-    grid = patch_grid(model, image_processor, first) if model.model.is_composed else patch_grid(model)
-    train = PatchContentLabels(dataset_dir, "train", grid)
+    train = PatchContentLabels(dataset_dir, "train", patch_grid(model, image_processor, _SplitImages(dataset_dir, "val").images[0]))
     count = min(max_images, len(train))
+    logger.info("re-basing the image tokens on %d of the %d train images", count, len(train))
     reference = next(vision_parts(model)[0].parameters())
     with torch.no_grad():
         tokens = torch.cat([
             image_features(model, image_processor, train.images[i : min(i + 64, count)], reference)
             for i in range(0, count, 64)
-        ]).float().flatten(0, 1).double()  # fmt: skip
+        ]).flatten(0, 1).cpu().double()  # fmt: skip
+    if k >= tokens.shape[1]:
+        raise ValueError(f"k must be below the tokens' width {tokens.shape[1]} (one direction holds their mean), got {k}")
     mean, projection, ratios = discriminant_projection(tokens, train.targets[:count].flatten(), k, shrinkage)
     scale = centred_norm / ((tokens - mean) @ projection.T).norm(dim=1).mean()
     directions = torch.randn(tokens.shape[1], k + 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -391,9 +394,9 @@ def rebase_on_discriminants(
     rebase = scale * directions[:, 1:] @ projection
     layer = token_output_layer(model)
     with torch.no_grad():
-        weight, bias = layer.weight.double(), layer.bias.double()
-        layer.weight.copy_((rebase @ weight).to(layer.weight.dtype))
-        layer.bias.copy_((rebase @ (bias - mean) + new_mean).to(layer.bias.dtype))
+        weight, bias = layer.weight.cpu().double(), layer.bias.cpu().double()
+        layer.weight.copy_(rebase @ weight)
+        layer.bias.copy_(rebase @ (bias - mean) + new_mean)
     return {"k": k, "images": count, "ratios": ratios.tolist(), "seconds": time.perf_counter() - start}
 
 

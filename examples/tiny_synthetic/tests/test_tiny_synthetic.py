@@ -649,11 +649,34 @@ def test_the_discriminant_projection_whitens_within_classes_and_finds_the_separa
         discriminant_projection(tokens, labels, 2)
 
 
+def test_each_discriminant_ratio_belongs_to_its_row():
+    """Four classes in five dimensions, shrunk: every row's between/within variance ratio (computed apart) is the
+    ratio reported beside it, the rows are whitened against the shrunk within-class covariance, and no direction
+    separates the classes better than the top one."""
+    from examples.tiny_synthetic.vision_pretraining import discriminant_projection
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(4).repeat_interleave(2000)
+    centres = torch.randn(4, 5, generator=generator, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.3, 0.0, 0.0], dtype=torch.float64)
+    tokens = torch.randn(8000, 5, generator=generator, dtype=torch.float64) @ torch.diag(torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)) + centres[labels]
+    mean, projection, ratios = discriminant_projection(tokens, labels, 3, shrinkage=0.1)
+    parts = [tokens[labels == c] for c in range(4)]
+    within = sum((p - p.mean(0)).T @ (p - p.mean(0)) for p in parts) / len(tokens)
+    shrunk = within + 0.1 * within.trace() / 5 * torch.eye(5, dtype=torch.float64)
+    between = sum(len(p) / len(tokens) * torch.outer(p.mean(0) - mean, p.mean(0) - mean) for p in parts)
+    assert torch.allclose(projection @ shrunk @ projection.T, torch.eye(3, dtype=torch.float64), atol=1e-9)
+    own = [(row @ between @ row / (row @ shrunk @ row)).item() for row in projection]
+    assert own == pytest.approx(ratios.tolist(), rel=1e-9)
+    assert own == sorted(own)
+    for row in torch.randn(200, 5, generator=generator, dtype=torch.float64):
+        assert (row @ between @ row / (row @ shrunk @ row)).item() <= own[-1] * (1 + 1e-9)
+
+
 def test_the_rebase_folds_the_map_into_the_token_layer_and_gives_the_asked_norms(synthetic, tmp_path):
     """rebase_on_discriminants on a composed Qwen tower: only the merger's last linear layer changes, and the tokens
     it now writes are the old ones mapped onto K directions: over the fitting tokens their mean has the asked norm,
     their centred part the asked mean norm and rank K, and it equals the discriminant coordinates (computed apart
-    from the old tokens) laid along orthonormal directions."""
+    from the old tokens) laid along orthonormal directions. Only the first `max_images` train images are used."""
     from examples.tiny_synthetic.vision_pretraining import (
         discriminant_projection,
         image_features,
@@ -667,25 +690,27 @@ def test_the_rebase_folds_the_map_into_the_token_layer_and_gives_the_asked_norms
     model, processor = compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder("sam", tmp_path / "sam")))
     model.eval()
     assert token_output_layer(model) is model.model.vlm.model.visual.merger.mlp[-1]
+    with pytest.raises(ValueError, match="k must be below the tokens' width"):
+        rebase_on_discriminants(model, processor.image_processor, synthetic, model.config.get_text_config().hidden_size)
     image = PatchContentLabels(synthetic, "val", 8).images[0]
     train = PatchContentLabels(synthetic, "train", patch_grid(model, processor.image_processor, image))
     reference = next(model.parameters())
     with torch.no_grad():
-        before = image_features(model, processor.image_processor, train.images, reference).flatten(0, 1).double()
+        before = image_features(model, processor.image_processor, train.images[:10], reference).flatten(0, 1).double()
     params = dict(model.named_parameters())
     saved = {name: p.detach().clone() for name, p in params.items()}
-    report = rebase_on_discriminants(model, processor.image_processor, synthetic, 3, centred_norm=5.0, mean_norm=9.0)
-    assert report["images"] == len(train) and len(report["ratios"]) == 3
+    report = rebase_on_discriminants(model, processor.image_processor, synthetic, 3, max_images=10, centred_norm=5.0, mean_norm=9.0)
+    assert report["images"] == 10 and len(report["ratios"]) == 3
     changed = {name for name, p in params.items() if not torch.equal(p, saved[name])}
     assert changed == {"model.vlm.model.visual.merger.mlp.2.weight", "model.vlm.model.visual.merger.mlp.2.bias"}
     with torch.no_grad():
-        after = image_features(model, processor.image_processor, train.images, reference).flatten(0, 1).double()
+        after = image_features(model, processor.image_processor, train.images[:10], reference).flatten(0, 1).double()
     centre = after.mean(0)
     assert centre.norm().item() == pytest.approx(9.0, rel=1e-4)
     assert (after - centre).norm(dim=1).mean().item() == pytest.approx(5.0, rel=1e-4)
     singular = torch.linalg.svdvals(after - centre)
     assert singular[3] < 1e-4 * singular[0]
-    mean, projection, _ = discriminant_projection(before, train.targets.flatten(), 3)
+    mean, projection, _ = discriminant_projection(before, train.targets[:10].flatten(), 3)
     coordinates = (before - mean) @ projection.T
     coordinates = coordinates * 5.0 / coordinates.norm(dim=1).mean()
     assert torch.allclose(coordinates @ coordinates.T, (after - centre) @ (after - centre).T, atol=1e-3)
@@ -697,3 +722,10 @@ def test_the_qwen_sam2_builder_refuses_a_rebase_without_a_vision_stage(tmp_path,
     with pytest.raises(SystemExit):
         compose_qwen_sam2.main([str(tmp_path / "out"), "--discriminant_tokens", "3"])
     assert "--discriminant_tokens" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_token_output_layer_of_the_llava_preset_is_its_projectors_last(tiny_model):
+    from examples.tiny_synthetic.vision_pretraining import token_output_layer
+
+    projector = tiny_model.multi_modal_projector
+    assert token_output_layer(tiny_model) is (projector.linear_1 if projector.linear_2 is None else projector.linear_2)
