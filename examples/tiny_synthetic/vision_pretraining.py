@@ -295,6 +295,13 @@ def train_vision_features(
     return rows
 
 
+def task_grid(model, image_processor, dataset_dir) -> int:
+    """`patch_grid` for the task's images: a composed VLM's grid depends on the image, so the first val image's."""
+    if not model.model.is_composed:
+        return patch_grid(model)
+    return patch_grid(model, image_processor, _SplitImages(dataset_dir, "val").images[0])
+
+
 def pretrain_vision(
     model, image_processor, dataset_dir, steps: int, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
     target: str = "image", log_every: int = 0,
@@ -306,10 +313,7 @@ def pretrain_vision(
     if target not in TARGETS:
         raise ValueError(f"vision pretraining target must be one of {sorted(TARGETS)}, got {target!r}")
     start = time.perf_counter()
-    grid = None
-    if model.model.is_composed and target != "image":
-        first = _SplitImages(dataset_dir, "val").images[0]
-        grid = patch_grid(model, image_processor, first)
+    grid = task_grid(model, image_processor, dataset_dir) if target != "image" else None
     train, val = (TARGETS[target](dataset_dir, split, model, grid) for split in ("train", "val"))
     rows = train_vision_features(
         model, image_processor, train, val, steps, batch_size, learning_rate, eval_every=steps, seed=seed,
@@ -339,9 +343,9 @@ def discriminant_projection(tokens: torch.Tensor, labels: torch.Tensor, k: int, 
     centres, weights = [], []
     for label in classes:
         members = tokens[labels == label]
-        centred = members - members.mean(0)
-        within += centred.T @ centred
-        centres.append(members.mean(0) - mean)
+        centre = members.mean(0)
+        within += (members - centre).T @ (members - centre)
+        centres.append(centre - mean)
         weights.append(len(members) / len(tokens))
     within = within / len(tokens)
     within += shrinkage * within.trace() / width * torch.eye(width, dtype=tokens.dtype)
@@ -374,7 +378,7 @@ def rebase_on_discriminants(
     stage keeps much of its random draw's instead (BENCHMARKS.md section 8). The default norms are the bundled CLIP
     + projector tokens' mean and centred norms. Returns the ratios, the images used and the seconds spent."""
     start = time.perf_counter()
-    train = PatchContentLabels(dataset_dir, "train", patch_grid(model, image_processor, _SplitImages(dataset_dir, "val").images[0]))
+    train = PatchContentLabels(dataset_dir, "train", task_grid(model, image_processor, dataset_dir))
     count = min(max_images, len(train))
     logger.info("re-basing the image tokens on %d of the %d train images", count, len(train))
     reference = next(vision_parts(model)[0].parameters())
@@ -410,6 +414,7 @@ __all__ = [
     "patch_grid",
     "pretrain_vision",
     "rebase_on_discriminants",
+    "task_grid",
     "token_output_layer",
     "train_vision_features",
     "vision_parts",
