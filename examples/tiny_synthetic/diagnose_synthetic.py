@@ -5,6 +5,10 @@ expression the generator wrote (single object, attribute, several objects, relat
 hard negative shares with a present object), and measures whether the decisions look at the image at all: the
 `[SEG]`-minus-`[REJ]` logit margin at every slot with the right image, with every image replaced by another
 val image, and with a black image. A model that grounds presence changes its margins when the image changes.
+It also splits the masks by kind (the mask predicted at every present slot, whatever the decision) and asks how
+well the last-layer state a mask is prompted from names its target's colour and shape (a ridge probe on the
+single-object slots of the split and of the first train images): a mask decoder cannot tell apart two objects
+its prompt does not.
 
     python examples/tiny_synthetic/diagnose_synthetic.py --model gsva_hf/assets/gsva-tiny-synthetic --dataset_dir data/synthetic
 """
@@ -24,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.mixed import build_val_dataset  # noqa: E402
-from gsva_hf.data.synthetic import LABELS_NAME  # noqa: E402
+from gsva_hf.data.synthetic import ALL_SHAPES, LABELS_NAME, PALETTE, plural  # noqa: E402
+from gsva_hf.teacher_forced import score_teacher_forced  # noqa: E402
 from modeling_gsva import IMAGE_INPUTS, TOKEN_TYPE_INPUTS, GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor  # noqa: E402
 
@@ -35,8 +40,8 @@ def image_inputs(batch) -> dict:
 
 
 def slot_margins(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced `[SEG]` minus `[REJ]` logit one position before every slot, whether GSVA's protocol counts the
-    slot's decision as right (the argmax must be exactly the ground-truth token), and the slots' truth."""
+    """Teacher-forced `[SEG]` minus `[REJ]` logit one position before every slot, and whether GSVA's protocol counts
+    the slot's decision as right (the argmax must be exactly the ground-truth token)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **image_inputs(batch)).logits
     margins, correct = [], []
     for row, (positions, seg) in enumerate(model.target_slots(batch["input_ids"])):
@@ -44,6 +49,88 @@ def slot_margins(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         margins.append(slot_logits[:, model.config.seg_token_id] - slot_logits[:, model.config.rej_token_id])
         correct.append(slot_logits.argmax(-1) == batch["input_ids"][row, positions])
     return torch.cat(margins), torch.cat(correct)
+
+
+def slot_overlaps(model, batch) -> list[tuple[int, int] | None]:
+    """(intersection, union) in pixels of the mask GSVA's evaluation predicts at every ground-truth `[SEG]` slot,
+    whatever the decision (its re-evaluation pass included, thresholded as its metric does), None at `[REJ]`."""
+    out = score_teacher_forced(
+        model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        sam_pixel_values=batch["sam_pixel_values"], original_sizes=batch["original_sizes"],
+        reshaped_input_sizes=batch["reshaped_input_sizes"], reeval=True, mask_confirmed_rejections=False,
+        **image_inputs(batch),
+    )  # fmt: skip
+    overlaps = []
+    for masks, is_seg, truth in zip(out.pred_masks, out.slot_is_seg, batch["gt_masks"]):
+        for mask, seg, target in zip(masks >= 0, is_seg.tolist(), truth.bool()):
+            overlaps.append((int((mask & target).sum()), int((mask | target).sum())) if seg else None)
+    return overlaps
+
+
+def mask_quality(overlaps: list, kinds: list[str]) -> dict:
+    """Per kind and overall: present slots, cIoU (summed intersections over summed unions) and mean IoU."""
+    groups = defaultdict(list)
+    for kind, overlap in zip(kinds, overlaps):
+        if overlap is not None:
+            groups[kind].append(overlap)
+            groups["all"].append(overlap)
+    return {
+        kind: {
+            "count": len(pairs),
+            "ciou": sum(i for i, _ in pairs) / max(sum(u for _, u in pairs), 1),
+            "miou": sum(i / max(u, 1) for i, u in pairs) / len(pairs),
+        }
+        for kind, pairs in sorted(groups.items())
+    }
+
+
+def colour_and_shape(phrase: str) -> tuple[int, int] | None:
+    """Indices into `PALETTE` and `ALL_SHAPES` of a single-object phrase (`the red circle(s)`), None otherwise."""
+    words = phrase.lower().split()
+    colours, shapes = list(PALETTE), list(ALL_SHAPES)
+    if len(words) != 3 or words[1] not in colours:
+        return None
+    shape = next((s for s in shapes if words[2] in (s, plural(s))), None)
+    return None if shape is None else (colours.index(words[1]), shapes.index(shape))
+
+
+def ridge_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, folds: int = 4, penalty: float = 10.0) -> float:
+    """Cross-validated accuracy of a ridge classifier (one-hot targets, standardised features; slot i is held out
+    in fold i mod `folds`): how linearly a state names a label."""
+    x = features.double()
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    targets = torch.nn.functional.one_hot(labels, int(labels.max()) + 1).double()
+    fold = torch.arange(len(labels)) % folds
+    right = 0
+    for held in range(folds):
+        train, test = fold != held, fold == held
+        gram = x[train].T @ x[train] + penalty * torch.eye(x.shape[1], dtype=x.dtype)
+        weights = torch.linalg.solve(gram, x[train].T @ targets[train])
+        right += int(((x[test] @ weights).argmax(1) == labels[test]).sum())
+    return right / len(labels)
+
+
+def single_slot_states(model, collator, samples, kinds: dict, batch_size: int) -> tuple[list, list]:
+    """The last-layer states that prompt the masks of single-object slots, with the ground-truth answer as context,
+    and their (colour, shape) indices."""
+    states, names = [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = collator(chunk)
+        hidden = model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **image_inputs(batch)
+        ).last_hidden_state
+        slot_states, _, _ = model.gather_slot_states(hidden, batch["input_ids"])
+        for row, sample in enumerate(chunk):
+            for slot, (phrase, ref) in enumerate(zip(sample.targets, sample.meta["ref_ids"])):
+                if kinds[ref] != "single":
+                    continue
+                named = colour_and_shape(phrase)
+                if named is None:
+                    raise ValueError(f"ref {ref}: single-object phrase {phrase!r} does not read 'the <colour> <shape>'")
+                states.append(slot_states[row, slot].float())
+                names.append(named)
+    return states, names
 
 
 def with_images(collator, chunk, images, batch) -> dict:
@@ -71,7 +158,11 @@ def ranking_and_best_shift(margins: torch.Tensor, present: torch.Tensor) -> dict
 
 
 @torch.no_grad()
-def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) -> dict:
+def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int, probe_train_images: int = 500) -> dict:
+    if probe_train_images < 0:
+        raise ValueError(f"probe_train_images must be >= 0, got {probe_train_images}")
+    if probe_train_images and split == "train":
+        raise ValueError("the slot-state probe would count the train images twice: with split 'train' give probe_train_images=0")
     labels_path = dataset_dir / LABELS_NAME
     if not labels_path.is_file():
         raise SystemExit(f"{labels_path} not found: --dataset_dir must hold the synthetic task (python -m gsva_hf.data.synthetic)")
@@ -82,7 +173,7 @@ def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) ->
     dataset = build_val_dataset(dataset_dir, f"grefcoco|unc|{split}")
     collator = GSVACollator(processor)
     items = [dataset[i] for i in range(len(dataset))]
-    right, shuffled, black, correct, truth, slot_kinds = [], [], [], [], [], []
+    right, shuffled, black, correct, truth, slot_kinds, overlaps = [], [], [], [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = collator(chunk)
@@ -90,23 +181,40 @@ def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int) ->
         blacks = [Image.new("RGB", sample.image.size) for sample in chunk]
         margin, ok = slot_margins(model, batch)
         right.append(margin)
+        overlaps += slot_overlaps(model, batch)
         correct.append(ok)
         truth.append(torch.cat([seg for _, seg in model.target_slots(batch["input_ids"])]))
         shuffled.append(slot_margins(model, with_images(collator, chunk, others, batch))[0])
         black.append(slot_margins(model, with_images(collator, chunk, blacks, batch))[0])
         slot_kinds += [kinds[ref] for sample in chunk for ref in sample.meta["ref_ids"]]
     right, shuffled, black, correct, truth = (torch.cat(x) for x in (right, shuffled, black, correct, truth))
-    if len(slot_kinds) != len(right):
-        raise RuntimeError(f"{len(right)} slots but {len(slot_kinds)} ref ids: the val answers and refs disagree")
+    if not len(slot_kinds) == len(right) == len(overlaps):
+        raise RuntimeError(
+            f"{len(right)} slots, {len(overlaps)} mask slots and {len(slot_kinds)} ref ids: the val answers and refs disagree"
+        )
     per_kind = defaultdict(list)
     for kind, ok in zip(slot_kinds, correct.tolist()):
         per_kind[kind].append(ok)
     grounded = torch.tensor([k == "single" or k.startswith("absent") for k in slot_kinds])
+    probe_samples = list(items)
+    if probe_train_images:
+        train = build_val_dataset(dataset_dir, "grefcoco|unc|train")
+        probe_samples += [train[i] for i in range(min(probe_train_images, len(train)))]
+    states, names = single_slot_states(model, collator, probe_samples, kinds, batch_size)
+    probe = {"train_images": len(probe_samples) - len(items), "single_slots": len(states)}
+    if len(states) < 8:
+        probe["not_run"] = f"{len(states)} single-object slots; the 4-fold probe needs at least 8"
+    else:
+        features, labels = torch.stack(states), torch.tensor(names)
+        probe["colour_accuracy"] = ridge_probe_accuracy(features, labels[:, 0])
+        probe["shape_accuracy"] = ridge_probe_accuracy(features, labels[:, 1])
     return {
         "slots": len(right),
         "grounded_slots": ranking_and_best_shift(right[grounded], truth[grounded]),
         "decision_accuracy": int(correct.sum()) / len(correct),
         "per_kind_accuracy": {k: {"count": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(per_kind.items())},
+        "per_kind_masks": mask_quality(overlaps, slot_kinds),
+        "slot_state_probe": probe,
         "margin_std": right.std().item(),
         "mean_abs_change_other_image": (right - shuffled).abs().mean().item(),
         "mean_abs_change_black_image": (right - black).abs().mean().item(),
@@ -121,8 +229,17 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset_dir", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument("--split", default="val")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument(
+        "--probe_train_images", type=int, default=500,
+        help="train images whose single-object slots join the split's in the slot-state probe (0: the split's only)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    print(json.dumps(diagnose(args.model, args.dataset_dir, args.split, args.batch_size), indent=2))
+    if args.probe_train_images < 0:
+        parser.error(f"--probe_train_images must be >= 0, got {args.probe_train_images}")
+    if args.probe_train_images and args.split == "train":
+        parser.error("--split train with --probe_train_images would probe the train images twice: add --probe_train_images 0")
+    report = diagnose(args.model, args.dataset_dir, args.split, args.batch_size, args.probe_train_images)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

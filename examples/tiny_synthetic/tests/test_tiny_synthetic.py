@@ -362,7 +362,8 @@ def test_the_embedded_default_config_trains_what_it_says(synthetic, tmp_path):
 
 
 def test_diagnosis_agrees_with_the_evaluator(tmp_path):
-    """The per-kind diagnosis counts a slot right exactly when GSVA's evaluator does (bundled model, fresh val)."""
+    """The per-kind diagnosis counts a slot right exactly when GSVA's evaluator does (bundled model, fresh val), masks
+    every present target, and probes the single-object states; a negative or doubled train count is refused."""
     from examples.tiny_synthetic.diagnose_synthetic import diagnose
     from gsva_hf.data.mixed import build_val_dataset
     from gsva_hf.evaluation import evaluate_dataset
@@ -371,7 +372,7 @@ def test_diagnosis_agrees_with_the_evaluator(tmp_path):
     from processing_gsva import GSVAProcessor
 
     write_synthetic_grefcoco(tmp_path, num_images={"train": 0, "val": 12, "testA": 0, "testB": 0}, seed=11)
-    report = diagnose(BUNDLED_MODEL, tmp_path, "val", batch_size=5)
+    report = diagnose(BUNDLED_MODEL, tmp_path, "val", batch_size=5, probe_train_images=0)
     model = GSVAForCausalLM.from_pretrained(BUNDLED_MODEL).eval()
     result = evaluate_dataset(
         model, GSVAProcessor.from_pretrained(BUNDLED_MODEL), build_val_dataset(tmp_path, "grefcoco|unc|val"), progress=False
@@ -381,6 +382,60 @@ def test_diagnosis_agrees_with_the_evaluator(tmp_path):
     assert report["decision_accuracy"] == pytest.approx((sums["tp"] + sums["tn"]) / sums["count"], abs=1e-12)
     assert sum(k["count"] for k in report["per_kind_accuracy"].values()) == report["slots"]
     assert -1.0 <= report["correlation_right_vs_other_image"] <= 1.0
+    assert report["per_kind_masks"]["all"]["count"] == sums["tn"] + sums["fp"]  # GSVA's positives are absent targets
+    assert report["slot_state_probe"]["single_slots"] > 0
+    with pytest.raises(ValueError, match="probe_train_images must be >= 0"):
+        diagnose(BUNDLED_MODEL, tmp_path, "val", batch_size=5, probe_train_images=-1)
+    with pytest.raises(ValueError, match="count the train images twice"):
+        diagnose(BUNDLED_MODEL, tmp_path, "train", batch_size=5)
+
+
+def test_the_diagnosis_masks_are_the_evaluators_masks(tmp_path):
+    """Every present target's (intersection, union) in the diagnosis is the one GSVA's evaluator adds for it, slot by
+    slot, re-evaluation pass included (this val split has present targets after a `[REJ]`)."""
+    from examples.tiny_synthetic.diagnose_synthetic import slot_overlaps
+    from gsva_hf.data.collator import GSVACollator
+    from gsva_hf.data.mixed import build_val_dataset
+    from gsva_hf.evaluation import evaluate_dataset
+    from gsva_hf.segment import DEFAULT_MODEL as BUNDLED_MODEL
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
+
+    write_synthetic_grefcoco(tmp_path, num_images={"train": 0, "val": 10, "testA": 0, "testB": 0}, seed=5)
+    model = GSVAForCausalLM.from_pretrained(BUNDLED_MODEL).eval()
+    processor = GSVAProcessor.from_pretrained(BUNDLED_MODEL)
+    dataset = build_val_dataset(tmp_path, "grefcoco|unc|val")
+    items = [dataset[i] for i in range(len(dataset))]
+    assert any(not s.rejected[i] and any(s.rejected[:i]) for s in items for i in range(len(s.rejected)))
+    with torch.no_grad():
+        overlaps = slot_overlaps(model, GSVACollator(processor)(items))
+    ids = [f"{index}:{slot}" for index, s in enumerate(items) for slot in range(len(s.rejected))]
+    assert [o is None for o in overlaps] == [r for s in items for r in s.rejected]
+    added = {r.sample_id: (r.intersection, r.union) for r in evaluate_dataset(model, processor, dataset, progress=False).accumulator.samples}
+    present = {i: o for i, o in zip(ids, overlaps) if o is not None}
+    assert present == {i: added[i] for i in present} and len(present) > 0
+
+
+def test_mask_quality_colour_and_shape_and_the_ridge_probe():
+    """Hand-made overlaps give each kind's cIoU and mean IoU; phrases of single objects name their pair and no
+    other phrase does; the ridge probe reads labels that a direction carries and not labels drawn apart from it."""
+    from examples.tiny_synthetic.diagnose_synthetic import colour_and_shape, mask_quality, ridge_probe_accuracy
+    from gsva_hf.data.synthetic import ALL_SHAPES
+
+    quality = mask_quality([(3, 4), None, (1, 4), (0, 2)], ["single", "absent (colour)", "single", "multi"])
+    assert quality["single"] == {"count": 2, "ciou": 4 / 8, "miou": (3 / 4 + 1 / 4) / 2}
+    assert quality["all"] == {"count": 3, "ciou": 4 / 10, "miou": (3 / 4 + 1 / 4 + 0) / 3}
+    assert "absent (colour)" not in quality
+    assert colour_and_shape("the red circles") == (list(PALETTE).index("red"), ALL_SHAPES.index("circle"))
+    assert colour_and_shape("The blue star") == (list(PALETTE).index("blue"), ALL_SHAPES.index("star"))
+    assert colour_and_shape("the circle") is None and colour_and_shape("the red shape") is None
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    centres = 3.0 * torch.randn(4, 16, generator=generator)
+    features = centres[labels] + torch.randn(400, 16, generator=generator)
+    assert ridge_probe_accuracy(features, labels) > 0.95
+    unrelated = torch.randint(0, 4, (400,), generator=generator)
+    assert ridge_probe_accuracy(features, unrelated) < 0.4
 
 
 def test_ranking_and_best_shift_on_hand_made_margins():
@@ -729,3 +784,60 @@ def test_the_token_output_layer_of_the_llava_preset_is_its_projectors_last(tiny_
 
     projector = tiny_model.multi_modal_projector
     assert token_output_layer(tiny_model) is (projector.linear_1 if projector.linear_2 is None else projector.linear_2)
+
+
+def test_the_mask_decoder_probe_names_targets_by_their_pixels(synthetic):
+    """Every (colour, shape) target's pixels have its colour in the image (the generator's jitter is at most 10 per
+    channel), the pair targets of an image are disjoint and cover its objects, and a colour's target is the union of
+    its pairs' targets."""
+    from examples.tiny_synthetic.probe_mask_decoder import named_targets, overlaps
+    from examples.tiny_synthetic.vision_pretraining import _SplitImages
+
+    split = _SplitImages(synthetic, "val")
+    for image, found in zip(split.images, split.objects):
+        pairs = named_targets(found, *image.shape[:2], "both")
+        colours = named_targets(found, *image.shape[:2], "colour")
+        assert sum(int(mask.sum()) for mask in pairs.values()) == int(np.logical_or.reduce(list(pairs.values())).sum())
+        assert set(pairs) == {(o["color"], o["shape"]) for o in found}
+        for (colour, _), mask in pairs.items():
+            assert mask.any() and np.abs(image[mask].astype(int) - PALETTE[colour]).max() <= 10
+        for (colour, _), mask in colours.items():
+            union = np.logical_or.reduce([m for (c, _), m in pairs.items() if c == colour])
+            assert np.array_equal(mask, union)
+    truth = [torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])]
+    assert overlaps([torch.tensor([[[2.0, -1.0], [3.0, -2.0]]])], truth) == [(1, 3)]
+
+
+@pytest.mark.parametrize("family", ["sam", "sam2"])
+def test_the_mask_decoder_probe_trains_a_composed_folder(synthetic, tmp_path, family, capsys):
+    """The probe trains the folder's mask path from ideal prompts and reports val scores within [0, 1]; its loss
+    reaches the mask decoder's weights and the prompt table; counts below 1 are refused naming the flag."""
+    from examples.tiny_synthetic import probe_mask_decoder
+    from gsva_hf import tiny_parts
+    from gsva_hf.compose import compose_gsva
+
+    out = tmp_path / "composed"
+    vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
+    compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder(family, tmp_path / "mask")), out)
+    probe_mask_decoder.main([
+        "--model", str(out), "--dataset_dir", str(synthetic), "--seconds", "0.01", "--eval_every", "0.01",
+        "--val_images", "4", "--batch_size", "2", "--threads", "1",
+    ])  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "step" not in line]
+    assert len(rows) == 1 and rows[0][1].strip() == "1"
+    assert all(0.0 <= float(value) <= 1.0 for value in rows[0][3:])
+    probe = probe_mask_decoder.MaskDecoderProbe(out, "colour")
+    split = probe_mask_decoder._SplitImages(synthetic, "train")
+    before = {name: p.detach().clone() for name, p in probe.model.model.sam.named_parameters()}
+    table = probe.table.weight.detach().clone()
+    targets = probe_mask_decoder.split_targets(split, "colour")[:2]
+    loss = probe.loss(*probe.batch(split.images[:2], targets))
+    loss.backward()
+    torch.optim.SGD([*probe.model.model.sam.parameters(), *probe.table.parameters()], lr=0.1).step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[n], p) for n, p in probe.model.model.sam.named_parameters())
+    assert not torch.equal(table, probe.table.weight)
+    assert set(probe.names) == {key for found in targets for key in found}
+    with pytest.raises(SystemExit):
+        probe_mask_decoder.main(["--model", str(out), "--dataset_dir", str(synthetic), "--val_images", "0"])
+    assert "--val_images must be >= 1, got 0" in capsys.readouterr().err
