@@ -20,6 +20,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -28,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from gsva_hf.data.collator import GSVACollator  # noqa: E402
 from gsva_hf.data.mixed import build_val_dataset  # noqa: E402
-from gsva_hf.data.synthetic import ALL_SHAPES, LABELS_NAME, PALETTE, plural  # noqa: E402
+from gsva_hf.data.synthetic import ALL_SHAPES, LABELS_NAME, PALETTE, phrase  # noqa: E402
+from gsva_hf.metrics import intersection_and_union  # noqa: E402
 from gsva_hf.teacher_forced import score_teacher_forced  # noqa: E402
 from modeling_gsva import IMAGE_INPUTS, TOKEN_TYPE_INPUTS, GSVAForCausalLM  # noqa: E402
 from processing_gsva import GSVAProcessor  # noqa: E402
@@ -62,9 +64,23 @@ def slot_overlaps(model, batch) -> list[tuple[int, int] | None]:
     )  # fmt: skip
     overlaps = []
     for masks, is_seg, truth in zip(out.pred_masks, out.slot_is_seg, batch["gt_masks"]):
-        for mask, seg, target in zip(masks >= 0, is_seg.tolist(), truth.bool()):
-            overlaps.append((int((mask & target).sum()), int((mask | target).sum())) if seg else None)
+        for mask, seg, target in zip(masks >= 0, is_seg.tolist(), truth):
+            overlaps.append(overlap(mask, target) if seg else None)
     return overlaps
+
+
+def overlap(mask: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """(intersection, union) in pixels of a bool mask with a 0/1 ground truth, counted as GSVA's metrics count them."""
+    return intersection_and_union(mask.cpu().numpy(), target.cpu().numpy().astype(np.uint8))
+
+
+def overlap_scores(pairs: list[tuple[int, int]]) -> dict:
+    """Targets, cIoU (summed intersections over summed unions) and mean IoU of (intersection, union) pairs."""
+    return {
+        "count": len(pairs),
+        "ciou": sum(i for i, _ in pairs) / max(sum(u for _, u in pairs), 1),
+        "miou": sum(i / max(u, 1) for i, u in pairs) / len(pairs),
+    }
 
 
 def mask_quality(overlaps: list, kinds: list[str]) -> dict:
@@ -74,24 +90,21 @@ def mask_quality(overlaps: list, kinds: list[str]) -> dict:
         if overlap is not None:
             groups[kind].append(overlap)
             groups["all"].append(overlap)
-    return {
-        kind: {
-            "count": len(pairs),
-            "ciou": sum(i for i, _ in pairs) / max(sum(u for _, u in pairs), 1),
-            "miou": sum(i / max(u, 1) for i, u in pairs) / len(pairs),
-        }
-        for kind, pairs in sorted(groups.items())
-    }
+    return {kind: overlap_scores(pairs) for kind, pairs in sorted(groups.items())}
 
 
-def colour_and_shape(phrase: str) -> tuple[int, int] | None:
+# Every single-object phrase the generator can write (its own `phrase`), to its colour and shape indices.
+SINGLE_OBJECT_PHRASES = {
+    phrase(colour, shape, many): (i, j)
+    for i, colour in enumerate(PALETTE)
+    for j, shape in enumerate(ALL_SHAPES)
+    for many in (False, True)
+}
+
+
+def colour_and_shape(text: str) -> tuple[int, int] | None:
     """Indices into `PALETTE` and `ALL_SHAPES` of a single-object phrase (`the red circle(s)`), None otherwise."""
-    words = phrase.lower().split()
-    colours, shapes = list(PALETTE), list(ALL_SHAPES)
-    if len(words) != 3 or words[1] not in colours:
-        return None
-    shape = next((s for s in shapes if words[2] in (s, plural(s))), None)
-    return None if shape is None else (colours.index(words[1]), shapes.index(shape))
+    return SINGLE_OBJECT_PHRASES.get(" ".join(text.lower().split()))
 
 
 def ridge_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, folds: int = 4, penalty: float = 10.0) -> float:
@@ -122,12 +135,12 @@ def single_slot_states(model, collator, samples, kinds: dict, batch_size: int) -
         ).last_hidden_state
         slot_states, _, _ = model.gather_slot_states(hidden, batch["input_ids"])
         for row, sample in enumerate(chunk):
-            for slot, (phrase, ref) in enumerate(zip(sample.targets, sample.meta["ref_ids"])):
+            for slot, (text, ref) in enumerate(zip(sample.targets, sample.meta["ref_ids"])):
                 if kinds[ref] != "single":
                     continue
-                named = colour_and_shape(phrase)
+                named = colour_and_shape(text)
                 if named is None:
-                    raise ValueError(f"ref {ref}: single-object phrase {phrase!r} does not read 'the <colour> <shape>'")
+                    raise ValueError(f"ref {ref}: single-object phrase {text!r} does not read 'the <colour> <shape>'")
                 states.append(slot_states[row, slot].float())
                 names.append(named)
     return states, names

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from configuration_gsva import GSVAConfig  # noqa: E402
+from examples.tiny_synthetic.diagnose_synthetic import overlap, overlap_scores  # noqa: E402
 from examples.tiny_synthetic.vision_pretraining import _SplitImages  # noqa: E402
 from gsva_hf.data.synthetic import decode_rle  # noqa: E402
 from modeling_gsva import GSVAForCausalLM  # noqa: E402
@@ -50,11 +51,7 @@ def named_targets(objects: list[dict], height: int, width: int, prompt: str) -> 
 
 def overlaps(logits: list[torch.Tensor], truths: list[torch.Tensor]) -> list[tuple[int, int]]:
     """(intersection, union) in pixels of each target's mask (logits > 0) with its ground truth."""
-    pairs = []
-    for predicted, truth in zip(logits, truths):
-        for mask, target in zip(predicted > 0, truth > 0.5):
-            pairs.append((int((mask & target).sum()), int((mask | target).sum())))
-    return pairs
+    return [overlap(mask, target > 0.5) for predicted, truth in zip(logits, truths) for mask, target in zip(predicted > 0, truth)]
 
 
 class MaskDecoderProbe:
@@ -62,11 +59,13 @@ class MaskDecoderProbe:
 
     def __init__(self, model_dir, prompt: str, keep_weights: bool = False, seed: int = 0):
         torch.manual_seed(seed)
-        config = GSVAConfig.from_pretrained(model_dir)
         self.processor = GSVAProcessor.from_pretrained(model_dir)
-        self.model = GSVAForCausalLM.from_pretrained(model_dir) if keep_weights else GSVAForCausalLM._from_config(config)
+        if keep_weights:
+            self.model = GSVAForCausalLM.from_pretrained(model_dir)
+        else:
+            self.model = GSVAForCausalLM._from_config(GSVAConfig.from_pretrained(model_dir))
         self.model.train()
-        self.prompt, self.config = prompt, config
+        self.prompt = prompt
         self.width = self.model.text_hidden_fcs[0][0].in_features
         self.names: dict[tuple, int] = {}
         self.table = torch.nn.Embedding(64, self.width)
@@ -110,10 +109,7 @@ class MaskDecoderProbe:
             logits = self.processor.post_process_masks(self.masks(sam, ids, slot_mask), sizes, resized, slot_mask)
             pairs += overlaps(logits, truths)
         self.model.train()
-        return {
-            "ciou": sum(i for i, _ in pairs) / max(sum(u for _, u in pairs), 1),
-            "miou": sum(i / max(u, 1) for i, u in pairs) / len(pairs),
-        }
+        return overlap_scores(pairs)
 
 
 def split_targets(split: _SplitImages, prompt: str) -> list[dict[tuple, np.ndarray]]:
@@ -155,7 +151,7 @@ def main(argv=None) -> None:
         [{"params": parameters, "lr": args.learning_rate}, {"params": probe.table.parameters(), "lr": args.prompt_learning_rate}],
         weight_decay=0.0,
     )
-    print(f"mask decoder: {probe.config.sam_config.model_type}, prompts name {args.prompt}; {len(train)} train images, {count} val")
+    print(f"mask decoder: {probe.model.config.sam_config.model_type}, prompts name {args.prompt}; {len(train)} train images, {count} val")
     print("| seconds | step | loss | val cIoU | val mean IoU |\n|---|---|---|---|---|")
     rng = np.random.default_rng(args.seed)
     spent, step, next_eval = 0.0, 0, args.eval_every
