@@ -425,6 +425,17 @@ class GSVAModel(GSVAPreTrainedModel):
         return embeddings.masked_scatter(image_mask.unsqueeze(-1), features)
 
     # ----------------------------------------------------------------- mask decoder
+    @torch.no_grad()
+    def draw_mask_path(self) -> None:
+        """GSVA's draw of SAM and `text_hidden_fcs` for a model trained from scratch: PyTorch's default layer init
+        (segment-anything's modules) and Fourier features with std 1, instead of transformers' normal(0.02), which
+        trains the mask path much more slowly. Under `init.guard_torch_init_functions` (as `initialize_weights`
+        calls it) loaded tensors are left alone; called directly it redraws the whole mask path."""
+        for module in list(self.sam.modules()) + list(self.text_hidden_fcs.modules()):
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
+                module.reset_parameters()
+        nn.init.normal_(self.sam.shared_image_embedding.positional_embedding, 0.0, 1.0)
+
     def masks_from_hidden_states(
         self, slot_hidden_states: torch.Tensor, sam_image_embeddings: torch.Tensor, decode: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -585,10 +596,7 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
             apply_init(part, init_fn, custom)
         base._initialize_weights(base, custom)
         self._initialize_weights(self, custom)
-        for module in list(base.sam.modules()) + list(base.text_hidden_fcs.modules()):
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
-                module.reset_parameters()
-        init.normal_(base.sam.shared_image_embedding.positional_embedding, 0.0, 1.0)
+        base.draw_mask_path()
         if self.is_composed:
             # The VLM's own tying (Gemma 3, InternVL) after its parts are drawn.
             base.vlm.tie_weights()

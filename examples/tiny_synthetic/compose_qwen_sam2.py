@@ -27,7 +27,7 @@ from gsva_hf.metrics import strict_json  # noqa: E402
 from gsva_hf.tiny_parts import _sam2_image_processor_dict, tiny_mask_decoder_config, tiny_tokenizer  # noqa: E402
 
 WIDTH, HEADS = 128, 16
-VISION_ROPE_THETA = 10000.0  # Qwen2.5-VL's own
+VISION_ROPE_THETA = ROPE_THETA = 10000.0  # Qwen2.5-VL's own
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -44,6 +44,7 @@ def mrope_section(head_dim: int) -> list[int]:
 def qwen_config(
     tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2, width: int = WIDTH, heads: int = HEADS,
     intermediate_size: int | None = None, full_attention_blocks: tuple[int, ...] = (1,), vision_rope_theta: float = VISION_ROPE_THETA,
+    rope_theta: float = ROPE_THETA,
 ):
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -52,7 +53,7 @@ def qwen_config(
     text = dict(
         hidden_size=width, intermediate_size=intermediate_size or 4 * width, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=heads, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(width // heads)},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section(width // heads)},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=width, patch_size=patch_size,
@@ -86,6 +87,18 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--vision_init_std", type=float, help="redraw the vision tower's linear layers at this std")
     parser.add_argument(
+        "--rope_theta", type=float, default=ROPE_THETA,
+        help="the language model's rotary base (a head of 8 dims turns at 4 frequencies: 1, 0.1, 0.01 and 0.001 "
+        "radians per token at 10,000; 1, 0.32, 0.1 and 0.03 at 100)",
+    )
+    parser.add_argument(
+        "--mask_decoder_init", choices=("sam2", "gsva"), default="sam2",
+        help="draw SAM 2 as transformers does (sam2: normal(0.02)) or as GSVA draws a from-scratch SAM (gsva: "
+        "PyTorch's default layer init, the bundled recipe's)",
+    )
+    parser.add_argument("--mask_decoder_heads", type=int, default=2, help="the mask decoder's attention heads (the bundled SAM's: 4)")
+    parser.add_argument("--mask_decoder_mlp_dim", type=int, default=64, help="its MLP's hidden size (the bundled SAM's: 256)")
+    parser.add_argument(
         "--discriminant_tokens", type=int,
         help="after the stage, re-base the tokens onto their K most discriminant directions for the patch labels of "
         "up to 2,048 train images (rebase_on_discriminants; its random directions have their own fixed seed)",
@@ -102,7 +115,7 @@ def main(argv=None) -> None:
         tokenizer, patch_size=args.patch_size, merge_size=args.merge_size, temporal_patch_size=args.temporal_patch_size,
         width=args.width, heads=args.heads, intermediate_size=args.intermediate_size,
         full_attention_blocks=tuple(int(block) for block in args.full_attention_blocks.split(",") if block.strip()),
-        vision_rope_theta=args.vision_rope_theta,
+        vision_rope_theta=args.vision_rope_theta, rope_theta=args.rope_theta,
     ))  # fmt: skip
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -120,6 +133,8 @@ def main(argv=None) -> None:
     sam_config.prompt_encoder_config.image_size = 128
     sam_config.prompt_encoder_config.hidden_size = 64
     sam_config.mask_decoder_config.hidden_size = 64
+    sam_config.mask_decoder_config.num_attention_heads = args.mask_decoder_heads
+    sam_config.mask_decoder_config.mlp_dim = args.mask_decoder_mlp_dim
     sam_config.vision_config.fpn_hidden_size = 64
     sam_config.vision_config.backbone_config.image_size = [128, 128]
     sam_config.vision_config.backbone_feature_sizes = [[32, 32], [16, 16], [8, 8]]
@@ -147,6 +162,10 @@ def main(argv=None) -> None:
             print(f"re-based the tokens on {report['rebase']['images']} train images")
         (parts / "vision_pretraining.json").write_text(strict_json(report, "vision_pretraining.json") + "\n")
         print(f"vision stage: {report['seconds']:.0f} s (pass --clock_offset_seconds {report['seconds']:.0f} to train_tiny.py)")
+    if args.mask_decoder_init == "gsva":
+        # Last and from its own seed, so the option leaves every other draw as it is.
+        torch.manual_seed(args.seed)
+        model.model.draw_mask_path()
     save_folder(model, processor, args.output, "5GB")
     print(f"wrote {args.output} (parts in {parts})")
 

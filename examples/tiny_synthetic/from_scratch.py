@@ -122,15 +122,21 @@ class TimedEvaluationCallback(TrainerCallback):
     Appends one JSON line per evaluation to `curve_path`: minutes, step, samples seen, the losses of the last
     logging window and the metrics. `start_seconds` is training done before the Trainer (the vision stage), so
     the clock counts it; marks it already passes are dropped (nothing of the Trainer's run to evaluate yet).
+    Each mark also saves a checkpoint (its row names it), so the model of every row can be evaluated again;
+    `stop_after_last` ends training at the last mark, for runs whose length is the curve's.
     """
 
-    def __init__(self, minutes: list[float], evaluate, curve_path: str | Path, start_seconds: float = 0.0):
+    def __init__(
+        self, minutes: list[float], evaluate, curve_path: str | Path, start_seconds: float = 0.0, stop_after_last: bool = False
+    ):
         self.marks = sorted(m for m in minutes if 60 * m > start_seconds)
         self.evaluate = evaluate
         self.curve_path = Path(curve_path)
         self.training_seconds = float(start_seconds)
+        self.stop_after_last = stop_after_last
         self._last = None
         self._last_losses: dict = {}
+        self._recorded_step = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._last = time.perf_counter()
@@ -140,13 +146,17 @@ class TimedEvaluationCallback(TrainerCallback):
         if self.marks and self.training_seconds >= 60 * self.marks[0]:
             minute = self.marks.pop(0)
             self._record(minute, args, state, model)
+            control.should_save = True
+            if self.stop_after_last and not self.marks:
+                control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self._last_losses = {k: logs[k] for k in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss") if k in logs}
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._record(round(self.training_seconds / 60, 2), args, state, model, final=True)
+        if self._recorded_step != state.global_step:
+            self._record(round(self.training_seconds / 60, 2), args, state, model, final=True)
 
     def _record(self, minute, args, state, model, final=False):
         if not state.is_world_process_zero and args.world_size > 1:
@@ -156,10 +166,12 @@ class TimedEvaluationCallback(TrainerCallback):
         network.eval()
         metrics = self.evaluate(network)
         network.train(was_training)
+        self._recorded_step = state.global_step
         entry = {
             "minutes": minute,
             "final": final,
             "step": state.global_step,
+            "checkpoint": None if final else f"checkpoint-{state.global_step}",
             "samples": state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             **self._last_losses,
             **{k: metrics[k] for k in ("giou", "ciou", "n_acc", "t_acc") if k in metrics},

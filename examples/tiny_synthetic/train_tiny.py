@@ -55,6 +55,7 @@ class TinyArguments:
     vision_pretrain_batch_size: int = flag(32, "batch size of the vision stage")
     embedding_learning_rate: float | None = flag(None, "learning rate of the LM's input embeddings (None: learning_rate)")
     eval_at_minutes: str = flag("", "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20")
+    stop_at_last_minute: bool = flag(False, "learning curve: end training at the last of --eval_at_minutes (its checkpoint is saved)")
     clock_offset_seconds: float = flag(0.0, "training seconds the model already had before this run (a vision stage run when it was built), counted by the learning curve")
 
 
@@ -144,6 +145,8 @@ def check_tiny_options(model_args, training_args, tiny: TinyArguments) -> None:
         for name in ("embedding_init_std", "lm_init_std"):
             if getattr(tiny, name) is not None:
                 raise ValueError(f"--{name} applies to presets without weights, but {path} holds weights")
+    if tiny.stop_at_last_minute and not tiny.eval_at_minutes.strip():
+        raise ValueError("--stop_at_last_minute ends training at the last of --eval_at_minutes: give --eval_at_minutes too")
     if tiny.lm_init_modules and tiny.lm_init_std is None:
         raise ValueError("--lm_init_modules only applies with --lm_init_std")
     if tiny.lm_init_std is not None:
@@ -202,7 +205,9 @@ def add_learning_curve(run: train_hf.TrainingRun, tiny: TinyArguments, start_sec
         return result.metrics
 
     curve_path = Path(run.training_args.output_dir) / "curve.jsonl"
-    run.trainer.add_callback(TimedEvaluationCallback(minutes, curve_metrics, curve_path, start_seconds=start_seconds))
+    run.trainer.add_callback(
+        TimedEvaluationCallback(minutes, curve_metrics, curve_path, start_seconds=start_seconds, stop_after_last=tiny.stop_at_last_minute)
+    )
 
 
 def build_tiny_run(argv=None) -> train_hf.TrainingRun:

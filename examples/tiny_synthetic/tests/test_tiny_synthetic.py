@@ -212,6 +212,45 @@ def test_train_tiny_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
     assert passed.marks == [0.5, 30], "a mark the stage already passed must be dropped, not evaluated at step 1"
 
 
+@pytest.mark.parametrize("stop_after_last", [False, True])
+def test_each_curve_mark_saves_a_checkpoint_and_the_last_can_stop_training(tmp_path, stop_after_last):
+    """Every row of the curve names the checkpoint saved at its step; with `stop_after_last` training ends at the
+    last mark, and the end of training does not evaluate the same step twice."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    calls = []
+    curve = TimedEvaluationCallback(
+        [0.1, 0.2], evaluate=lambda net: calls.append(1) or {"giou": 0.5}, curve_path=tmp_path / "c.jsonl",
+        start_seconds=5.0, stop_after_last=stop_after_last,
+    )  # fmt: skip
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, world_size=1)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    model = torch.nn.Linear(1, 1)
+    rows = []
+    for step, seconds in ((1, 2.0), (2, 6.0)):
+        control = TrainerControl()
+        state.global_step = step
+        curve.on_step_begin(args, state, control)
+        curve.training_seconds += seconds
+        curve.on_step_end(args, state, control, model=model)
+        rows.append((control.should_save, control.should_training_stop))
+    assert rows == [(True, False), (True, stop_after_last)]
+    curve.on_train_end(args, state, TrainerControl(), model=model)
+    lines = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [(r["minutes"], r["step"], r["checkpoint"], r["final"]) for r in lines] == [
+        (0.1, 1, "checkpoint-1", False), (0.2, 2, "checkpoint-2", False),
+    ]  # fmt: skip
+    assert len(calls) == 2 and model.training
+
+
+def test_stop_at_last_minute_needs_the_minutes(synthetic, tmp_path):
+    args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--stop_at_last_minute", "true", "--lora_r", "-1")
+    with pytest.raises(ValueError, match="--stop_at_last_minute .* give --eval_at_minutes"):
+        build_tiny_run(args)
+
+
 def test_train_tiny_runs_the_patch_stage_and_refuses_unknown_targets(synthetic, tmp_path):
     common = ["--max_steps", "1", "--vision_pretrain_steps", "2", "--vision_pretrain_batch_size", "2", "--lora_r", "-1"]
     build_tiny_run(run_args(synthetic, tmp_path / "run", *common, "--vision_pretrain_target", "patches"))
@@ -617,6 +656,7 @@ def test_the_vision_tower_redraw_touches_only_the_towers_linear_layers(tmp_path)
              "--vision_init_std", "0.125", "--vision_rope_theta", "100", "--discriminant_tokens", "3"],
             25, 256, 8,
         ),  # fmt: skip
+        (["--rope_theta", "100", "--mask_decoder_init", "gsva", "--mask_decoder_heads", "4", "--mask_decoder_mlp_dim", "256"], 25, 128, 16),
     ],
 )
 def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthetic, tmp_path, options, tokens, width, heads):
@@ -644,6 +684,13 @@ def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthet
     assert blocks == ([0, 1] if "--full_attention_blocks" in options else [1])
     theta = model.model.vlm.config.vision_config.rope_parameters["rope_theta"]
     assert theta == (100 if "--vision_rope_theta" in options else 10000)
+    assert text.rope_parameters["rope_theta"] == (100 if "--rope_theta" in options else 10000)
+    decoder = model.model.sam.mask_decoder
+    assert (decoder.config.num_attention_heads, decoder.config.mlp_dim) == ((4, 256) if "--mask_decoder_heads" in options else (2, 64))
+    # The mask decoder's output tokens: PyTorch's default Embedding draw (std 1) as GSVA's from-scratch SAM, or
+    # transformers' normal(0.02) as SAM 2 draws itself.
+    tokens_std = torch.cat([decoder.iou_token.weight.flatten(), decoder.mask_tokens.weight.flatten()]).std().item()
+    assert tokens_std == (pytest.approx(1.0, rel=0.25) if "--mask_decoder_init" in options else pytest.approx(0.02, rel=0.25))
     image = _SplitImages(synthetic, "val").images[0]
     phrases = [["the red circle", "a blue star"]]
     inputs = processor(images=[image], targets=phrases)
