@@ -122,8 +122,9 @@ class TimedEvaluationCallback(TrainerCallback):
     Appends one JSON line per evaluation to `curve_path`: minutes, step, samples seen, the losses of the last
     logging window and the metrics. `start_seconds` is training done before the Trainer (the vision stage), so
     the clock counts it; marks it already passes are dropped (nothing of the Trainer's run to evaluate yet).
-    Each mark also saves a checkpoint (its row names it), so the model of every row can be evaluated again;
-    `stop_after_last` ends training at the last mark, for runs whose length is the curve's.
+    Each mark also saves a checkpoint (its row names it; `save_total_limit` still rotates them) unless saving is
+    off, so the model of a row can be evaluated again; `stop_after_last` ends training at the last mark, for runs
+    whose length is the curve's.
     """
 
     def __init__(
@@ -146,7 +147,7 @@ class TimedEvaluationCallback(TrainerCallback):
         if self.marks and self.training_seconds >= 60 * self.marks[0]:
             minute = self.marks.pop(0)
             self._record(minute, args, state, model)
-            control.should_save = True
+            control.should_save = args.save_strategy != "no"
             if self.stop_after_last and not self.marks:
                 control.should_training_stop = True
 
@@ -171,7 +172,7 @@ class TimedEvaluationCallback(TrainerCallback):
             "minutes": minute,
             "final": final,
             "step": state.global_step,
-            "checkpoint": None if final else f"checkpoint-{state.global_step}",
+            "checkpoint": None if final or args.save_strategy == "no" else f"checkpoint-{state.global_step}",
             "samples": state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             **self._last_losses,
             **{k: metrics[k] for k in ("giou", "ciou", "n_acc", "t_acc") if k in metrics},

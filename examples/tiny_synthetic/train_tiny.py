@@ -205,9 +205,13 @@ def add_learning_curve(run: train_hf.TrainingRun, tiny: TinyArguments, start_sec
         return result.metrics
 
     curve_path = Path(run.training_args.output_dir) / "curve.jsonl"
-    run.trainer.add_callback(
-        TimedEvaluationCallback(minutes, curve_metrics, curve_path, start_seconds=start_seconds, stop_after_last=tiny.stop_at_last_minute)
-    )
+    curve = TimedEvaluationCallback(minutes, curve_metrics, curve_path, start_seconds=start_seconds, stop_after_last=tiny.stop_at_last_minute)
+    if tiny.stop_at_last_minute and not curve.marks:
+        raise ValueError(
+            f"--stop_at_last_minute: every mark of --eval_at_minutes ({tiny.eval_at_minutes}) is already passed by the "
+            f"{start_seconds:.0f} s the clock starts at, so none would end the run; give a later mark"
+        )
+    run.trainer.add_callback(curve)
 
 
 def build_tiny_run(argv=None) -> train_hf.TrainingRun:
@@ -236,6 +240,8 @@ def build_tiny_run(argv=None) -> train_hf.TrainingRun:
     run.recorded["tiny"] = asdict(tiny)
     if tiny.eval_at_minutes and data_args.val_dataset:
         add_learning_curve(run, tiny, pretrain_seconds + tiny.clock_offset_seconds)
+    elif tiny.stop_at_last_minute:
+        raise ValueError("--stop_at_last_minute: the learning curve needs --val_dataset to evaluate at its marks, and it is empty")
     return run
 
 

@@ -212,10 +212,10 @@ def test_train_tiny_runs_the_stage_and_counts_its_time(synthetic, tmp_path):
     assert passed.marks == [0.5, 30], "a mark the stage already passed must be dropped, not evaluated at step 1"
 
 
-@pytest.mark.parametrize("stop_after_last", [False, True])
-def test_each_curve_mark_saves_a_checkpoint_and_the_last_can_stop_training(tmp_path, stop_after_last):
-    """Every row of the curve names the checkpoint saved at its step; with `stop_after_last` training ends at the
-    last mark, and the end of training does not evaluate the same step twice."""
+@pytest.mark.parametrize("stop_after_last, save_strategy", [(False, "steps"), (True, "steps"), (True, "no")])
+def test_each_curve_mark_saves_a_checkpoint_and_the_last_can_stop_training(tmp_path, stop_after_last, save_strategy):
+    """Every row of the curve names the checkpoint saved at its step (none when saving is off); with
+    `stop_after_last` training ends at the last mark, and the end of training does not evaluate the same step twice."""
     from types import SimpleNamespace
 
     from transformers import TrainerControl
@@ -225,7 +225,7 @@ def test_each_curve_mark_saves_a_checkpoint_and_the_last_can_stop_training(tmp_p
         [0.1, 0.2], evaluate=lambda net: calls.append(1) or {"giou": 0.5}, curve_path=tmp_path / "c.jsonl",
         start_seconds=5.0, stop_after_last=stop_after_last,
     )  # fmt: skip
-    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, world_size=1)
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, world_size=1, save_strategy=save_strategy)
     state = SimpleNamespace(is_world_process_zero=True, global_step=0)
     model = torch.nn.Linear(1, 1)
     rows = []
@@ -236,18 +236,27 @@ def test_each_curve_mark_saves_a_checkpoint_and_the_last_can_stop_training(tmp_p
         curve.training_seconds += seconds
         curve.on_step_end(args, state, control, model=model)
         rows.append((control.should_save, control.should_training_stop))
-    assert rows == [(True, False), (True, stop_after_last)]
+    saves = save_strategy != "no"
+    assert rows == [(saves, False), (saves, stop_after_last)]
     curve.on_train_end(args, state, TrainerControl(), model=model)
     lines = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert [(r["minutes"], r["step"], r["checkpoint"], r["final"]) for r in lines] == [
-        (0.1, 1, "checkpoint-1", False), (0.2, 2, "checkpoint-2", False),
+        (0.1, 1, "checkpoint-1" if saves else None, False), (0.2, 2, "checkpoint-2" if saves else None, False),
     ]  # fmt: skip
     assert len(calls) == 2 and model.training
 
 
-def test_stop_at_last_minute_needs_the_minutes(synthetic, tmp_path):
-    args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--stop_at_last_minute", "true", "--lora_r", "-1")
-    with pytest.raises(ValueError, match="--stop_at_last_minute .* give --eval_at_minutes"):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "give --eval_at_minutes"),
+        (["--eval_at_minutes", "5", "--val_dataset", ""], "needs --val_dataset"),
+        (["--eval_at_minutes", "0.5", "--val_dataset", "grefcoco|unc|val", "--clock_offset_seconds", "60"], "already passed"),
+    ],
+)
+def test_stop_at_last_minute_is_refused_where_no_mark_would_stop_the_run(synthetic, tmp_path, extra, message):
+    args = run_args(synthetic, tmp_path / "run", "--max_steps", "1", "--stop_at_last_minute", "true", "--lora_r", "-1", *extra)
+    with pytest.raises(ValueError, match=message):
         build_tiny_run(args)
 
 
