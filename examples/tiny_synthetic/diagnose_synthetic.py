@@ -170,12 +170,17 @@ def ranking_and_best_shift(margins: torch.Tensor, present: torch.Tensor) -> dict
     return {"auc": greater + ties / 2, "accuracy_at_best_shift": accuracy[best].item(), "best_shift": -cuts[best].item()}
 
 
+def check_probe_train_images(count: int, split: str, name: str = "probe_train_images") -> None:
+    """The train images the slot-state probe adds: none below zero, and none when the split is train itself."""
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count}")
+    if count and split == "train":
+        raise ValueError(f"the slot-state probe would count the train images twice: with split 'train' give {name} 0")
+
+
 @torch.no_grad()
 def diagnose(model_dir: Path, dataset_dir: Path, split: str, batch_size: int, probe_train_images: int = 500) -> dict:
-    if probe_train_images < 0:
-        raise ValueError(f"probe_train_images must be >= 0, got {probe_train_images}")
-    if probe_train_images and split == "train":
-        raise ValueError("the slot-state probe would count the train images twice: with split 'train' give probe_train_images=0")
+    check_probe_train_images(probe_train_images, split)
     labels_path = dataset_dir / LABELS_NAME
     if not labels_path.is_file():
         raise SystemExit(f"{labels_path} not found: --dataset_dir must hold the synthetic task (python -m gsva_hf.data.synthetic)")
@@ -247,10 +252,10 @@ def main(argv=None) -> None:
         help="train images whose single-object slots join the split's in the slot-state probe (0: the split's only)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.probe_train_images < 0:
-        parser.error(f"--probe_train_images must be >= 0, got {args.probe_train_images}")
-    if args.probe_train_images and args.split == "train":
-        parser.error("--split train with --probe_train_images would probe the train images twice: add --probe_train_images 0")
+    try:
+        check_probe_train_images(args.probe_train_images, args.split, "--probe_train_images")
+    except ValueError as error:
+        parser.error(str(error))
     report = diagnose(args.model, args.dataset_dir, args.split, args.batch_size, args.probe_train_images)
     print(json.dumps(report, indent=2))
 

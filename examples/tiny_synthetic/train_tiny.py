@@ -221,6 +221,8 @@ def build_tiny_run(argv=None) -> train_hf.TrainingRun:
     with training_args.main_process_first(desc="synthetic data"):
         ensure_synthetic_data(tiny, data_args.dataset_dir)
     check_tiny_options(model_args, training_args, tiny)
+    if tiny.stop_at_last_minute and not data_args.val_dataset:
+        raise ValueError("--stop_at_last_minute: the learning curve needs --val_dataset to evaluate at its marks, and it is empty")
     train_hf.check_own_learning_rates(
         training_args,
         {"mask_head_learning_rate": training_args.mask_head_learning_rate, "embedding_learning_rate": tiny.embedding_learning_rate},
@@ -240,8 +242,6 @@ def build_tiny_run(argv=None) -> train_hf.TrainingRun:
     run.recorded["tiny"] = asdict(tiny)
     if tiny.eval_at_minutes and data_args.val_dataset:
         add_learning_curve(run, tiny, pretrain_seconds + tiny.clock_offset_seconds)
-    elif tiny.stop_at_last_minute:
-        raise ValueError("--stop_at_last_minute: the learning curve needs --val_dataset to evaluate at its marks, and it is empty")
     return run
 
 

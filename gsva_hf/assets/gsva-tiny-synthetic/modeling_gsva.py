@@ -578,10 +578,8 @@ class GSVAForCausalLM(GSVAPreTrainedModel, GenerationMixin):
     def initialize_weights(self):
         """transformers' initialisation (each sub-model's own `_init_weights`; `lm_head` the language model's), in
         the 0.1 layout's order (vision tower, projector, language model with its head, SAM, `text_hidden_fcs`) so a
-        seed draws the same weights; then SAM and `text_hidden_fcs` as in GSVA: PyTorch's default layer init
-        (segment-anything's modules, Fourier features with std 1) instead of transformers' normal(0.02), which trains
-        the mask path of a from-scratch model much more slowly. The guarded init functions leave loaded weights
-        alone, so only tensors a checkpoint lacks are drawn."""
+        seed draws the same weights; then SAM and `text_hidden_fcs` as GSVA draws them (`GSVAModel.draw_mask_path`).
+        The guarded init functions leave loaded weights alone, so only tensors a checkpoint lacks are drawn."""
         base, custom = self.model, self.is_custom_code()
         if self.is_composed:
             parts = [(base.vlm, base.vlm._initialize_weights)]
