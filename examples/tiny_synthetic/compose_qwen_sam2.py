@@ -41,10 +41,24 @@ def mrope_section(head_dim: int) -> list[int]:
     return [time, height, half - time - height]
 
 
+def parse_mrope_section(text: str, head_dim: int) -> list[int]:
+    """`--mrope_section T,H,W`: three positive counts of a head's rotary frequencies that sum to head_dim / 2."""
+    try:
+        sections = [int(part) for part in text.split(",")]
+    except ValueError:
+        sections = []
+    if len(sections) != 3 or min(sections) < 1 or sum(sections) != head_dim // 2:
+        raise ValueError(
+            f"--mrope_section: expected three positive integers summing to half the head size ({head_dim // 2} for heads "
+            f"of {head_dim}), got {text!r}"
+        )
+    return sections
+
+
 def qwen_config(
     tokenizer, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2, width: int = WIDTH, heads: int = HEADS,
     intermediate_size: int | None = None, full_attention_blocks: tuple[int, ...] = (1,), vision_rope_theta: float = VISION_ROPE_THETA,
-    rope_theta: float = ROPE_THETA,
+    rope_theta: float = ROPE_THETA, rope_sections: list[int] | None = None,
 ):
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -53,7 +67,7 @@ def qwen_config(
     text = dict(
         hidden_size=width, intermediate_size=intermediate_size or 4 * width, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=heads, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section(width // heads)},
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": rope_sections or mrope_section(width // heads)},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     vision = dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=width, patch_size=patch_size,
@@ -92,6 +106,12 @@ def main(argv=None) -> None:
         "radians per token at 10,000; 1, 0.32, 0.1 and 0.03 at 100)",
     )
     parser.add_argument(
+        "--mrope_section",
+        help="T,H,W: how many of a head's rotary frequencies, fastest first, turn with an image token's time, row "
+        "and column (sum: head size / 2; default Qwen's 16/24/24 of 64 scaled). Text tokens turn with all three "
+        "alike, so this only changes the image tokens: frequencies given to time do not vary within an image",
+    )
+    parser.add_argument(
         "--mask_decoder_init", choices=("sam2", "gsva"), default="sam2",
         help="draw SAM 2 as transformers does (sam2: normal(0.02)) or as GSVA draws a from-scratch SAM (gsva: "
         "PyTorch's default layer init, the bundled recipe's)",
@@ -108,6 +128,12 @@ def main(argv=None) -> None:
         parser.error("--discriminant_tokens re-bases the tokens the vision stage trained: give --vision_pretrain_steps too")
     if args.discriminant_tokens is not None and not 0 < args.discriminant_tokens < args.width:
         parser.error(f"--discriminant_tokens must be between 1 and --width - 1 ({args.width - 1}), got {args.discriminant_tokens}")
+    if args.width % args.heads:
+        parser.error(f"--width ({args.width}) must be a multiple of --heads ({args.heads}): Qwen2.5-VL's head size is width / heads")
+    try:
+        sections = parse_mrope_section(args.mrope_section, args.width // args.heads) if args.mrope_section else None
+    except ValueError as error:
+        parser.error(str(error))
     parts = Path(args.output).with_name(Path(args.output).name + "-parts")
     tokenizer = tiny_tokenizer("qwen2_5_vl")
     torch.manual_seed(args.seed)
@@ -115,7 +141,7 @@ def main(argv=None) -> None:
         tokenizer, patch_size=args.patch_size, merge_size=args.merge_size, temporal_patch_size=args.temporal_patch_size,
         width=args.width, heads=args.heads, intermediate_size=args.intermediate_size,
         full_attention_blocks=tuple(int(block) for block in args.full_attention_blocks.split(",") if block.strip()),
-        vision_rope_theta=args.vision_rope_theta, rope_theta=args.rope_theta,
+        vision_rope_theta=args.vision_rope_theta, rope_theta=args.rope_theta, rope_sections=sections,
     ))  # fmt: skip
     vlm.generation_config.eos_token_id = tokenizer.eos_token_id
     vlm.generation_config.pad_token_id = tokenizer.pad_token_id

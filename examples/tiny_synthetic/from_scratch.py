@@ -94,13 +94,37 @@ def draw_vision_tower(model, std: float, flag: str = "--vision_init_std") -> Non
                     _redraw(module, std)
 
 
+def check_mask_loss_boost(factor: float, steps: int) -> None:
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"--mask_loss_boost must be a positive finite number, got {factor}")
+    if steps < 0:
+        raise ValueError(f"--mask_loss_boost_steps must be >= 0, got {steps}")
+    if factor != 1.0 and steps == 0:
+        raise ValueError(f"--mask_loss_boost {factor} needs --mask_loss_boost_steps > 0 (the steps it lasts)")
+
+
 class TinyTrainer(GSVATrainer):
     """GSVATrainer that can also give the language model's input embeddings their own learning rate
-    (`embedding_learning_rate`; None keeps the single rate)."""
+    (`embedding_learning_rate`; None keeps the single rate) and weight the mask losses `mask_loss_boost` times for
+    the first `mask_loss_boost_steps` optimizer steps. The boost only scales the loss that is backpropagated: the
+    config's weights, the logged losses and every saved config stay the model's own."""
 
-    def __init__(self, *args, embedding_learning_rate: float | None = None, **kwargs):
+    def __init__(
+        self, *args, embedding_learning_rate: float | None = None, mask_loss_boost: float = 1.0, mask_loss_boost_steps: int = 0,
+        **kwargs,
+    ):
+        check_mask_loss_boost(mask_loss_boost, mask_loss_boost_steps)
         super().__init__(*args, **kwargs)
         self.embedding_learning_rate = embedding_learning_rate
+        self.mask_loss_boost = mask_loss_boost
+        self.mask_loss_boost_steps = mask_loss_boost_steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and self.state.global_step < self.mask_loss_boost_steps:
+            masks = [part for part in (outputs.mask_bce_loss, outputs.mask_dice_loss) if part is not None]
+            loss = loss + (self.mask_loss_boost - 1.0) * sum(masks)
+        return (loss, outputs) if return_outputs else loss
 
     def _own_learning_rates(self, model) -> dict[int, tuple[str, float]]:
         rates = super()._own_learning_rates(model)

@@ -7,7 +7,8 @@ without pretrained parts needs (README.md beside this file).
 Its own flags (`--help` lists them with train_hf.py's): writing the task (`--make_synthetic_data`), config changes
 before the random draw (`--config_overrides`), the language model drawn at another scale (`--lm_init_std`,
 `--embedding_init_std`), a vision stage that stands in for CLIP's pretraining (`--vision_pretrain_*`), the input
-embeddings' own learning rate and a learning curve by training minutes (`--eval_at_minutes`).
+embeddings' own learning rate, the mask losses weighted more for the first steps (`--mask_loss_boost`) and a
+learning curve by training minutes (`--eval_at_minutes`).
 """
 
 import json
@@ -26,6 +27,7 @@ from examples.tiny_synthetic.from_scratch import (  # noqa: E402
     TinyTrainer,
     apply_config_overrides,
     check_init_std,
+    check_mask_loss_boost,
     draw_input_embeddings,
     draw_language_model,
 )
@@ -54,6 +56,8 @@ class TinyArguments:
     vision_pretrain_learning_rate: float = flag(1e-3, "learning rate of the vision stage")
     vision_pretrain_batch_size: int = flag(32, "batch size of the vision stage")
     embedding_learning_rate: float | None = flag(None, "learning rate of the LM's input embeddings (None: learning_rate)")
+    mask_loss_boost: float = flag(1.0, "weight the mask losses (BCE and Dice) this many times for --mask_loss_boost_steps")
+    mask_loss_boost_steps: int = flag(0, "optimizer steps the --mask_loss_boost lasts; later steps use the model's weights")
     eval_at_minutes: str = flag("", "learning curve: evaluate val_dataset at these training minutes, e.g. 5,10,20")
     stop_at_last_minute: bool = flag(False, "learning curve: end training at the last of --eval_at_minutes (its checkpoint is saved)")
     clock_offset_seconds: float = flag(0.0, "training seconds the model already had before this run (a vision stage run when it was built), counted by the learning curve")
@@ -147,6 +151,7 @@ def check_tiny_options(model_args, training_args, tiny: TinyArguments) -> None:
                 raise ValueError(f"--{name} applies to presets without weights, but {path} holds weights")
     if tiny.stop_at_last_minute and not tiny.eval_at_minutes.strip():
         raise ValueError("--stop_at_last_minute ends training at the last of --eval_at_minutes: give --eval_at_minutes too")
+    check_mask_loss_boost(tiny.mask_loss_boost, tiny.mask_loss_boost_steps)
     if tiny.lm_init_modules and tiny.lm_init_std is None:
         raise ValueError("--lm_init_modules only applies with --lm_init_std")
     if tiny.lm_init_std is not None:
@@ -237,7 +242,8 @@ def build_tiny_run(argv=None) -> train_hf.TrainingRun:
         pretrain_seconds = pretrain_vision_tower(model, processor, data_args, training_args, tiny)
     run = train_hf.assemble_run(
         model, processor, model_args, data_args, training_args, trainer_class=TinyTrainer,
-        embedding_learning_rate=tiny.embedding_learning_rate,
+        embedding_learning_rate=tiny.embedding_learning_rate, mask_loss_boost=tiny.mask_loss_boost,
+        mask_loss_boost_steps=tiny.mask_loss_boost_steps,
     )  # fmt: skip
     run.recorded["tiny"] = asdict(tiny)
     if tiny.eval_at_minutes and data_args.val_dataset:

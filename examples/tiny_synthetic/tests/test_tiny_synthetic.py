@@ -3,6 +3,7 @@ projector; train_tiny.py's from-scratch options do what they say, are refused wh
 with all of them off it trains exactly like train_hf.py; the probes and the diagnosis measure what they claim."""
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -328,6 +329,8 @@ REFUSALS = {  # case: (start from a folder with weights, extra arguments, expect
     "lm init": (True, ["--lm_init_std", "0.088"], "--lm_init_std applies to presets without weights"),
     "lm modules alone": (False, ["--lm_init_modules", "q_proj"], "--lm_init_modules only applies with --lm_init_std"),
     "lm bad std": (False, ["--lm_init_std", "-1"], "--lm_init_std must be a positive finite number"),
+    "boost without steps": (False, ["--mask_loss_boost", "4"], r"--mask_loss_boost 4.0 needs --mask_loss_boost_steps > 0"),
+    "boost not positive": (False, ["--mask_loss_boost", "0", "--mask_loss_boost_steps", "2"], "positive finite"),
     "lora": (False, ["--vision_pretrain_steps", "2", "--lora_r", "8", "--train_vision_tower", "true"], "--train_projector true"),
 }  # fmt: skip
 
@@ -590,6 +593,35 @@ def test_with_its_options_off_the_example_trains_exactly_like_the_recipe(synthet
     assert len(recipe) == 3 and losses(build_tiny_run, "tiny") == recipe
 
 
+def test_the_mask_loss_boost_trains_as_the_weights_times_the_factor_then_as_the_models_own(synthetic, tmp_path):
+    """Two boosted steps move the weights as two steps at 4x the config's mask weights; the logged losses and the
+    config stay the model's own; from the step the boost ends, the backpropagated loss is the model's loss."""
+
+    def trained(name, *extra):
+        run = build_tiny_run(run_args(synthetic, tmp_path / name, "--max_steps", "2", "--logging_steps", "1", *extra))
+        run.trainer.train()
+        logged = [(e["mask_bce_loss"], e["mask_dice_loss"]) for e in run.trainer.state.log_history if "mask_bce_loss" in e]
+        return run.trainer, {k: v.detach().clone() for k, v in run.trainer.model.named_parameters()}, logged
+
+    boosted, boosted_weights, boosted_logged = trained("boost", "--mask_loss_boost", "4", "--mask_loss_boost_steps", "2")
+    _, weighted, weighted_logged = trained("weighted", "--bce_loss_weight", "8", "--dice_loss_weight", "2")
+    for name, value in weighted.items():
+        torch.testing.assert_close(boosted_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert len(boosted_logged) == 2
+    for (bce, dice), (bce4, dice4) in zip(boosted_logged, weighted_logged):
+        assert bce == pytest.approx(bce4 / 4, rel=1e-3) and dice == pytest.approx(dice4 / 4, rel=1e-3)
+    model = boosted.model
+    assert (model.config.bce_loss_weight, model.config.dice_loss_weight) == (2.0, 0.5)
+    inputs = next(iter(boosted.get_train_dataloader()))
+    model.train()
+    boosted.state.global_step = 1
+    during, outputs = boosted.compute_loss(model, inputs, return_outputs=True)
+    boosted.state.global_step = 2
+    after = boosted.compute_loss(model, inputs)
+    torch.testing.assert_close(after, outputs.loss)
+    torch.testing.assert_close(during, outputs.loss + 3 * (outputs.mask_bce_loss + outputs.mask_dice_loss))
+
+
 def test_the_vision_stage_prints_progress_lines(tiny_model, tiny_processor, synthetic, capsys):
     labels = ImageContentLabels(synthetic, "train")
     train_vision_features(tiny_model, tiny_processor.image_processor, labels, labels, steps=4, batch_size=2, log_every=2)
@@ -666,6 +698,7 @@ def test_the_vision_tower_redraw_touches_only_the_towers_linear_layers(tmp_path)
             25, 256, 8,
         ),  # fmt: skip
         (["--rope_theta", "100", "--mask_decoder_init", "gsva", "--mask_decoder_heads", "4", "--mask_decoder_mlp_dim", "256"], 25, 128, 16),
+        (["--heads", "8", "--mrope_section", "4,2,2"], 25, 128, 8),
     ],
 )
 def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthetic, tmp_path, options, tokens, width, heads):
@@ -689,6 +722,8 @@ def test_the_qwen_sam2_builder_writes_a_folder_with_the_asked_token_grid(synthet
     text = model.model.vlm.config.text_config
     assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (width, heads, heads)
     assert 2 * sum(text.rope_parameters["mrope_section"]) == width // heads
+    if "--mrope_section" in options:
+        assert text.rope_parameters["mrope_section"] == [4, 2, 2]
     blocks = model.model.vlm.config.vision_config.fullatt_block_indexes
     assert blocks == ([0, 1] if "--full_attention_blocks" in options else [1])
     theta = model.model.vlm.config.vision_config.rope_parameters["rope_theta"]
@@ -827,12 +862,42 @@ def test_the_rebase_folds_the_map_into_the_token_layer_and_gives_the_asked_norms
     assert torch.allclose(coordinates @ coordinates.T, (after - centre) @ (after - centre).T, atol=1e-3)
 
 
-def test_the_qwen_sam2_builder_refuses_a_rebase_without_a_vision_stage(tmp_path, capsys):
+def test_the_qwen_sam2_builder_draws_the_same_weights_whatever_the_head_split(synthetic, tmp_path):
+    """Heads and M-RoPE sections only split the same projections: a folder built with other ones holds the very
+    tensors of the default build (so a folder's config can be changed to them without a new build)."""
+    from safetensors.torch import load_file
+
+    from examples.tiny_synthetic import compose_qwen_sam2
+
+    common = ["--dataset_dir", str(synthetic), "--vision_pretrain_steps", "2", "--lm_init_std", "0.088", "--discriminant_tokens", "3",
+              "--mask_decoder_init", "gsva"]  # fmt: skip
+    weights = []
+    for name, split in (("h16", []), ("h8", ["--heads", "8", "--mrope_section", "4,2,2"])):
+        compose_qwen_sam2.main([str(tmp_path / name), *common, *split])
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+    configs = [json.loads((tmp_path / name / "config.json").read_text())["vlm_config"]["text_config"] for name in ("h16", "h8")]
+    assert [(c["num_attention_heads"], c["rope_parameters"]["mrope_section"]) for c in configs] == [(16, [1, 1, 2]), (8, [4, 2, 2])]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--discriminant_tokens", "3"], "--discriminant_tokens re-bases"),
+        (["--mrope_section", "2,2,1"], r"summing to half the head size \(4 for heads of 8\), got '2,2,1'"),
+        (["--heads", "8", "--mrope_section", "4,4,0"], "three positive integers"),
+        (["--heads", "8", "--mrope_section", "a,b,c"], "three positive integers"),
+        (["--heads", "12"], r"--width \(128\) must be a multiple of --heads \(12\)"),
+    ],
+)
+def test_the_qwen_sam2_builder_refuses_options_it_cannot_build(tmp_path, capsys, options, message):
     from examples.tiny_synthetic import compose_qwen_sam2
 
     with pytest.raises(SystemExit):
-        compose_qwen_sam2.main([str(tmp_path / "out"), "--discriminant_tokens", "3"])
-    assert "--discriminant_tokens" in capsys.readouterr().err and not (tmp_path / "out").exists()
+        compose_qwen_sam2.main([str(tmp_path / "out"), *options])
+    assert re.search(message, capsys.readouterr().err) and not (tmp_path / "out").exists()
 
 
 def test_the_token_output_layer_of_the_llava_preset_is_its_projectors_last(tiny_model):
