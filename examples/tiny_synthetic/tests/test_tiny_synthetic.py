@@ -962,3 +962,55 @@ def test_the_mask_decoder_probe_trains_a_composed_folder(synthetic, tmp_path, fa
     with pytest.raises(SystemExit):
         probe_mask_decoder.main(["--model", str(out), "--dataset_dir", str(synthetic), "--val_images", "0"])
     assert "--val_images must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_resolution_ceiling_fits_what_the_logits_can_hold():
+    """Masks made of whole low-resolution cells are fitted exactly under both rules; a disc is fitted better at a
+    finer side and not exactly at a coarse one; the fitted logits' shape is the asked side."""
+    from examples.tiny_synthetic.mask_resolution_ceiling import fit_logits
+    from processing_gsva import mask_input_size, upscale_mask_logits
+
+    blocks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    blocks[0, 8:20, 4:16] = True
+    blocks[1, 0:4, 24:32] = True
+    for square in (True, False):
+        logits = fit_logits(blocks, 8, 32, square, steps=200)
+        assert logits.shape == (2, 8, 8)
+        upscaled = upscale_mask_logits(logits, mask_input_size((32, 32), 32, square), (32, 32), 32, square)
+        assert torch.equal(upscaled > 0, blocks)
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    disc = (((rows - 30.3) ** 2 + (cols - 33.7) ** 2) < 9.5**2)[None]
+
+    def iou(low):
+        upscaled = upscale_mask_logits(fit_logits(disc, low, 64, True, steps=300), (64, 64), (64, 64), 64, True) > 0
+        return float((upscaled & disc).sum() / (upscaled | disc).sum())
+
+    coarse, fine = iou(8), iou(32)
+    assert coarse < 0.97 and fine > coarse
+
+
+@pytest.mark.parametrize("family", ["sam", "sam2"])
+def test_the_resolution_ceiling_reads_the_folders_decoder_sides(synthetic, tmp_path, family, capsys):
+    """The command reports the folder's input side and rule and its decoder's logits side (4x the prompt
+    encoder's embedding side), one target per colour-and-shape of each val image, and IoUs within [0, 1]."""
+    from examples.tiny_synthetic import mask_resolution_ceiling
+    from examples.tiny_synthetic.probe_mask_decoder import named_targets
+    from examples.tiny_synthetic.vision_pretraining import _SplitImages
+    from gsva_hf import tiny_parts
+    from gsva_hf.compose import compose_gsva
+
+    out = tmp_path / "composed"
+    vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
+    compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder(family, tmp_path / "mask")), out)
+    capsys.readouterr()
+    mask_resolution_ceiling.main(["--model", str(out), "--dataset_dir", str(synthetic), "--steps", "20"])
+    report = json.loads(capsys.readouterr().out)
+    config = json.loads((out / "config.json").read_text())["sam_config"]["prompt_encoder_config"]
+    assert report["logits_side"] == 4 * (config["image_size"] // config["patch_size"])
+    assert report["square_input"] == (family == "sam2")
+    split = _SplitImages(synthetic, "val")
+    assert report["count"] == sum(len(named_targets(f, *i.shape[:2], "both")) for i, f in zip(split.images, split.objects))
+    assert 0.0 < report["ciou"] <= 1.0 and 0.0 < report["miou"] <= 1.0
+    with pytest.raises(SystemExit):
+        mask_resolution_ceiling.main(["--model", str(out), "--steps", "0"])
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err

@@ -461,6 +461,14 @@ class GSVAModel(GSVAPreTrainedModel):
             return masks, iou
         states = slot_hidden_states[decode]
         prompts = self.text_hidden_fcs[0](states.to(next(self.text_hidden_fcs.parameters()).dtype)).to(dtype)
+        kind = self.config.sam_config.model_type
+        if kind not in ("sam", "sam_hq"):
+            # SAM 2's `get_image_features` steps that belong to the mask decoder (trained with it): its 1x1 convolutions
+            # of the high-resolution levels, once per image rather than once per slot.
+            embedding, level_0, level_1 = sam_image_embeddings
+            sam_image_embeddings = (
+                embedding, mask_decoder.conv_s0(level_0.to(dtype)), mask_decoder.conv_s1(level_1.to(dtype))
+            )  # fmt: skip
         # Slot t of the call sees its own row's image embedding.
         owner = torch.nonzero(decode)[:, 0].to(first.device)
         selected = map_embeddings(lambda e: e.to(dtype).index_select(0, owner), sam_image_embeddings)
@@ -468,13 +476,11 @@ class GSVAModel(GSVAPreTrainedModel):
         positional = self.sam.get_image_wide_positional_embeddings().to(dtype).expand(total, -1, -1, -1)
         no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
         extra = {}
-        kind = self.config.sam_config.model_type
         if kind == "sam_hq":
             extra = {"hq_token_only": False, "intermediate_embeddings": [selected[1]]}
         elif kind != "sam":
-            # SAM 2's `get_image_features` steps that belong to the mask decoder (trained with it).
             image_embeddings = image_embeddings + self.sam.no_memory_embedding.to(dtype).reshape(1, -1, 1, 1)
-            extra = {"high_resolution_features": [mask_decoder.conv_s0(selected[1]), mask_decoder.conv_s1(selected[2])]}
+            extra = {"high_resolution_features": list(selected[1:])}
         low_res, scores = mask_decoder(
             image_embeddings=image_embeddings,
             image_positional_embeddings=positional,
