@@ -987,17 +987,34 @@ def test_the_resolution_ceiling_fits_what_the_logits_can_hold():
 
     coarse, fine = iou(8), iou(32)
     assert coarse < 0.97 and fine > coarse
+    # On a 24 x 32 image the rules differ (SAM's pads below, SAM 2's stretches the rows): masks drawn by upsampling
+    # random logits by one rule are fitted by that rule and less well by the other.
+    torch.manual_seed(0)
+    drawn = torch.randn(4, 8, 8)
+
+    def upscaled(logits, square):
+        return upscale_mask_logits(logits, mask_input_size((24, 32), 32, square), (24, 32), 32, square)
+
+    for made_square in (False, True):
+        masks = upscaled(drawn, made_square) > 0
+        scores = {}
+        for square in (False, True):
+            fitted = upscaled(fit_logits(masks, 8, 32, square, steps=300), square) > 0
+            scores[square] = float(((fitted & masks).sum((1, 2)) / (fitted | masks).sum((1, 2))).mean())
+        assert scores[made_square] > 0.98 and scores[made_square] > scores[not made_square] + 0.02
 
 
 @pytest.mark.parametrize("family", ["sam", "sam2"])
 def test_the_resolution_ceiling_reads_the_folders_decoder_sides(synthetic, tmp_path, family, capsys):
-    """The command reports the folder's input side and rule and its decoder's logits side (4x the prompt
-    encoder's embedding side), one target per colour-and-shape of each val image, and IoUs within [0, 1]."""
+    """The command reports the folder's input side and rule and the side of the logits its mask path really
+    predicts, one target per colour-and-shape of each val image, and IoUs within [0, 1]."""
     from examples.tiny_synthetic import mask_resolution_ceiling
     from examples.tiny_synthetic.probe_mask_decoder import named_targets
     from examples.tiny_synthetic.vision_pretraining import _SplitImages
     from gsva_hf import tiny_parts
     from gsva_hf.compose import compose_gsva
+    from modeling_gsva import GSVAForCausalLM
+    from processing_gsva import GSVAProcessor
 
     out = tmp_path / "composed"
     vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
@@ -1005,8 +1022,14 @@ def test_the_resolution_ceiling_reads_the_folders_decoder_sides(synthetic, tmp_p
     capsys.readouterr()
     mask_resolution_ceiling.main(["--model", str(out), "--dataset_dir", str(synthetic), "--steps", "20"])
     report = json.loads(capsys.readouterr().out)
-    config = json.loads((out / "config.json").read_text())["sam_config"]["prompt_encoder_config"]
-    assert report["logits_side"] == 4 * (config["image_size"] // config["patch_size"])
+    model, processor = GSVAForCausalLM.from_pretrained(out).eval(), GSVAProcessor.from_pretrained(out)
+    pixels = processor.sam_image_processor([Image.new("RGB", (128, 128))], return_tensors="pt")["pixel_values"]
+    width = model.model.text_hidden_fcs[0][0].in_features
+    with torch.no_grad():
+        low_res, _ = model.model.masks_from_hidden_states(
+            torch.zeros(1, 1, width), model.model.get_sam_image_embeddings(pixels), torch.ones(1, 1, dtype=torch.bool)
+        )
+    assert report["logits_side"] == low_res.shape[-1] == low_res.shape[-2]
     assert report["square_input"] == (family == "sam2")
     split = _SplitImages(synthetic, "val")
     assert report["count"] == sum(len(named_targets(f, *i.shape[:2], "both")) for i, f in zip(split.images, split.objects))
