@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from examples.tiny_synthetic.from_scratch import draw_language_model, draw_vision_tower  # noqa: E402
+from examples.tiny_synthetic.probe_mask_decoder import pretrain_mask_path  # noqa: E402
 from examples.tiny_synthetic.vision_pretraining import pretrain_vision, rebase_on_discriminants  # noqa: E402
 from gsva_hf.compose import compose_gsva  # noqa: E402
 from gsva_hf.export import save_folder  # noqa: E402
@@ -123,7 +124,14 @@ def main(argv=None) -> None:
         help="after the stage, re-base the tokens onto their K most discriminant directions for the patch labels of "
         "up to 2,048 train images (rebase_on_discriminants; its random directions have their own fixed seed)",
     )  # fmt: skip
+    parser.add_argument(
+        "--mask_pretrain_steps", type=int, default=0,
+        help="last, train the mask path (SAM 2 and text_hidden_fcs) this many steps from learned prompts naming the "
+        "task's targets (pretrain_mask_path: the stand-in for a pretrained SAM 2; 0: none)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.mask_pretrain_steps < 0:
+        parser.error(f"--mask_pretrain_steps must be >= 0, got {args.mask_pretrain_steps}")
     if args.discriminant_tokens is not None and not args.vision_pretrain_steps:
         parser.error("--discriminant_tokens re-bases the tokens the vision stage trained: give --vision_pretrain_steps too")
     if args.discriminant_tokens is not None and not 0 < args.discriminant_tokens < args.width:
@@ -174,6 +182,7 @@ def main(argv=None) -> None:
         draw_language_model(model, args.lm_init_std)
     if args.vision_init_std is not None:
         draw_vision_tower(model, args.vision_init_std)
+    seconds = 0.0
     if args.vision_pretrain_steps:
         # Eager attention: faster than SDPA for this tower's many small windows on a CPU (same numbers up to rounding).
         model.set_attn_implementation("eager")
@@ -187,11 +196,19 @@ def main(argv=None) -> None:
             report["seconds"] += report["rebase"]["seconds"]
             print(f"re-based the tokens on {report['rebase']['images']} train images")
         (parts / "vision_pretraining.json").write_text(strict_json(report, "vision_pretraining.json") + "\n")
-        print(f"vision stage: {report['seconds']:.0f} s (pass --clock_offset_seconds {report['seconds']:.0f} to train_tiny.py)")
+        print(f"vision stage: {report['seconds']:.0f} s")
+        seconds += report["seconds"]
     if args.mask_decoder_init == "gsva":
-        # Last and from its own seed, so the option leaves every other draw as it is.
+        # After the other draws and from its own seed, so the option leaves every other draw as it is.
         torch.manual_seed(args.seed)
         model.model.draw_mask_path()
+    if args.mask_pretrain_steps:
+        report = pretrain_mask_path(model, processor, args.dataset_dir, args.mask_pretrain_steps, seed=args.seed, log_every=100)
+        (parts / "mask_pretraining.json").write_text(strict_json(report, "mask_pretraining.json") + "\n")
+        print(f"mask stage: {report['seconds']:.0f} s, val cIoU {report['val_ciou']:.4f} from ideal prompts")
+        seconds += report["seconds"]
+    if seconds:
+        print(f"stages: {seconds:.0f} s (pass --clock_offset_seconds {seconds:.0f} to train_tiny.py)")
     save_folder(model, processor, args.output, "5GB")
     print(f"wrote {args.output} (parts in {parts})")
 

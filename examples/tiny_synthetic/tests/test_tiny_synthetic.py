@@ -890,6 +890,7 @@ def test_the_qwen_sam2_builder_draws_the_same_weights_whatever_the_head_split(sy
         (["--heads", "8", "--mrope_section", "4,4,0"], "three positive integers"),
         (["--heads", "8", "--mrope_section", "a,b,c"], "three positive integers"),
         (["--heads", "12"], r"--width \(128\) must be a multiple of --heads \(12\)"),
+        (["--mask_pretrain_steps", "-1"], "--mask_pretrain_steps must be >= 0, got -1"),
     ],
 )
 def test_the_qwen_sam2_builder_refuses_options_it_cannot_build(tmp_path, capsys, options, message):
@@ -947,7 +948,7 @@ def test_the_mask_decoder_probe_trains_a_composed_folder(synthetic, tmp_path, fa
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "step" not in line]
     assert len(rows) == 1 and rows[0][1].strip() == "1"
     assert all(0.0 <= float(value) <= 1.0 for value in rows[0][3:])
-    probe = probe_mask_decoder.MaskDecoderProbe(out, "colour")
+    probe = probe_mask_decoder.MaskDecoderProbe.from_folder(out, "colour")
     split = probe_mask_decoder._SplitImages(synthetic, "train")
     before = {name: p.detach().clone() for name, p in probe.model.model.sam.named_parameters()}
     table = probe.table.weight.detach().clone()
@@ -962,6 +963,68 @@ def test_the_mask_decoder_probe_trains_a_composed_folder(synthetic, tmp_path, fa
     with pytest.raises(SystemExit):
         probe_mask_decoder.main(["--model", str(out), "--dataset_dir", str(synthetic), "--val_images", "0"])
     assert "--val_images must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_mixed_prompts_offer_every_target_of_the_three_kinds(synthetic):
+    """`mixed` gives an image its colour-and-shape, colour and shape targets at once, each under its own key."""
+    from examples.tiny_synthetic.probe_mask_decoder import split_targets
+    from examples.tiny_synthetic.vision_pretraining import _SplitImages
+
+    split = _SplitImages(synthetic, "val")
+    kinds = [split_targets(split, kind) for kind in ("both", "colour", "shape")]
+    for mixed, *separate in zip(split_targets(split, "mixed"), *kinds):
+        assert sum(len(found) for found in separate) == len(mixed)
+        for found in separate:
+            assert all(np.array_equal(mixed[key], mask) for key, mask in found.items())
+
+
+def test_the_mask_stage_trains_the_mask_path_alone(synthetic, tmp_path):
+    """`pretrain_mask_path` changes the mask decoder and `text_hidden_fcs`, leaves every other tensor (language
+    model, vision tower, embeddings) as it was and the model's mode as it found it, lowers the loss of its prompts,
+    and reports val scores within [0, 1] and its seconds; zero steps are refused."""
+    from examples.tiny_synthetic.probe_mask_decoder import pretrain_mask_path
+    from gsva_hf import tiny_parts
+    from gsva_hf.compose import compose_gsva
+
+    vlm = tiny_parts.save_tiny_vlm("qwen2_5_vl", tmp_path / "vlm")
+    model, processor = compose_gsva(str(vlm), str(tiny_parts.save_tiny_mask_decoder("sam2", tmp_path / "mask")))
+    model.model.draw_mask_path()
+    model.eval()
+    before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    report = pretrain_mask_path(model, processor, synthetic, 30, batch_size=4, val_images=4)
+    assert not model.training
+    mask_path = ("model.sam.", "model.text_hidden_fcs.")
+    changed = {name for name, tensor in model.state_dict().items() if not torch.equal(before[name], tensor)}
+    assert changed and all(name.startswith(mask_path) for name in changed)
+    assert any(name.startswith("model.sam.mask_decoder.") for name in changed)
+    assert any(name.startswith("model.text_hidden_fcs.") for name in changed)
+    assert report["steps"] == 30 and report["seconds"] > 0 and report["last_loss"] < report["first_loss"]
+    assert 0.0 <= report["val_ciou"] <= 1.0 and 0.0 <= report["val_miou"] <= 1.0
+    with pytest.raises(ValueError, match="positive number of steps, got 0"):
+        pretrain_mask_path(model, processor, synthetic, 0)
+
+
+def test_the_qwen_sam2_builder_pretrains_the_mask_path_last(synthetic, tmp_path, capsys):
+    """`--mask_pretrain_steps` trains the mask path after every draw: the folder differs from the same build without
+    it in the mask path alone, the stage's report is written and its seconds join the clock offset printed."""
+    from safetensors.torch import load_file
+
+    from examples.tiny_synthetic import compose_qwen_sam2
+
+    common = ["--dataset_dir", str(synthetic), "--vision_pretrain_steps", "2", "--mask_decoder_init", "gsva"]
+    compose_qwen_sam2.main([str(tmp_path / "plain"), *common])
+    capsys.readouterr()
+    compose_qwen_sam2.main([str(tmp_path / "staged"), *common, "--mask_pretrain_steps", "2"])
+    printed = capsys.readouterr().out
+    plain, staged = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "staged"))
+    assert plain.keys() == staged.keys()
+    differ = {key for key in plain if not torch.equal(plain[key], staged[key])}
+    assert differ and all(key.startswith(("model.sam.", "model.text_hidden_fcs.")) for key in differ)
+    report = json.loads((tmp_path / "staged-parts" / "mask_pretraining.json").read_text())
+    vision = json.loads((tmp_path / "staged-parts" / "vision_pretraining.json").read_text())
+    assert report["steps"] == 2 and report["seconds"] > 0
+    assert not (tmp_path / "plain-parts" / "mask_pretraining.json").exists()
+    assert f"--clock_offset_seconds {report['seconds'] + vision['seconds']:.0f} " in printed
 
 
 def test_the_resolution_ceiling_fits_what_the_logits_can_hold():
